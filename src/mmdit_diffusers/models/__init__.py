@@ -1,0 +1,4 @@
+from .presets import PRESETS, paper_preset
+from .transformer_mmdit import MMDiTTransformer2DModel
+
+__all__ = ["MMDiTTransformer2DModel", "PRESETS", "paper_preset"]

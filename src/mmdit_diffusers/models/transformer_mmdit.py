@@ -1,0 +1,331 @@
+"""MMDiTTransformer2DModel: the Multimodal Diffusion Transformer (Esser et al. 2024, arXiv 2403.03206)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+from .attention import QK_NORMS, QKVProjection
+from .blocks import AdaLNModulation, MMDiTBlock, layer_norm, modulate
+from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
+from .presets import PRESETS, RECOMMENDED
+
+POS_EMBED_TYPES = ("sincos",)
+
+
+class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
+    attention over both sequences, and conditioned through AdaLN-Zero on
+    `vec = timestep_mlp(sinusoidal(t)) + pooled_text_mlp(pooled_text)`.
+
+    Parameters:
+        img_dim (`int`): Feature size of one image token, a patch of the latent: `in_channels * patch_size**2`.
+        txt_dim (`int`): Feature size of one text token (e.g. 4096 for SD3's CLIP+T5 sequence).
+        img_tokens (`int`, defaults to 64): Image tokens of the token-level forward. They are read row-major on
+            the most square patch grid with rows <= cols (`token_grid`: 64 -> 8 x 8, 128 -> 8 x 16).
+        txt_tokens (`int`, defaults to 32): The longest text sequence the model accepts.
+        hidden_size (`int`, defaults to 768): Width of both streams.
+        depth (`int`, defaults to 12): Number of double-stream blocks.
+        num_heads (`int`, defaults to 12): Attention heads; must divide `hidden_size`.
+        mlp_ratio (`float`, defaults to 4): MLP hidden width as a multiple of `hidden_size`.
+        cond_dim (`int`, *optional*): Size of the pooled text vector; defaults to `hidden_size`.
+        patch_size (`int`, defaults to 2): Side of the square latent patch that one image token covers.
+        in_channels (`int`, *optional*): Latent channels; defaults to `img_dim // patch_size**2`.
+        out_channels (`int`, *optional*): Predicted latent channels; defaults to `in_channels`.
+        sample_size (`int`, *optional*): Latent side the sin-cos positions are scaled for (SD3's `sample_size`);
+            defaults to the longer side of the `img_tokens` grid times `patch_size`.
+        pos_embed_max_size (`int`, *optional*): Side of the patch grid of positions; inputs are centre-cropped
+            from it, so latents may be at most `pos_embed_max_size * patch_size` high and wide. Defaults to the
+            longer side of the `img_tokens` grid.
+        pos_embed_type (`str`, defaults to `"sincos"`): The image position embedding.
+        qk_norm (`str`, *optional*): `None`, `"rms_norm"` or `"layer_norm"` on each head's queries and keys, both streams.
+        txt_pre_only_last_block (`bool`, defaults to `False`): Drop the text stream's output path in the last block
+            (its result is never used), as SD3 (`context_pre_only`).
+        dual_attention_layers (`tuple[int]`, defaults to `()`): Blocks with an extra image-only self-attention (SD3.5 Medium).
+        use_text_attention_mask (`bool`, defaults to `True`): Whether the model was trained with padded text tokens
+            masked out; pipelines pass the mask only then. SD3 weights were trained attending to padding.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["MMDiTBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        img_dim: int,
+        txt_dim: int,
+        img_tokens: int = 64,
+        txt_tokens: int = 32,
+        hidden_size: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4,
+        cond_dim: int | None = None,
+        patch_size: int = 2,
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        sample_size: int | None = None,
+        pos_embed_max_size: int | None = None,
+        pos_embed_type: str = "sincos",
+        qk_norm: str | None = None,
+        txt_pre_only_last_block: bool = False,
+        dual_attention_layers: tuple[int, ...] = (),
+        use_text_attention_mask: bool = True,
+    ):
+        super().__init__()
+        _check_config(locals())
+        self.in_channels = in_channels or img_dim // patch_size**2
+        self.out_channels = out_channels or self.in_channels
+        self.img_grid = token_grid(img_tokens)
+        self.pos_grid_size = pos_embed_max_size or max(self.img_grid)
+        self.sample_size = sample_size or max(self.img_grid) * patch_size
+        cond_dim = cond_dim or hidden_size
+
+        self.x_embedder = nn.Linear(img_dim, hidden_size)
+        self.pos_embed = SinCosPositionEmbedding(hidden_size, self.pos_grid_size, self.sample_size // patch_size)
+        self.context_embedder = nn.Linear(txt_dim, hidden_size)
+        self.timestep_mlp = MLPEmbedder(256, hidden_size)
+        self.pooled_text_mlp = MLPEmbedder(cond_dim, hidden_size)
+        self.transformer_blocks = nn.ModuleList(
+            MMDiTBlock(
+                hidden_size,
+                num_heads,
+                mlp_ratio,
+                qk_norm,
+                txt_pre_only=txt_pre_only_last_block and i == depth - 1,
+                dual_attention=i in dual_attention_layers,
+            )
+            for i in range(depth)
+        )
+        self.norm_out = AdaLNModulation(hidden_size, 2)
+        self.proj_out = nn.Linear(hidden_size, self.out_channels * patch_size**2)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+        self.gradient_checkpointing = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Presets and helpers
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MMDiTTransformer2DModel":
+        """Build a named size: see `mmdit_diffusers.PRESETS` ("tiny", "sd3-medium", "sd3.5-large", ...)."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @staticmethod
+    def recommended_defaults() -> dict[str, Any]:
+        """The recommended configuration for a new model (add `img_dim` and `txt_dim`)."""
+        return dict(RECOMMENDED)
+
+    def output_size(self) -> int:
+        """Feature size of one output token: `out_channels * patch_size**2`."""
+        return self.out_channels * self.config.patch_size**2
+
+    @classmethod
+    def from_sd3(cls, model_or_path, **kwargs) -> "MMDiTTransformer2DModel":
+        """Convert a diffusers `SD3Transformer2DModel` (instance or diffusers-format folder / repo id)."""
+        from ..conversion.sd3 import from_sd3
+
+        return from_sd3(model_or_path, **kwargs)
+
+    def to_sd3(self):
+        """The same weights as a diffusers `SD3Transformer2DModel`."""
+        from ..conversion.sd3 import to_sd3
+
+        return to_sd3(self)
+
+    def fuse_qkv_projections(self) -> None:
+        """Compute each stream's Q, K and V with one matmul (QK-norm and dual attention stay exact)."""
+        for module in self.modules():
+            if isinstance(module, QKVProjection):
+                module.fuse()
+
+    def unfuse_qkv_projections(self) -> None:
+        for module in self.modules():
+            if isinstance(module, QKVProjection):
+                module.unfuse()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: latents [B, in_channels, H, W] (H, W multiples of `patch_size`), or already patchified
+                tokens [B, img_tokens, img_dim] read row-major on the `img_tokens` grid.
+            encoder_hidden_states: text tokens [B, L, txt_dim], L <= `txt_tokens`.
+            pooled_projections: pooled text [B, cond_dim].
+            timestep: [B] (or a scalar) in [0, 1000], `sigma * 1000` as diffusers' SD3.
+            encoder_attention_mask: [B, L], 1 for real tokens, 0 for padding; padding then takes no part in attention.
+            joint_attention_kwargs: `{"scale": s}` scales LoRA layers.
+
+        Returns:
+            `Transformer2DModelOutput(sample=...)` shaped like `hidden_states` (with `out_channels`), or a tuple.
+        """
+        latent_input = hidden_states.ndim == 4
+        timestep, txt_mask = self._check_inputs(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask
+        )
+        lora_scale = (joint_attention_kwargs or {}).get("scale", 1.0)
+        if USE_PEFT_BACKEND and lora_scale != 1.0:
+            scale_lora_layers(self, lora_scale)
+
+        p = self.config.patch_size
+        if latent_input:
+            height, width = hidden_states.shape[-2:]
+            rows, cols = height // p, width // p
+            img = patchify(hidden_states, p)
+        else:
+            (rows, cols), img = self.img_grid, hidden_states
+        img = self.x_embedder(img) + self.pos_embed(rows, cols).to(img.dtype)
+        txt = self.context_embedder(encoder_hidden_states)
+        vec = self.timestep_mlp(sinusoidal_timestep(timestep).to(pooled_projections.dtype))
+        vec = vec + self.pooled_text_mlp(pooled_projections)
+        txt, txt_mask = _drop_shared_padding(txt, txt_mask)
+
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                img, txt = self._gradient_checkpointing_func(block, img, txt, vec, txt_mask)
+            else:
+                img, txt = block(img, txt, vec, txt_mask)
+
+        shift, scale = self.norm_out(vec)
+        out = self.proj_out(modulate(layer_norm(img), shift, scale))
+        if latent_input:
+            out = unpatchify(out, p, height, width)
+
+        if USE_PEFT_BACKEND and lora_scale != 1.0:
+            unscale_lora_layers(self, lora_scale)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, mask):
+        """Shape checks with messages that name the argument; returns (timestep [B], bool mask or None)."""
+        cfg = self.config
+        if hidden_states.ndim == 4:
+            _, c, h, w = hidden_states.shape
+            if c != self.in_channels:
+                raise ValueError(f"`hidden_states` has {c} channels; expected in_channels={self.in_channels} ([B, C, H, W]).")
+            p, limit = cfg.patch_size, self.pos_grid_size * cfg.patch_size
+            for name, size in (("height", h), ("width", w)):
+                if size % p:
+                    raise ValueError(f"`hidden_states` {name} {size} is not a multiple of patch_size={p}.")
+                if size > limit:
+                    raise ValueError(
+                        f"`hidden_states` {name} {size} exceeds the position grid: at most pos_embed_max_size * "
+                        f"patch_size = {limit}."
+                    )
+        elif hidden_states.ndim == 3:
+            if tuple(hidden_states.shape[1:]) != (cfg.img_tokens, cfg.img_dim):
+                raise ValueError(
+                    f"`hidden_states` tokens have shape {tuple(hidden_states.shape)}; expected "
+                    f"[B, img_tokens={cfg.img_tokens}, img_dim={cfg.img_dim}]."
+                )
+        else:
+            raise ValueError(
+                f"`hidden_states` must be latents [B, C, H, W] or tokens [B, img_tokens, img_dim]; got shape "
+                f"{tuple(hidden_states.shape)}."
+            )
+        batch = hidden_states.shape[0]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.txt_dim:
+            raise ValueError(
+                f"`encoder_hidden_states` has shape {tuple(encoder_hidden_states.shape)}; expected [B, L, txt_dim={cfg.txt_dim}]."
+            )
+        if encoder_hidden_states.shape[1] > cfg.txt_tokens:
+            raise ValueError(
+                f"`encoder_hidden_states` has {encoder_hidden_states.shape[1]} tokens; the model accepts at most "
+                f"txt_tokens={cfg.txt_tokens}."
+            )
+        cond_dim = cfg.cond_dim or cfg.hidden_size
+        if pooled_projections.ndim != 2 or pooled_projections.shape[-1] != cond_dim:
+            raise ValueError(
+                f"`pooled_projections` has shape {tuple(pooled_projections.shape)}; expected [B, cond_dim={cond_dim}]."
+            )
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if timestep.ndim != 1:
+            raise ValueError(f"`timestep` has shape {tuple(timestep.shape)}; expected [B] or a scalar.")
+        sizes = {
+            "hidden_states": batch,
+            "encoder_hidden_states": encoder_hidden_states.shape[0],
+            "pooled_projections": pooled_projections.shape[0],
+            "timestep": timestep.shape[0],
+        }
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"Batch sizes disagree: {sizes}.")
+        if mask is not None:
+            expected = tuple(encoder_hidden_states.shape[:2])
+            if tuple(mask.shape) != expected:
+                raise ValueError(
+                    f"`encoder_attention_mask` has shape {tuple(mask.shape)}; expected [B, L] = {list(expected)}."
+                )
+            mask = mask.to(device=hidden_states.device) > 0
+        return timestep, mask
+
+
+def _drop_shared_padding(txt: torch.Tensor, txt_mask: torch.Tensor | None):
+    """Remove text positions that are padding for every prompt in the batch: they never act as keys, and
+    their own outputs are never read, so the result is the same for less work. A mask that is then all
+    ones is dropped too (faster attention kernels). Skipped under torch.compile (data-dependent shapes)."""
+    if txt_mask is None or torch.compiler.is_compiling():
+        return txt, txt_mask
+    keep = txt_mask.any(dim=0)
+    if not bool(keep.all()):
+        txt, txt_mask = txt[:, keep], txt_mask[:, keep]
+    return txt, (None if bool(txt_mask.all()) else txt_mask)
+
+
+def _check_config(cfg: dict) -> None:
+    """Refuse impossible configurations with a message that names the option."""
+    for name in ("img_dim", "txt_dim", "img_tokens", "txt_tokens", "hidden_size", "depth", "num_heads", "patch_size"):
+        value = cfg[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    for name in ("cond_dim", "in_channels", "out_channels", "sample_size", "pos_embed_max_size"):
+        value = cfg[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive integer or None; got {value!r}.")
+    if not cfg["mlp_ratio"] > 0:
+        raise ValueError(f"`mlp_ratio` must be positive; got {cfg['mlp_ratio']!r}.")
+    if cfg["hidden_size"] % cfg["num_heads"]:
+        raise ValueError(f"`hidden_size`={cfg['hidden_size']} is not divisible by `num_heads`={cfg['num_heads']}.")
+    p2 = cfg["patch_size"] ** 2
+    if cfg["in_channels"] is None and cfg["img_dim"] % p2:
+        raise ValueError(f"`img_dim`={cfg['img_dim']} is not a multiple of patch_size**2={p2}.")
+    if cfg["in_channels"] is not None and cfg["img_dim"] != cfg["in_channels"] * p2:
+        raise ValueError(
+            f"`img_dim`={cfg['img_dim']} must equal in_channels * patch_size**2 = {cfg['in_channels']} * {p2}."
+        )
+    if cfg["qk_norm"] not in QK_NORMS:
+        raise ValueError(f"Unknown `qk_norm` {cfg['qk_norm']!r}; expected one of {QK_NORMS}.")
+    if cfg["pos_embed_type"] not in POS_EMBED_TYPES:
+        raise ValueError(f"Unknown `pos_embed_type` {cfg['pos_embed_type']!r}; expected one of {POS_EMBED_TYPES}.")
+    bad = [i for i in cfg["dual_attention_layers"] if not 0 <= i < cfg["depth"]]
+    if bad:
+        raise ValueError(f"`dual_attention_layers` {bad} out of range for depth={cfg['depth']} (valid: 0..{cfg['depth'] - 1}).")
+    grid = token_grid(cfg["img_tokens"])
+    if cfg["pos_embed_max_size"] is not None and max(grid) > cfg["pos_embed_max_size"]:
+        raise ValueError(
+            f"`img_tokens`={cfg['img_tokens']} is read on a {grid[0]} x {grid[1]} grid, larger than "
+            f"`pos_embed_max_size`={cfg['pos_embed_max_size']}."
+        )

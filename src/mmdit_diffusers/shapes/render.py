@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ from .world import (
     sample_scene,
 )
 
-MIN_GAP = 2  # white pixels kept between any two bounding boxes
+MIN_GAP = 4  # white pixels kept between any two bounding boxes
 _TRIES_PER_OBJECT = 50
 _TRIES_PER_LAYOUT = 1000
 
@@ -46,20 +47,24 @@ class Placement:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
-    """Boolean (height, width) mask of a shape filling its box; every row and column is touched.
+    """Read-only boolean (height, width) mask of a shape filling its box; every row and column is touched.
 
     A pixel belongs to the shape when its centre does. The triangle (apex at the top centre, base
     on the bottom row) is widened by half a pixel so that its apex row is never empty.
     """
     y, x = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
     if shape == "square":
-        return np.ones((height, width), dtype=bool)
-    if shape == "circle":
-        return ((x - width / 2) / width) ** 2 + ((y - height / 2) / height) ** 2 <= 0.25
-    if shape == "triangle":
-        return np.abs(x - width / 2) <= (y / height) * (width / 2) + 0.5
-    raise ValueError(f"unknown shape {shape!r}")
+        mask = np.ones((height, width), dtype=bool)
+    elif shape == "circle":
+        mask = ((x - width / 2) / width) ** 2 + ((y - height / 2) / height) ** 2 <= 0.25
+    elif shape == "triangle":
+        mask = np.abs(x - width / 2) <= (y / height) * (width / 2) + 0.5
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    mask.flags.writeable = False
+    return mask
 
 
 def _random_placement(kind: ObjectKind, rng: np.random.Generator) -> Placement:

@@ -1,0 +1,64 @@
+"""Write a Shapes training set in the Hugging Face `datasets` "imagefolder" layout.
+
+    out_dir/00000.png, 00001.png, ...
+    out_dir/metadata.jsonl    one {"file_name": "00000.png", "text": caption} per line
+
+Captions are training captions only (single, counting, relation; never a held-out relation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .render import sample_example
+
+
+def write_dataset(out_dir: str | os.PathLike, num_images: int, seed: int, overwrite: bool = False) -> Path:
+    """Write num_images examples, deterministically for a seed; returns out_dir.
+
+    The files are written to a temporary sibling directory that is renamed to out_dir at the end,
+    so out_dir never holds a partial dataset. An existing out_dir is an error unless overwrite.
+    """
+    out_dir = Path(out_dir)
+    if num_images < 1:
+        raise ValueError(f"num_images must be positive, got {num_images}")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        _write_examples(staging, num_images, seed)
+        staging.chmod(0o755)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_examples(directory: Path, num_images: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    digits = max(5, len(str(num_images - 1)))
+    with open(directory / "metadata.jsonl", "w", encoding="utf-8") as metadata:
+        for index in range(num_images):
+            image, caption = sample_example(rng)
+            file_name = f"{index:0{digits}d}.png"
+            image.save(directory / file_name, format="PNG")
+            metadata.write(json.dumps({"file_name": file_name, "text": caption}) + "\n")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename new to target; an existing target is moved aside first and deleted afterwards."""
+    if not target.exists():
+        new.rename(target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    target.rename(trash / target.name)
+    new.rename(target)
+    shutil.rmtree(trash)

@@ -47,9 +47,12 @@ class QKVProjection(nn.Module):
         if self.is_fused:
             return
         parts = [self.to_q, self.to_k, self.to_v]
+        if any(type(p) is not nn.Linear for p in parts):
+            raise ValueError("Cannot fuse QKV projections that carry LoRA adapters: fuse or unload the LoRA first.")
         fused = nn.Linear(parts[0].in_features, 3 * parts[0].out_features, device=parts[0].weight.device, dtype=parts[0].weight.dtype)
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
         fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        fused.requires_grad_(parts[0].weight.requires_grad)
         del self.to_q, self.to_k, self.to_v
         self.to_qkv = fused
 
@@ -63,6 +66,7 @@ class QKVProjection(nn.Module):
             linear = nn.Linear(dim, dim, device=weight.device, dtype=weight.dtype)
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)
+            linear.requires_grad_(fused.weight.requires_grad)
             setattr(self, name, linear)
         self.to_qkv = None
 

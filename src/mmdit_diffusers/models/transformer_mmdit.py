@@ -47,8 +47,9 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             longer side of the `img_tokens` grid.
         pos_embed_type (`str`, defaults to `"sincos"`): The image position embedding.
         qk_norm (`str`, *optional*): `None`, `"rms_norm"` or `"layer_norm"` on each head's queries and keys, both streams.
-        txt_pre_only_last_block (`bool`, defaults to `False`): Drop the text stream's output path in the last block
-            (its result is never used), as SD3 (`context_pre_only`).
+        txt_pre_only_last_block (`bool`, defaults to `True`): Drop the text stream's output path in the last block:
+            its result is never used, so those weights would get no gradient (DDP needs every parameter used). As
+            SD3 (`context_pre_only`).
         dual_attention_layers (`tuple[int]`, defaults to `()`): Blocks with an extra image-only self-attention (SD3.5 Medium).
         use_text_attention_mask (`bool`, defaults to `True`): Whether the model was trained with padded text tokens
             masked out; pipelines pass the mask only then. SD3 weights were trained attending to padding.
@@ -77,7 +78,7 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         pos_embed_max_size: int | None = None,
         pos_embed_type: str = "sincos",
         qk_norm: str | None = None,
-        txt_pre_only_last_block: bool = False,
+        txt_pre_only_last_block: bool = True,
         dual_attention_layers: tuple[int, ...] = (),
         use_text_attention_mask: bool = True,
     ):

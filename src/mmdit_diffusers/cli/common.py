@@ -1,0 +1,68 @@
+"""Pieces shared by the `generate` and `evaluate` commands: where the shipped pipeline lives, loading a
+pipeline with errors a person can act on, image grids, and atomic PNG writes."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+# The embedded default: a complete pipeline folder shipped in the repository.
+DEFAULT_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "mmdit-shapes"
+
+
+class CommandError(Exception):
+    """A bad argument or input: the command prints `error: <message>` and exits with status 2."""
+
+
+def resolve_model(model: str | None) -> str:
+    if model is not None:
+        return model
+    if not (DEFAULT_PIPELINE / "model_index.json").is_file():
+        raise CommandError(
+            f"no --model given and the shipped pipeline is missing at {DEFAULT_PIPELINE} (it lives in the source "
+            "checkout); pass --model with a pipeline folder or a Hub repo id"
+        )
+    return str(DEFAULT_PIPELINE)
+
+
+def load_pipeline(model: str, revision: str | None = None, dtype=None):
+    from mmdit_diffusers import MMDiTPipeline
+
+    local = Path(model)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise CommandError(f"--model {model}: the folder has no model_index.json, so it is not a pipeline folder")
+    try:
+        return MMDiTPipeline.from_pretrained(model, revision=revision, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--model {model}: cannot load a pipeline: {err}") from err
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a PNG."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise CommandError(f"--output {path}: expected a .png file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,160 @@
+"""`mmdit-diffusers convert SRC DST`: a diffusers SD3 / SD3.5 transformer folder -> an MMDiT folder, or back.
+
+    mmdit-diffusers convert ./sd3-medium ./sd3-medium-mmdit              # SD3 -> MMDiT (default)
+    mmdit-diffusers convert ./sd3-medium-mmdit ./sd3-again --to sd3      # MMDiT -> SD3
+    mmdit-diffusers convert ./sd3-pipeline ./out --dtype bfloat16        # a pipeline folder: uses transformer/
+
+SRC is a model folder (config.json + weights) or a pipeline folder whose `transformer/` holds one. DST is
+written atomically: the model is saved into a temporary folder next to DST, which is then renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+PROG = "mmdit-diffusers convert"
+DTYPES = ("float32", "float16", "bfloat16")
+CLASS_NAMES = {"mmdit": "MMDiTTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+
+
+class ConvertError(Exception):
+    """A problem with the user's input: reported on stderr with exit code 2, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a diffusers SD3Transformer2DModel folder to an MMDiTTransformer2DModel folder, or back.",
+    )
+    parser.add_argument("src", type=Path, help="model folder, or a pipeline folder with a transformer/ subfolder")
+    parser.add_argument("dst", type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
+    parser.add_argument(
+        "--to",
+        choices=tuple(CLASS_NAMES),
+        default="mmdit",
+        help="target format: mmdit (SRC holds an SD3 transformer; default) or sd3 (SRC holds an MMDiT)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep SRC's dtype)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, message already printed)
+        return int(exit_.code or 0)
+    try:
+        return convert(args.src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite)
+    except ConvertError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def convert(src: Path, dst: Path, to: str = "mmdit", dtype: str | None = None, overwrite: bool = False) -> int:
+    source_class = CLASS_NAMES["sd3" if to == "mmdit" else "mmdit"]
+    model_dir = find_model_folder(Path(src), source_class)
+    dst = Path(dst)
+    check_destination(dst, overwrite, protected=(Path(src), model_dir))
+
+    import torch
+
+    from ..models.transformer_mmdit import MMDiTTransformer2DModel
+
+    try:
+        if to == "mmdit":
+            from diffusers import SD3Transformer2DModel
+
+            model = MMDiTTransformer2DModel.from_sd3(SD3Transformer2DModel.from_pretrained(model_dir))
+        else:
+            model = MMDiTTransformer2DModel.from_pretrained(model_dir).to_sd3()
+    except ValueError as error:  # the conversion names the option or tensor it cannot map
+        raise ConvertError(f"cannot convert {model_dir}: {error}") from error
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+
+    write_atomically(model, dst)
+    count = sum(p.numel() for p in model.parameters())
+    weights_dtype = next(model.parameters()).dtype
+    print(
+        f"Converted {source_class} {model_dir} -> {type(model).__name__} {dst} "
+        f"({count:,} parameters, {str(weights_dtype).removeprefix('torch.')})"
+    )
+    return 0
+
+
+def find_model_folder(src: Path, class_name: str) -> Path:
+    """SRC itself or SRC/transformer, whichever holds a config.json naming `class_name`."""
+    if not src.exists():
+        raise ConvertError(f"SRC {src} does not exist.")
+    if not src.is_dir():
+        raise ConvertError(f"SRC {src} is not a folder.")
+    found = {}
+    for folder in (src, src / "transformer"):
+        name = _class_name(folder / "config.json")
+        if name is not None:
+            found[folder] = name
+            if name == class_name:
+                return folder
+    if found:
+        described = ", ".join(f"{folder} holds {name}" for folder, name in found.items())
+        # the --to that reads each known class: an SD3 model converts to mmdit, an MMDiT to sd3
+        to_for = {CLASS_NAMES["sd3"]: "mmdit", CLASS_NAMES["mmdit"]: "sd3"}
+        hint = next((f" (to convert it, pass --to {to_for[n]})" for n in found.values() if n in to_for), "")
+        raise ConvertError(f"expected a {class_name} in {src} or {src / 'transformer'}, but {described}{hint}.")
+    raise ConvertError(
+        f"{src} holds no {class_name}: neither {src / 'config.json'} nor {src / 'transformer' / 'config.json'} "
+        "describes a diffusers model."
+    )
+
+
+def _class_name(config_path: Path) -> str | None:
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConvertError(f"cannot read {config_path}: {error}") from error
+    return config.get("_class_name") if isinstance(config, dict) else None
+
+
+def check_destination(dst: Path, overwrite: bool, protected: tuple[Path, ...]) -> None:
+    resolved = dst.resolve()
+    if any(resolved == p.resolve() or p.resolve().is_relative_to(resolved) for p in protected):
+        raise ConvertError(f"DST {dst} would replace the source; choose another folder.")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ConvertError(f"DST {dst} exists and is not a folder.")
+    if any(dst.iterdir()) and not overwrite:
+        raise ConvertError(f"DST {dst} exists and is not empty; pass --overwrite to replace it.")
+
+
+def write_atomically(model, dst: Path) -> None:
+    """save_pretrained into a temporary folder beside DST, then rename it to DST (replacing an old DST
+    only once the new one is complete)."""
+    parent = dst.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    old = None
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
+            os.rename(dst, old / dst.name)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / dst.name).exists() and not dst.exists():
+            os.rename(old / dst.name, dst)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""`mmdit-diffusers evaluate`: generate for the Shapes prompt set and score prompt adherence per category."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..shapes import evaluate, evaluation_prompts, format_table, judge
+from .common import CommandError, image_grid, load_pipeline, resolve_model, save_png
+from .generate import positive_int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdit-diffusers evaluate", description=__doc__)
+    parser.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: the shipped Shapes pipeline)")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the prompt set and the generation")
+    parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N prompts")
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--guidance_scale", type=float, default=None)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--grid", default="outputs/evaluate-grid.png", help="sample grid PNG")
+    parser.add_argument("--json", default=None, help="write the scores here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        pipe = load_pipeline(resolve_model(args.model), revision=args.revision)
+        prompts = evaluation_prompts(seed=args.seed)[: args.limit]
+        call = {}
+        if args.steps is not None:
+            call["num_inference_steps"] = args.steps
+        if args.guidance_scale is not None:
+            call["guidance_scale"] = args.guidance_scale
+        generator = torch.Generator().manual_seed(args.seed)
+        pipe.set_progress_bar_config(disable=True)
+        images, start = [], time.perf_counter()
+        for i in range(0, len(prompts), args.batch_size):
+            batch = [p.caption for p in prompts[i : i + args.batch_size]]
+            images += pipe(batch, generator=generator, **call).images
+            print(f"\r{len(images)}/{len(prompts)} images", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        seconds = time.perf_counter() - start
+        results = evaluate(images, [p.caption for p in prompts])
+        print(format_table(results))
+        print(f"{len(prompts)} prompts in {seconds:.1f}s")
+        sample = [images[i] for i in range(0, len(images), max(1, len(images) // 16))][:16]
+        print(f"grid: {save_png(image_grid(sample), args.grid)}")
+        if args.json:
+            verdicts = [(p, judge(img, p.caption)) for p, img in zip(prompts, images)]
+            failures = [dict(prompt=p.caption, category=p.category, reason=v.reason) for p, v in verdicts if not v.passed]
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(dict(model=args.model, seed=args.seed, prompts=len(prompts),
+                                                       scores=results, failures=failures[:50]), indent=2))
+            print(f"json: {args.json}")
+    except CommandError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+from .lora import MMDiTLoraLoaderMixin
+from .pipeline_mmdit import MMDiTPipeline, MMDiTPipelineOutput
+
+__all__ = ["MMDiTLoraLoaderMixin", "MMDiTPipeline", "MMDiTPipelineOutput"]

@@ -1,0 +1,115 @@
+"""Saving and loading helpers of `MMDiTPipeline`: the `pipeline.py` shim, package-root class names in
+`model_index.json`, and diffusers-format SD3 / SD3.5 folders."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from diffusers import DiffusionPipeline, SD3Transformer2DModel
+from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+PACKAGE = "mmdit_diffusers"
+SHIM_FILE = "pipeline.py"
+SHIM_MODULE = "pipeline"  # `custom_pipeline="pipeline"`: diffusers looks for `<folder>/pipeline.py`
+SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
+UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's IP-Adapter parts
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+SHIM_SOURCE = '''"""Lets diffusers' generic loader build this folder's pipeline:
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("<this folder or Hub repo>", custom_pipeline="pipeline", trust_remote_code=True)
+
+`MMDiTPipeline` comes from the installed `mmdit-diffusers` package (`pip install mmdit-diffusers`); this file only
+re-exports it. Without this file: `from mmdit_diffusers import MMDiTPipeline; MMDiTPipeline.from_pretrained(...)`.
+"""
+
+from mmdit_diffusers import {class_name}
+
+__all__ = ["{class_name}"]
+'''
+
+
+def write_shim(save_directory: str | os.PathLike, class_name: str) -> None:
+    os.makedirs(save_directory, exist_ok=True)
+    with open(os.path.join(save_directory, SHIM_FILE), "w", encoding="utf-8") as f:
+        f.write(SHIM_SOURCE.format(class_name=class_name))
+
+
+def package_root_library(library: str | None, class_name: str | None, cls: type) -> str | None:
+    """`mmdit_diffusers` for a class of ours that diffusers can load from the package root (the stable import path),
+    else `library` (diffusers' default: the defining module).
+
+    diffusers' loader resolves `["mmdit_diffusers", "MMDiTTransformer2DModel"]` by reading the class *and* its
+    loadable base (`ModelMixin`, ...) from the named module, so the root must export both.
+    """
+    if not library or not library.startswith(PACKAGE + "."):
+        return library
+    root = importlib.import_module(PACKAGE)
+    if getattr(root, class_name or "", None) is not cls:
+        return library
+    bases = (getattr(root, name, None) for name in ALL_IMPORTABLE_CLASSES)
+    if not any(isinstance(base, type) and issubclass(cls, base) for base in bases):
+        return library
+    return PACKAGE
+
+
+def transformer_class_name(pretrained_model_name_or_path, kwargs: dict) -> str | None:
+    """`_class_name` of the folder's `transformer/config.json` (None when there is none)."""
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    try:
+        config = SD3Transformer2DModel.load_config(pretrained_model_name_or_path, subfolder="transformer", **hub_kwargs)
+    except (OSError, ValueError):
+        return None  # no transformer config: let diffusers' loader report what is missing
+    return config.get("_class_name")
+
+
+def load_converted_sd3_transformer(pretrained_model_name_or_path, kwargs: dict):
+    """Load the folder's `SD3Transformer2DModel` with the pipeline's loading options and convert it."""
+    from ..models.transformer_mmdit import MMDiTTransformer2DModel
+
+    options = {k: kwargs[k] for k in (*HUB_KWARGS, "variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
+    dtype = kwargs.get("torch_dtype")
+    if isinstance(dtype, dict):
+        dtype = dtype.get("transformer", dtype.get("default"))
+    if dtype is not None:
+        options["torch_dtype"] = dtype
+    sd3 = SD3Transformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
+    logger.info("Converting the SD3 transformer to MMDiTTransformer2DModel.")
+    return MMDiTTransformer2DModel.from_sd3(sd3)
+
+
+def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
+    """Components of an SD3.5 folder that MMDiTPipeline does not use and that are not empty there."""
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    try:
+        config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub_kwargs)
+    except (OSError, ValueError):
+        return []
+    return [name for name in UNUSED_SD3_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
+
+
+def check_local_components(folder, expected: list[str], optional: list[str], passed: dict) -> None:
+    """Name the component when a local pipeline folder lacks one (diffusers' own errors name a file or list every
+    component). Hub repos are left to diffusers."""
+    if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):
+        return
+    config = DiffusionPipeline.load_config(folder)
+    for name in expected:
+        if name in passed:
+            continue
+        entry = config.get(name)
+        if entry is None and name not in optional:
+            raise ValueError(
+                f"Cannot load the pipeline from {folder}: its model_index.json has no `{name}` component. Add it to "
+                f"the folder or pass `{name}=...` to `from_pretrained`."
+            )
+        if isinstance(entry, (list, tuple)) and entry[0] is not None and not os.path.isdir(os.path.join(folder, name)):
+            raise ValueError(
+                f"Cannot load the pipeline from {folder}: component `{name}` ({entry[1]}) is listed in model_index.json "
+                f"but its folder `{name}/` is missing. Restore it or pass `{name}=...` to `from_pretrained`."
+            )

@@ -1,0 +1,219 @@
+"""LoRA on the pipeline's transformer: diffusers' `LoraBaseMixin` API over the transformer's `PeftAdapterMixin`.
+
+Files are diffusers' own: `pytorch_lora_weights.safetensors`, PEFT-format keys prefixed `transformer.`.
+`load_lora_weights` reads safetensors only; a pickled checkpoint (`.bin`) runs code when it is opened, so it is
+refused unless the caller passes `allow_pickle=True`. LoRAs trained on diffusers' `SD3Transformer2DModel` (keys
+such as `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`) are converted to this transformer's names on
+load, so SD3 LoRAs work on a pipeline loaded from an SD3 folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+import torch
+from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
+from diffusers.utils import logging
+
+from ..conversion.sd3 import _permute_out_rows, _rename, _swap_halves
+
+logger = logging.get_logger(__name__)
+
+TRANSFORMER_NAME = "transformer"
+_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?P<rest>(\.[^.]+)*)$")
+_SD3_ONLY_MODULES = (".attn.", ".attn2.", ".norm1.", ".norm1_context.", ".ff.", ".ff_context.")
+
+
+class MMDiTLoraLoaderMixin(LoraBaseMixin):
+    """`load_lora_weights`, `save_lora_weights`, `unload_lora_weights`, `set_adapters`, `fuse_lora`, ... for the
+    `transformer` component (text-encoder LoRAs are not supported)."""
+
+    _lora_loadable_modules = [TRANSFORMER_NAME]
+    transformer_name = TRANSFORMER_NAME
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, allow_pickle: bool = False, **kwargs):
+        """The LoRA state dict of a folder, file, Hub repo or dict, with SD3 module names converted to ours.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: A folder or Hub repo holding `pytorch_lora_weights.safetensors`
+                (or `weight_name`), a `.safetensors` file, or a state dict.
+            allow_pickle (`bool`, defaults to `False`): Also read pickled `.bin` checkpoints. Only for files you trust.
+            kwargs: `weight_name`, `subfolder`, `use_safetensors`, `return_lora_metadata` and the Hub options
+                (`cache_dir`, `force_download`, `proxies`, `local_files_only`, `token`, `revision`).
+        """
+        weight_name = kwargs.pop("weight_name", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        return_lora_metadata = kwargs.pop("return_lora_metadata", False)
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, dict) and not allow_pickle:
+            pickled = use_safetensors is False or (weight_name is not None and not weight_name.endswith(".safetensors"))
+            pickled = pickled or (os.path.isfile(source) and not str(source).endswith(".safetensors"))
+            if pickled:
+                raise ValueError(
+                    f"Refusing to load a pickled LoRA checkpoint ({weight_name or source}): pickle can run arbitrary "
+                    "code. Use a `.safetensors` file, or pass `allow_pickle=True` if you trust the file."
+                )
+        try:
+            state_dict, metadata = _fetch_state_dict(
+                pretrained_model_name_or_path_or_dict=source,
+                weight_name=weight_name,
+                use_safetensors=True if use_safetensors is None else use_safetensors,
+                local_files_only=kwargs.pop("local_files_only", None),
+                cache_dir=kwargs.pop("cache_dir", None),
+                force_download=kwargs.pop("force_download", False),
+                proxies=kwargs.pop("proxies", None),
+                token=kwargs.pop("token", None),
+                revision=kwargs.pop("revision", None),
+                subfolder=kwargs.pop("subfolder", None),
+                user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+                allow_pickle=allow_pickle,
+            )
+        except OSError as error:
+            if allow_pickle:
+                raise
+            raise ValueError(
+                f"No safetensors LoRA weights found in {source!r} ({error}). Pickled `.bin` checkpoints are only read "
+                "with `allow_pickle=True`."
+            ) from error
+        if kwargs:
+            logger.warning(f"Ignoring unexpected `lora_state_dict` arguments: {sorted(kwargs)}.")
+
+        if any("dora_scale" in k for k in state_dict):
+            logger.warning("Dropping the `dora_scale` entries of this checkpoint: DoRA files in that form are not supported.")
+            state_dict = {k: v for k, v in state_dict.items() if "dora_scale" not in k}
+        return (state_dict, metadata) if return_lora_metadata else state_dict
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict,
+        adapter_name: str | None = None,
+        hotswap: bool = False,
+        allow_pickle: bool = False,
+        **kwargs,
+    ):
+        """Load a LoRA into the transformer as adapter `adapter_name` (see `lora_state_dict` for the sources).
+
+        Weight it with `set_adapters`, or per call with `joint_attention_kwargs={"scale": s}`; remove it with
+        `unload_lora_weights` or `delete_adapters`.
+        """
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
+        state_dict, metadata = self.lora_state_dict(
+            pretrained_model_name_or_path_or_dict, allow_pickle=allow_pickle, return_lora_metadata=True, **kwargs
+        )
+        if not all("lora" in key for key in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: every parameter name must contain 'lora'.")
+        transformer = getattr(self, self.transformer_name)
+        state_dict, metadata = convert_sd3_lora_state_dict(state_dict, transformer, metadata)
+        self.load_lora_into_transformer(
+            state_dict,
+            transformer=transformer,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=self,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+        )
+
+    @classmethod
+    def load_lora_into_transformer(
+        cls, state_dict, transformer, adapter_name=None, _pipeline=None, low_cpu_mem_usage=False, hotswap=False, metadata=None
+    ):
+        logger.info(f"Loading {cls.transformer_name}.")
+        transformer.load_lora_adapter(
+            state_dict,
+            network_alphas=None,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=_pipeline,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+            prefix=cls.transformer_name,
+        )
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        transformer_lora_layers: dict[str, torch.nn.Module | torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        transformer_lora_adapter_metadata: dict | None = None,
+    ):
+        """Write `transformer_lora_layers` (e.g. `peft.get_peft_model_state_dict(pipe.transformer)`) as
+        `save_directory/pytorch_lora_weights.safetensors`, keys prefixed `transformer.`."""
+        if not transformer_lora_layers:
+            raise ValueError("Pass `transformer_lora_layers`: the LoRA state dict of the transformer.")
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers={cls.transformer_name: transformer_lora_layers},
+            lora_metadata={cls.transformer_name: transformer_lora_adapter_metadata},
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+        )
+
+    def fuse_lora(self, components: list[str] = [TRANSFORMER_NAME], lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None, **kwargs):  # noqa: B006
+        super().fuse_lora(components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs)
+
+    def unfuse_lora(self, components: list[str] = [TRANSFORMER_NAME], **kwargs):  # noqa: B006
+        super().unfuse_lora(components=components, **kwargs)
+
+
+def convert_sd3_lora_state_dict(state_dict: dict[str, torch.Tensor], transformer, metadata: dict | None = None):
+    """Rename a LoRA trained on diffusers' `SD3Transformer2DModel` to the modules of `transformer` (an
+    `MMDiTTransformer2DModel` converted from it), with the weight conversion's reorderings of output rows.
+
+    Returns `(state_dict, metadata)`; the adapter metadata (LoraConfig kwargs) gets the converted module names.
+    A LoRA already in our naming is returned unchanged."""
+    prefix = f"{TRANSFORMER_NAME}."
+    if not any(_is_sd3_module(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
+        return state_dict, metadata
+    cfg = transformer.config
+    pre_only_txt = f"transformer_blocks.{cfg.depth - 1}.norm1_context.linear" if cfg.txt_pre_only_last_block else None
+    converted, modules = {}, set()
+    for key, tensor in state_dict.items():
+        has_prefix = key.startswith(prefix)
+        module, part, rest = _split_lora_key(key.removeprefix(prefix))
+        ours = _rename_module(module) if part is not None else None
+        if ours is None:
+            raise ValueError(f"LoRA key {key!r} targets SD3 module {module!r}, which has no MMDiT counterpart.")
+        if module == "pos_embed.proj" and part in ("lora_A", "lora_B"):
+            tensor = tensor.reshape(tensor.shape[0], -1)  # conv patch embedding -> linear on flattened patches
+        elif part == "lora_B" and module == "proj_out":
+            tensor = _permute_out_rows(tensor, cfg.patch_size, to_ours=True)
+        elif part == "lora_B" and module in ("norm_out.linear", pre_only_txt):
+            tensor = _swap_halves(tensor)  # SD3's (scale, shift) -> our (shift, scale)
+        converted[(prefix if has_prefix else "") + f"{ours}.{part}{rest}"] = tensor
+        modules.add(ours)
+    if metadata:
+        metadata = dict(metadata)
+        for key in list(metadata):
+            name = key.removeprefix(prefix)
+            if name == "target_modules":
+                metadata[key] = sorted(modules)
+            elif name in ("rank_pattern", "alpha_pattern") and isinstance(metadata[key], dict):
+                metadata[key] = {_rename_module(k) or k: v for k, v in metadata[key].items()}
+    logger.info("Converted an SD3-format LoRA to MMDiT module names.")
+    return converted, metadata
+
+
+def _rename_module(module: str) -> str | None:
+    renamed = _rename(module + ".weight", to_ours=True)
+    return renamed.removesuffix(".weight") if renamed else None
+
+
+def _split_lora_key(key: str):
+    match = _LORA_KEY.match(key)
+    return (match["module"], match["part"], match["rest"]) if match else (key, None, "")
+
+
+def _is_sd3_module(module: str) -> bool:
+    return module.startswith(("pos_embed.proj", "time_text_embed.")) or any(m in f".{module}." for m in _SD3_ONLY_MODULES)

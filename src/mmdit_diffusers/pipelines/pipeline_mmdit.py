@@ -1,0 +1,680 @@
+"""MMDiTPipeline: text-to-image with an `MMDiTTransformer2DModel`, SD3's flow-matching sampler and text encoders.
+
+On SD3 / SD3.5 weights it gives the images of diffusers' `StableDiffusion3Pipeline` (same arguments, same numbers);
+it also runs smaller layouts (one CLIP + T5, one CLIP) and models trained with the text padding masked out.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from ..models.transformer_mmdit import MMDiTTransformer2DModel
+from . import loading
+from .lora import MMDiTLoraLoaderMixin
+from .text_encoding import TextConditioning, encode_clip, encode_t5, join_clip_and_t5
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_T5_TOKENS = 256  # SD3's default `max_sequence_length`
+CLIP_TOKENS = 77
+
+EXAMPLE = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from mmdit_diffusers import MMDiTPipeline
+
+        >>> # a diffusers-format SD3 / SD3.5 folder or repo: the transformer is converted on load
+        >>> pipe = MMDiTPipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", torch_dtype=torch.bfloat16)
+        >>> pipe.to("cuda")
+        >>> image = pipe("a red circle left of a blue square", num_inference_steps=28, guidance_scale=5.0).images[0]
+        ```
+"""
+
+
+@dataclass
+class MMDiTPipelineOutput(BaseOutput):
+    """`images`: a list of PIL images, a numpy array [B, H, W, 3] or a tensor [B, 3, H, W] in [0, 1]; latents
+    [B, C, h, w] for `output_type="latent"`."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
+    r"""
+    Text-to-image with the MMDiT (Esser et al. 2024): SD3's text conditioning and flow-matching Euler sampler.
+
+    Args:
+        transformer ([`MMDiTTransformer2DModel`]): Denoises the latents.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): The sampler (static `shift`, or dynamic shifting by `mu`).
+        vae ([`AutoencoderKL`]): Latents <-> images; latents are normalised by the config's `scaling_factor` and
+            `shift_factor`: `z = (encode(x) - shift_factor) * scaling_factor`.
+        text_encoder ([`CLIPTextModelWithProjection`]) and tokenizer ([`CLIPTokenizer`]): The first CLIP.
+        text_encoder_2, tokenizer_2 (*optional*): A second CLIP (SD3's OpenCLIP bigG), concatenated on channels.
+        text_encoder_3 ([`T5EncoderModel`], *optional*) and tokenizer_3 ([`T5TokenizerFast`], *optional*): T5, whose
+            states follow the CLIP states in the sequence. Without it the T5 part is zeros, as SD3 without T5.
+
+    The text sequence is `[CLIP tokens (77, channels zero-padded to the T5 width); T5 tokens]`, the pooled vector the
+    CLIP pooled outputs concatenated. Transformers with `use_text_attention_mask` also get the matching token mask
+    (padding and absent-T5 zeros masked out); SD3 weights attend to everything, as they were trained.
+
+    Loading: `MMDiTPipeline.from_pretrained(folder_or_repo)` reads our own folders and diffusers-format SD3 / SD3.5
+    folders (the `SD3Transformer2DModel` is converted on load). `save_pretrained` also writes `pipeline.py`, so that
+    `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)` works too.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
+
+    def __init__(
+        self,
+        transformer: MMDiTTransformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        text_encoder_3: T5EncoderModel | None = None,
+        tokenizer_3: T5TokenizerFast | None = None,
+    ):
+        super().__init__()
+        for encoder, tokenizer_, names in (
+            (text_encoder_2, tokenizer_2, ("text_encoder_2", "tokenizer_2")),
+            (text_encoder_3, tokenizer_3, ("text_encoder_3", "tokenizer_3")),
+        ):
+            if (encoder is None) != (tokenizer_ is None):
+                raise ValueError(f"Pass `{names[0]}` and `{names[1]}` together, or neither.")
+        self.register_modules(
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else CLIP_TOKENS
+        self.default_sample_size = getattr(transformer, "sample_size", None) or 128
+        self.patch_size = transformer.config.patch_size if transformer is not None else 2
+
+    def register_modules(self, **kwargs):
+        """As diffusers, but our own classes are recorded in `model_index.json` by the package root
+        (`["mmdit_diffusers", "MMDiTTransformer2DModel"]`), which stays valid when internal modules move."""
+        super().register_modules(**kwargs)
+        for name, module in kwargs.items():
+            library, class_name = self.config.get(name) or (None, None)
+            root_library = loading.package_root_library(library, class_name, type(module))
+            if root_library != library:
+                self.register_to_config(**{name: (root_library, class_name)})
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Saving and loading
+    # ----------------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """diffusers' `save_pretrained`, plus `pipeline.py`: a two-line module that imports `MMDiTPipeline` from
+        `mmdit_diffusers`, so `DiffusionPipeline.from_pretrained(save_directory, custom_pipeline="pipeline",
+        trust_remote_code=True)` loads it (also from the Hub, where `push_to_hub=True` uploads it too)."""
+        loading.write_shim(save_directory, type(self).__name__)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """diffusers' `from_pretrained`, also for diffusers-format SD3 / SD3.5 folders and repos: their
+        `SD3Transformer2DModel` is loaded with the same options (`torch_dtype`, `variant`, ...) and converted to
+        `MMDiTTransformer2DModel`; their IP-Adapter image encoder and feature extractor are not loaded."""
+        path = pretrained_model_name_or_path
+        expected, _ = cls._get_signature_keys(cls)
+        loading.check_local_components(path, sorted(expected), cls._optional_components, kwargs)
+        if "transformer" not in kwargs and loading.transformer_class_name(path, kwargs) == loading.SD3_TRANSFORMER_CLASS:
+            kwargs["transformer"] = loading.load_converted_sd3_transformer(path, kwargs)
+        skipped = [name for name in loading.unused_components(path, kwargs) if name not in kwargs]
+        if skipped:
+            logger.info(f"Not loading {skipped}: {cls.__name__} does not use SD3.5's IP-Adapter components.")
+        return super().from_pretrained(path, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Text
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def _clip_encoders(self) -> list[tuple[str, Any, Any]]:
+        pairs = [("tokenizer", self.tokenizer, self.text_encoder), ("tokenizer_2", self.tokenizer_2, self.text_encoder_2)]
+        return [(name, tok, enc) for name, tok, enc in pairs if enc is not None]
+
+    @property
+    def _uses_text_mask(self) -> bool:
+        transformer = getattr(self, "transformer", None)
+        return bool(transformer is not None and transformer.config.use_text_attention_mask)
+
+    def _text_prefix_length(self) -> int:
+        return self.tokenizer_max_length if self.text_encoder is not None else 0
+
+    def _resolve_max_sequence_length(self, max_sequence_length: int | None) -> int:
+        """Check `max_sequence_length` against the transformer's text capacity; `None` -> 256 or what fits."""
+        transformer = getattr(self, "transformer", None)
+        capacity = None if transformer is None else transformer.config.txt_tokens - self._text_prefix_length()
+        if max_sequence_length is None:
+            return DEFAULT_T5_TOKENS if capacity is None else max(0, min(DEFAULT_T5_TOKENS, capacity))
+        if not isinstance(max_sequence_length, int) or max_sequence_length < 0:
+            raise ValueError(f"`max_sequence_length` must be a non-negative integer; got {max_sequence_length!r}.")
+        if max_sequence_length == 0 and self.text_encoder_3 is not None:
+            raise ValueError("`max_sequence_length` must be at least 1 with a T5 text encoder.")
+        if capacity is not None and max_sequence_length > capacity:
+            raise ValueError(
+                f"`max_sequence_length`={max_sequence_length} is too long: the transformer takes txt_tokens="
+                f"{transformer.config.txt_tokens} text tokens, {self._text_prefix_length()} of them CLIP's, so at most "
+                f"{capacity} T5 tokens."
+            )
+        return max_sequence_length
+
+    def _encode_text(self, prompts: list[str], prompts_2: list[str], prompts_3: list[str], device, clip_skip, max_sequence_length):
+        """SD3's text conditioning of one batch of prompts (see `text_encoding`)."""
+        if self.text_encoder is None:
+            raise ValueError("This pipeline has no `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
+        clip_parts = [
+            encode_clip(tok, enc, texts, self.tokenizer_max_length, device, clip_skip, name)
+            for (name, tok, enc), texts in zip(self._clip_encoders, (prompts, prompts_2))
+        ]
+        t5_part = None
+        if self.text_encoder_3 is not None:
+            t5_part = encode_t5(
+                self.tokenizer_3, self.text_encoder_3, prompts_3, max_sequence_length, device,
+                attend_to_padding=not self._uses_text_mask,
+            )
+        transformer = getattr(self, "transformer", None)
+        txt_dim = transformer.config.txt_dim if transformer is not None else clip_parts[0][0].shape[-1]
+        return join_clip_and_t5(clip_parts, t5_part, max_sequence_length, txt_dim, self.text_encoder.dtype)
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        max_sequence_length: int | None = None,
+        lora_scale: float | None = None,
+        return_attention_mask: bool = False,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ):
+        r"""
+        Encode prompts to the transformer's text inputs, as SD3's `encode_prompt`.
+
+        Args:
+            prompt: The prompt(s), for every text encoder unless `prompt_2` / `prompt_3` say otherwise.
+            prompt_2, prompt_3: Prompt(s) for the second CLIP and for T5.
+            device: Where to run the encoders (default: the execution device).
+            num_images_per_prompt: Each prompt's outputs are repeated this many times, in a row.
+            do_classifier_free_guidance: Also encode the negative prompt(s) (`""` when not given).
+            negative_prompt, negative_prompt_2, negative_prompt_3: What to guide away from.
+            prompt_embeds, pooled_prompt_embeds: Precomputed outputs, used instead of `prompt` (repeated per image).
+            negative_prompt_embeds, negative_pooled_prompt_embeds: Precomputed negative outputs.
+            clip_skip: Take the CLIP states this many layers before the penultimate one.
+            max_sequence_length: T5 tokens; `None` -> 256 or as many as the transformer's `txt_tokens` allows.
+            lora_scale: Accepted for SD3 compatibility; LoRA applies to the transformer only (scale it with
+                `joint_attention_kwargs={"scale": s}`).
+            return_attention_mask: Also return the token masks.
+            prompt_attention_mask, negative_prompt_attention_mask: Masks of precomputed embeddings (ones if absent).
+
+        Returns:
+            `(prompt_embeds [B*n, L, D], negative_prompt_embeds, pooled_prompt_embeds [B*n, P],
+            negative_pooled_prompt_embeds)`, the negatives `None` without guidance; with `return_attention_mask`
+            also `(prompt_attention_mask, negative_prompt_attention_mask)`, [B*n, L] long, 1 real, 0 padding.
+        """
+        device = device or self._execution_device
+        max_sequence_length = self._resolve_max_sequence_length(max_sequence_length)
+        if lora_scale is not None and lora_scale != 1.0:
+            logger.debug("`lora_scale` has no text-encoder LoRA to scale here.")
+
+        if prompt_embeds is None:
+            prompts = _as_list(prompt, "prompt")
+            batch_size = len(prompts)
+            positive = self._encode_text(
+                prompts,
+                _prompt_list(prompt_2, prompts, "prompt_2"),
+                _prompt_list(prompt_3, prompts, "prompt_3"),
+                device,
+                clip_skip,
+                max_sequence_length,
+            )
+        else:
+            batch_size = prompt_embeds.shape[0]
+            positive = _given(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask, device, "prompt")
+
+        negative = None
+        if do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                negatives = _negative_list(negative_prompt, batch_size, "negative_prompt")
+                negative = self._encode_text(
+                    negatives,
+                    _negative_list(negative_prompt_2, batch_size, "negative_prompt_2", negatives),
+                    _negative_list(negative_prompt_3, batch_size, "negative_prompt_3", negatives),
+                    device,
+                    clip_skip,
+                    max_sequence_length,
+                )
+            else:
+                negative = _given(
+                    negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask, device, "negative_prompt"
+                )
+
+        positive = positive.repeat(num_images_per_prompt)
+        negative = negative.repeat(num_images_per_prompt) if negative is not None else None
+        outputs = (
+            positive.embeds,
+            negative.embeds if negative else None,
+            positive.pooled,
+            negative.pooled if negative else None,
+        )
+        if return_attention_mask:
+            outputs += (positive.mask, negative.mask if negative else None)
+        return outputs
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Checks and latents
+    # ----------------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        prompt_2,
+        prompt_3,
+        height,
+        width,
+        num_inference_steps=None,
+        sigmas=None,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        negative_prompt_3=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        prompt_attention_mask=None,
+        negative_prompt_attention_mask=None,
+        callback_on_step_end_tensor_inputs=None,
+        output_type="pil",
+        generator=None,
+        num_images_per_prompt=1,
+        latents=None,
+    ):
+        """Raise a `ValueError` that names the argument for every input `__call__` cannot use."""
+        multiple = self.vae_scale_factor * self.patch_size
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size <= 0 or size % multiple:
+                raise ValueError(
+                    f"`{name}`={size} must be a positive multiple of vae_scale_factor * patch_size = {multiple} "
+                    f"(e.g. {max(multiple, size - size % multiple) if isinstance(size, int) else multiple})."
+                )
+        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1; got {num_inference_steps!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type` {output_type!r}; expected one of {OUTPUT_TYPES}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1; got {num_images_per_prompt!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}; expected some of "
+                f"{self._callback_tensor_inputs}."
+            )
+
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` or `prompt_embeds` (with `pooled_prompt_embeds`).")
+        for name, value in (("prompt_2", prompt_2), ("prompt_3", prompt_3)):
+            if value is not None and prompt_embeds is not None:
+                raise ValueError(f"Pass either `{name}` or `prompt_embeds`, not both.")
+        for name, value in (("prompt", prompt), ("prompt_2", prompt_2), ("prompt_3", prompt_3)):
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"`{name}` must be a string or a list of strings; got {type(value).__name__}.")
+        for name, value in (("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2), ("negative_prompt_3", negative_prompt_3)):
+            if value is not None and negative_prompt_embeds is not None:
+                raise ValueError(f"Pass either `{name}` or `negative_prompt_embeds`, not both.")
+
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError(
+                "`prompt_embeds` needs `pooled_prompt_embeds` too: take both from the same `encode_prompt` call."
+            )
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError(
+                "`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too: take both from the same "
+                "`encode_prompt` call."
+            )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)} but `prompt_embeds` "
+                    f"{tuple(prompt_embeds.shape)}; they must match."
+                )
+            if pooled_prompt_embeds.shape != negative_pooled_prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_pooled_prompt_embeds` has shape {tuple(negative_pooled_prompt_embeds.shape)} but "
+                    f"`pooled_prompt_embeds` {tuple(pooled_prompt_embeds.shape)}; they must match."
+                )
+        for name, mask, embeds in (
+            ("prompt_attention_mask", prompt_attention_mask, prompt_embeds),
+            ("negative_prompt_attention_mask", negative_prompt_attention_mask, negative_prompt_embeds),
+        ):
+            if mask is not None and (embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2])):
+                expected = "[B, L] of its embeddings" if embeds is None else list(embeds.shape[:2])
+                raise ValueError(f"`{name}` has shape {tuple(mask.shape)}; expected {expected}.")
+
+        batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
+        effective = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != effective:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but the effective batch size is {effective} "
+                f"({batch_size} prompts x num_images_per_prompt={num_images_per_prompt}); pass one per image."
+            )
+        if latents is not None:
+            expected = (effective, self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` has shape {tuple(latents.shape)}; expected {list(expected)}.")
+
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
+        """Gaussian noise [batch, C, height / vae_scale_factor, width / vae_scale_factor], or `latents` moved."""
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def _timesteps(self, num_inference_steps, sigmas, mu, latents, device):
+        """The scheduler's timesteps; with dynamic shifting, `mu` from the image token count as SD3 unless given."""
+        config = self.scheduler.config
+        scheduler_kwargs = {}
+        if mu is None and config.get("use_dynamic_shifting", None):
+            height, width = latents.shape[-2:]
+            image_tokens = (height // self.patch_size) * (width // self.patch_size)
+            mu = calculate_shift(
+                image_tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        if mu is not None:
+            scheduler_kwargs["mu"] = mu
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Denormalised latents through the VAE decoder, post-processed to `output_type` ("pil", "np" or "pt")."""
+        shift = self.vae.config.shift_factor or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Properties read by callbacks (as SD3)
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1
+
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    @property
+    def joint_attention_kwargs(self):
+        return self._joint_attention_kwargs
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Generation
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (SD3's signature)
+        max_sequence_length: int | None = None,
+        mu: float | None = None,
+    ) -> MMDiTPipelineOutput | tuple:
+        r"""
+        Generate images from text. Arguments as diffusers' `StableDiffusion3Pipeline`, plus the masks.
+
+        Args:
+            prompt (`str` or `list[str]`): What to draw; or pass `prompt_embeds`.
+            prompt_2, prompt_3: Prompt(s) for the second CLIP and for T5 (default: `prompt`).
+            height, width: Image size in pixels, multiples of `vae_scale_factor * patch_size` (default: the
+                transformer's `sample_size * vae_scale_factor`).
+            num_inference_steps: Sampler steps (ignored with `sigmas`).
+            sigmas: Custom decreasing noise levels for the scheduler.
+            guidance_scale: Classifier-free guidance weight; `<= 1` disables guidance (one model call per step).
+            negative_prompt, negative_prompt_2, negative_prompt_3: What to guide away from (default `""`).
+            num_images_per_prompt: Images per prompt.
+            generator: A `torch.Generator`, or one per image (batch * num_images_per_prompt), for reproducibility.
+            latents: Initial noise [batch * num_images_per_prompt, C, height / f, width / f] instead of sampling.
+            prompt_embeds, pooled_prompt_embeds: Precomputed text conditioning (`encode_prompt`).
+            negative_prompt_embeds, negative_pooled_prompt_embeds: Precomputed negative text conditioning.
+            prompt_attention_mask, negative_prompt_attention_mask: Token masks of precomputed embeddings [B, L]
+                (1 real, 0 padding; ones when absent). Only models with `use_text_attention_mask` read them.
+            output_type: "pil", "np", "pt" or "latent" (normalised latents, not decoded).
+            return_dict: Return an `MMDiTPipelineOutput` rather than a tuple.
+            joint_attention_kwargs: Passed to the transformer; `{"scale": s}` scales the loaded LoRAs.
+            clip_skip: Take the CLIP states this many layers before the penultimate one.
+            callback_on_step_end: `f(pipe, step, timestep, callback_kwargs) -> dict` after every step; the returned
+                `latents`, `prompt_embeds`, `pooled_prompt_embeds` replace the pipeline's.
+            callback_on_step_end_tensor_inputs: Which of those tensors the callback receives.
+            max_sequence_length: T5 tokens (default 256, or fewer when the transformer's `txt_tokens` is smaller).
+            mu: Dynamic-shift parameter; computed from the image size when the scheduler shifts dynamically.
+
+        Examples:
+        """
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt, prompt_2, prompt_3, height, width,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            output_type=output_type,
+            generator=generator,
+            num_images_per_prompt=num_images_per_prompt,
+            latents=latents,
+        )
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._joint_attention_kwargs = joint_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+
+        # 1. Text conditioning; with guidance the batch is [negative; positive]
+        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+         prompt_attention_mask, negative_prompt_attention_mask) = self.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            prompt_3=prompt_3,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+            device=device,
+            clip_skip=clip_skip,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            return_attention_mask=True,
+        )
+        batch_size = prompt_embeds.shape[0]  # prompts x num_images_per_prompt
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
+            pooled_prompt_embeds = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds], dim=0)
+            prompt_attention_mask = torch.cat([negative_prompt_attention_mask, prompt_attention_mask], dim=0)
+        text_mask = prompt_attention_mask if self._uses_text_mask else None
+
+        # 2. Noise and timesteps
+        latents = self.prepare_latents(
+            batch_size,
+            self.transformer.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, latents, device)
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        self._num_timesteps = len(timesteps)
+
+        # 3. Denoising: one transformer call per step for both halves of the guidance batch
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                velocity = self.transformer(
+                    hidden_states=model_input,
+                    encoder_hidden_states=prompt_embeds,
+                    pooled_projections=pooled_prompt_embeds,
+                    timestep=t.expand(model_input.shape[0]),
+                    encoder_attention_mask=text_mask,
+                    joint_attention_kwargs=self.joint_attention_kwargs,
+                    return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    uncond, cond = velocity.chunk(2)
+                    velocity = uncond + self.guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    step_tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    pooled_prompt_embeds = outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 4. Images
+        image = latents if output_type == "latent" else self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return MMDiTPipelineOutput(images=image)
+
+
+def _as_list(prompt, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {prompt!r}.")
+    return prompts
+
+
+def _prompt_list(prompt, default: list[str], name: str) -> list[str]:
+    """`prompt_2` / `prompt_3`: `prompt` when not given, else one per prompt."""
+    if prompt is None:
+        return default
+    prompts = _as_list(prompt, name)
+    if len(prompts) != len(default):
+        raise ValueError(f"`{name}` has {len(prompts)} prompts but `prompt` has {len(default)}.")
+    return prompts
+
+
+def _negative_list(negative, batch_size: int, name: str, default: list[str] | None = None) -> list[str]:
+    """A negative prompt per prompt: a string is repeated; missing -> `default` or `""`."""
+    if negative is None:
+        return default if default is not None else [""] * batch_size
+    if isinstance(negative, str):
+        return [negative] * batch_size
+    negatives = _as_list(negative, name)
+    if len(negatives) != batch_size:
+        raise ValueError(f"`{name}` has {len(negatives)} prompts but the batch has {batch_size}.")
+    return negatives
+
+
+def _given(embeds, pooled, mask, device, name: str) -> TextConditioning:
+    """Precomputed embeddings; a missing mask is all ones (every token real)."""
+    if pooled is None:
+        raise ValueError(f"`{name}_embeds` needs `{'negative_' if name.startswith('negative') else ''}pooled_prompt_embeds` too.")
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+    return TextConditioning(embeds.to(device), pooled.to(device), mask.to(device=device, dtype=torch.long))

@@ -1,0 +1,297 @@
+"""Command line and YAML config of `mmdit_diffusers.train`.
+
+Argument names follow diffusers' example training scripts. A YAML file given with `--config` holds the
+same options by their names (`learning_rate: 1.0e-4`, `use_ema: true`, `validation_prompt: [a, b]`,
+`model_config: {preset: tiny, depth: 1}`); its values are read first and the command line is read after
+them, so the command line wins. Every problem is a `TrainingConfigError` naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any
+
+from .errors import TrainingConfigError
+from .flow_matching import WEIGHTING_SCHEMES
+
+DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out"
+DEFAULT_LORA_RANK = 16
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises `TrainingConfigError` instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise TrainingConfigError(message)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+def _shift(text: str) -> float | str:
+    if text == "scheduler":
+        return text
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'scheduler', got {text}")
+    return value
+
+
+_positive_int.__name__ = "positive int"
+_non_negative_int.__name__ = "non-negative int"
+_probability.__name__ = "probability"
+_shift.__name__ = "shift"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="mmdit-diffusers train",
+        description="Rectified-flow text-to-image training of an MMDiT pipeline (full fine-tune, LoRA, or "
+        "from scratch). Single process: `mmdit-diffusers train ...`; several GPUs or nodes: "
+        "`accelerate launch -m mmdit_diffusers.train ...` (see docs/training.md).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", default=None, help="YAML file of options (same names); the command line wins.")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="MMDiTPipeline folder or Hub id to start from (required).")
+    g.add_argument("--revision", default=None, help="Hub revision of the pretrained pipeline.")
+    g.add_argument("--variant", default=None, help="Weights variant of the pretrained pipeline (e.g. fp16).")
+    g.add_argument("--model_config", default=None,
+                   help="Train a new transformer from scratch instead of the pipeline's: a preset name "
+                   "(see mmdit_diffusers.PRESETS), a JSON object of config overrides (optionally with "
+                   "\"preset\": NAME as the base; otherwise the recommended defaults), or a .json file. "
+                   "img_dim/txt_dim/cond_dim/in_channels come from the pipeline's VAE and text encoders.")
+    g.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"Train LoRA adapters instead of all weights (rank {DEFAULT_LORA_RANK} unless --rank).")
+    g.add_argument("--rank", type=_positive_int, default=None,
+                   help="LoRA rank; giving it turns LoRA training on (same as --use_lora).")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1).")
+    g.add_argument("--lora_layers", default=DEFAULT_LORA_LAYERS,
+                   help="Comma-separated module names that get LoRA adapters.")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data_dir", default=None,
+                   help="Folder of images with metadata.jsonl (file_name + caption column), as the "
+                   "`datasets` imagefolder convention.")
+    g.add_argument("--dataset_name", default=None, help="A `datasets` dataset (needs `pip install datasets`).")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+    g.add_argument("--image_column", default="image",
+                   help="Image column of --dataset_name (a folder always uses metadata `file_name`).")
+    g.add_argument("--caption_column", default="text", help="Caption column (default: text).")
+    g.add_argument("--max_train_samples", type=_positive_int, default=None,
+                   help="Use only the first N examples.")
+    g.add_argument("--resolution", type=_positive_int, default=512,
+                   help="Square training size: resize the short side, then centre-crop.")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="Flip images horizontally with probability 1/2 (decided per epoch and example).")
+    g.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
+    g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
+                   help="Encode every image with the VAE once before training and keep the latent "
+                   "distribution (mean, logvar); a fresh latent is sampled from it at every step.")
+    g.add_argument("--vae_latent", choices=["sample", "mode"], default="sample",
+                   help="x_0 is a sample of the VAE's latent distribution at every step (diffusers' examples) or "
+                   "its mode (the mean: deterministic).")
+    g.add_argument("--cache_text_embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="Encode every caption once before training; the text encoders are then freed.")
+    g.add_argument("--max_sequence_length", type=_positive_int, default=None,
+                   help="T5 tokens per caption (the pipeline's encode_prompt; default: 256 or what the "
+                   "transformer's txt_tokens allows).")
+    g.add_argument("--caption_dropout_prob", type=_probability, default=0.0,
+                   help="Each text encoder independently sees an empty caption with this probability "
+                   "(the unconditional input of classifier-free guidance).")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
+                   help="Sigma sampling density / loss weighting (diffusers' "
+                   "compute_density_for_timestep_sampling and compute_loss_weighting_for_sd3).")
+    g.add_argument("--logit_mean", type=float, default=0.0)
+    g.add_argument("--logit_std", type=float, default=1.0)
+    g.add_argument("--mode_scale", type=float, default=1.29)
+    g.add_argument("--resolution_shift", type=_shift, default=1.0,
+                   help="Shift sampled sigmas: s' = shift*s / (1 + (shift-1)*s); 1 = none, 'scheduler' = the "
+                   "pipeline scheduler's `shift`.")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train_batch_size", type=_positive_int, default=4, help="Batch size per process.")
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--num_train_epochs", type=_positive_int, default=1,
+                   help="Used only when --max_train_steps is not given.")
+    g.add_argument("--max_train_steps", type=_positive_int, default=None, help="Optimizer steps in total.")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
+                   help="Multiply the learning rate by batch size x accumulation x processes.")
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                            "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=_non_negative_int, default=0)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 turns it off.")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Default: the accelerate config (or `accelerate launch --mixed_precision`).")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep an EMA of the weights (diffusers EMAModel); the exported model uses it.")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--seed", type=int, default=None,
+                   help="Seed of the data order, noise and init (default: random, stored in checkpoints).")
+
+    g = p.add_argument_group("checkpoints and output")
+    g.add_argument("--output_dir", default="mmdit-model")
+    g.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
+    g.add_argument("--checkpointing_steps", type=_positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=None,
+                   help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="A checkpoint folder, or 'latest' (the newest checkpoint-N in --output_dir; "
+                   "starts fresh if there is none).")
+    g.add_argument("--report_to", default="tensorboard",
+                   choices=["tensorboard", "wandb", "comet_ml", "all", "none"])
+    g.add_argument("--tracker_project_name", default="mmdit-train")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompt", nargs="+", default=None,
+                   help="One or more prompts rendered every --validation_steps and at the end.")
+    g.add_argument("--num_validation_images", type=_positive_int, default=4, help="Images per prompt.")
+    g.add_argument("--validation_steps", type=_positive_int, default=500)
+    g.add_argument("--validation_inference_steps", type=_positive_int, default=28)
+    g.add_argument("--validation_guidance_scale", type=float, default=5.0)
+
+    g = p.add_argument_group("hub")
+    g.add_argument("--push_to_hub", action=argparse.BooleanOptionalAction, default=False,
+                   help="Upload the final folder (token from `hf auth login` / HF_TOKEN; never printed).")
+    g.add_argument("--hub_model_id", default=None, help="Repository id (default: the output folder name).")
+    g.add_argument("--hub_private", action=argparse.BooleanOptionalAction, default=False)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML config -> argv tokens (so types, choices and flags are checked the same way)
+# ----------------------------------------------------------------------------------------------------------
+def _config_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise TrainingConfigError(f"--config {path!r}: no such file.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise TrainingConfigError(f"--config {path!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise TrainingConfigError(f"--config {path!r} must hold a mapping of option: value.")
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    tokens: list[str] = []
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest in ("config", "help"):
+            raise TrainingConfigError(f"--config {path!r}: unknown option {key!r}.")
+        action = actions[dest]
+        flag = f"--{dest}"
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise TrainingConfigError(f"--config {path!r}: {key} must be true or false, got {value!r}.")
+            tokens.append(flag if value else f"--no-{dest}")
+        elif isinstance(value, dict):
+            tokens += [flag, json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            if action.nargs not in ("+", "*"):
+                raise TrainingConfigError(f"--config {path!r}: {key} takes one value, got a list.")
+            tokens += [flag, *map(str, value)]
+        else:
+            tokens += [flag, str(value)]
+    return tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse (YAML config, then) the command line and check the combination."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    pre = _Parser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    tokens = _config_tokens(parser, known.config) if known.config else []
+    args = parser.parse_args(tokens + argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Consistency checks that need no files (those come in the loop, before any step)."""
+    if not args.pretrained_model_name_or_path:
+        raise TrainingConfigError(
+            "--pretrained_model_name_or_path is required: an MMDiTPipeline folder or Hub id (its VAE and text "
+            "encoders are used; add --model_config to train a new transformer from scratch)."
+        )
+    if bool(args.train_data_dir) == bool(args.dataset_name):
+        raise TrainingConfigError("give exactly one of --train_data_dir (a folder) or --dataset_name.")
+    if args.rank is not None:
+        args.use_lora = True
+    if args.use_lora and args.rank is None:
+        args.rank = DEFAULT_LORA_RANK
+    if args.use_lora and args.model_config:
+        raise TrainingConfigError("--model_config trains a new transformer from scratch; it cannot be combined "
+                                  "with LoRA (--use_lora / --rank).")
+    if args.lora_alpha is None and args.rank is not None:
+        args.lora_alpha = float(args.rank)
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+        raise TrainingConfigError(f"--learning_rate must be a positive number, got {args.learning_rate}.")
+    if args.max_grad_norm < 0:
+        raise TrainingConfigError(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
+    if args.logit_std <= 0:
+        raise TrainingConfigError(f"--logit_std must be positive, got {args.logit_std}.")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise TrainingConfigError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
+    if args.push_to_hub and args.hub_model_id is None:
+        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
+    if args.report_to == "none":
+        args.report_to = None
+    if isinstance(args.validation_prompt, list) and not args.validation_prompt:
+        args.validation_prompt = None
+
+
+def args_to_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as tracker hyper-parameters (scalars only)."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif value is None:
+            out[key] = "None"
+        else:
+            out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out

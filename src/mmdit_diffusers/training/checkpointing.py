@@ -1,0 +1,159 @@
+"""Atomic checkpoints: `accelerator.save_state` into a temporary folder, then one rename.
+
+    output_dir/.tmp-checkpoint-N   being written (every process writes its part; ignored by resume)
+    output_dir/checkpoint-N        complete: renamed from the temporary folder after `training_state.json`,
+                                   the last file, is written and everything is flushed to disk
+
+A process killed at any moment therefore leaves only complete `checkpoint-N` folders (plus perhaps a
+temporary one, removed at the next start). Rotation renames the old folder to `.deleting-checkpoint-N` before
+deleting it, so a kill during deletion cannot leave a half-deleted folder that looks complete.
+
+`training_state.json` holds the optimizer step, the micro-batch position of the data stream and the seed, which
+is all the loop needs besides what `load_state` restores (weights, optimizer, LR scheduler, gradient scaler,
+the accelerate step counter, RNG states and the registered objects: EMA and the training generator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from .errors import TrainingConfigError
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+DELETING_PREFIX = ".deleting-checkpoint-"
+STATE_FILE = "training_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if match and is_checkpoint(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`latest` -> the newest complete checkpoint in output_dir (None if there is none: a fresh start);
+    a path (or a `checkpoint-N` name inside output_dir) must be a complete checkpoint."""
+    if not value:
+        return None
+    if value == "latest":
+        return latest_checkpoint(output_dir)
+    candidates = [value] if os.path.isabs(value) else [value, os.path.join(output_dir, value)]
+    for path in candidates:
+        if is_checkpoint(path):
+            return os.path.abspath(path)
+    for path in candidates:
+        if os.path.isdir(path):
+            raise TrainingConfigError(
+                f"--resume_from_checkpoint {value!r}: {path} is not a complete checkpoint (no {STATE_FILE}); "
+                f"complete ones in {output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(output_dir)] or 'none'}."
+            )
+    raise TrainingConfigError(
+        f"--resume_from_checkpoint {value!r}: no such checkpoint (looked for {', '.join(candidates)}); use a "
+        f"checkpoint-N folder or 'latest'."
+    )
+
+
+def read_state(path: str) -> dict:
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainingConfigError(f"cannot read {os.path.join(path, STATE_FILE)}: {e}") from None
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    """Rename out of the `checkpoint-N` namespace first, then delete."""
+    parent, name = os.path.split(path)
+    doomed = os.path.join(parent, DELETING_PREFIX + name[len(PREFIX):])
+    if os.path.exists(doomed):
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_temporary(output_dir: str) -> None:
+    """Remove leftovers of an interrupted save or deletion (main process, at start)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith((TMP_PREFIX, DELETING_PREFIX)):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def rotate(output_dir: str, total_limit: int | None) -> list[str]:
+    """Keep the newest `total_limit` complete checkpoints; returns the removed paths."""
+    if not total_limit:
+        return []
+    found = list_checkpoints(output_dir)
+    removed = [path for _, path in found[: max(0, len(found) - total_limit)]]
+    for path in removed:
+        _remove(path)
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_limit: int | None = None) -> str:
+    """Save the full training state as `output_dir/checkpoint-{step}` atomically; all processes call this."""
+    tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
+    final = os.path.join(output_dir, f"{PREFIX}{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({**state, "global_step": step}, f, indent=2)
+        _fsync_tree(tmp)
+        if os.path.exists(final):
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        rotate(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,426 @@
+"""Training data: image-caption sources, the image transform, the resumable batch sampler and the caches.
+
+Sources
+    - A folder in the `datasets` "imagefolder" layout, read directly with PIL (no `datasets` needed):
+      `metadata.jsonl` with one `{"file_name": "a.png", "text": "a caption"}` per line (the caption column is
+      `--caption_column`, default "text"; `metadata.csv` with the same columns works too). Every image in the
+      folder must have a caption and every line an image; all images are checked to be readable up front.
+    - A dataset by name (`--dataset_name`) through `datasets`, imported only then.
+
+Transform
+    RGB, resize the short side to `resolution` (bicubic), centre-crop to a square, optional horizontal flip,
+    scale to [-1, 1] as [3, resolution, resolution] float32.
+
+Order (`ResumableBatchSampler`)
+    The examples form one endless stream of micro-batches. Epoch e is a permutation of the dataset drawn from
+    `torch.Generator().manual_seed(seed + e)` (and, with --random_flip, one flip bit per example from the same
+    generator); each epoch is cut into `len(dataset) // (batch_size * num_processes)` global batches (the rest is
+    dropped) and process r takes rows [r * batch_size, (r + 1) * batch_size) of each. Micro-batch m is therefore a
+    pure function of (seed, m): a run resumed after optimizer step s starts at m = s * gradient_accumulation_steps
+    and sees exactly the data an uninterrupted run would have seen.
+
+Caches
+    `--cache_latents`: every image (and its mirror image with --random_flip) goes through the VAE encoder once;
+    the cache holds the latent *distribution* parameters (mean and log-variance, `latent_dist.parameters`), and
+    each step draws a fresh latent from them (or takes the mean with `--vae_latent mode`), as without the cache. `--cache_text_embeddings`: every caption is
+    encoded once (see `text.PromptEncoder.cache`), after which the text encoders are freed. Both caches live in
+    memory for the run (each process encodes a share and they are exchanged), and are rebuilt on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import TrainingConfigError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------
+class ImageCaptionSource(Sequence):
+    """`len`, `caption(i)`, `image(i)` (a PIL image) and `describe(i)` (for error messages)."""
+
+    def caption(self, index: int) -> str:
+        raise NotImplementedError
+
+    def image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"example {index}"
+
+    def __getitem__(self, index):
+        return self.image(index), self.caption(index)
+
+
+@dataclass
+class FolderSource(ImageCaptionSource):
+    root: str
+    files: list[str]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
+    def image(self, index: int) -> Image.Image:
+        path = os.path.join(self.root, self.files[index])
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+        except Exception as e:  # PIL raises several types
+            raise TrainingConfigError(f"unreadable image {path}: {e}") from None
+
+    def describe(self, index: int) -> str:
+        return os.path.join(self.root, self.files[index])
+
+    def verify(self) -> None:
+        """Open every image and check it (PIL `verify`); the first bad one is an error naming it."""
+        for index in range(len(self)):
+            path = self.describe(index)
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+            except Exception as e:
+                raise TrainingConfigError(f"unreadable image {path}: {e}") from None
+
+
+def _caption_text(value, where: str, column: str) -> str:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return value[0]  # several captions: the first one
+    if not isinstance(value, str):
+        raise TrainingConfigError(f"{where}: caption column {column!r} must hold text, got {value!r}.")
+    return value
+
+
+def _read_metadata(root: str) -> tuple[str, list[dict]]:
+    jsonl, csv_path = os.path.join(root, "metadata.jsonl"), os.path.join(root, "metadata.csv")
+    if os.path.isfile(jsonl):
+        rows = []
+        with open(jsonl, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TrainingConfigError(f"{jsonl} line {line_no} is not valid JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise TrainingConfigError(f"{jsonl} line {line_no} must be a JSON object.")
+                rows.append(row)
+        return jsonl, rows
+    if os.path.isfile(csv_path):
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            return csv_path, list(csv.DictReader(f))
+    return "", []
+
+
+def _list_images(root: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    return out
+
+
+def load_image_folder(root: str, caption_column: str = "text", max_samples: int | None = None,
+                      verify: bool = True) -> FolderSource:
+    """Read an imagefolder-style folder; every problem is a `TrainingConfigError` naming the file."""
+    if not os.path.isdir(root):
+        raise TrainingConfigError(f"--train_data_dir {root!r}: no such folder.")
+    images = _list_images(root)
+    meta_path, rows = _read_metadata(root)
+    if not meta_path:
+        hint = f"{len(images)} image(s) without captions" if images else "no images"
+        raise TrainingConfigError(
+            f"--train_data_dir {root!r} has no metadata.jsonl ({hint}). Write one JSON line per image: "
+            f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}.'
+        )
+    if not rows:
+        raise TrainingConfigError(f"{meta_path} lists no images.")
+    files, captions = [], []
+    for line_no, row in enumerate(rows, 1):
+        if "file_name" not in row:
+            raise TrainingConfigError(f"{meta_path} entry {line_no} has no 'file_name'.")
+        if caption_column not in row:
+            raise TrainingConfigError(
+                f"caption column {caption_column!r} not found in {meta_path} (entry {line_no} has columns "
+                f"{', '.join(map(repr, row))}); set --caption_column."
+            )
+        name = str(row["file_name"]).replace("\\", "/")
+        if not os.path.isfile(os.path.join(root, name)):
+            raise TrainingConfigError(f"{meta_path} entry {line_no}: image {os.path.join(root, name)} does not exist.")
+        files.append(os.path.normpath(name).replace(os.sep, "/"))
+        captions.append(_caption_text(row[caption_column], f"{meta_path} entry {line_no}", caption_column))
+    missing = sorted(set(images) - set(files))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise TrainingConfigError(f"images without captions in {root}: {shown}; add them to {meta_path}.")
+    if max_samples is not None:
+        files, captions = files[:max_samples], captions[:max_samples]
+    source = FolderSource(root, files, captions)
+    if verify:
+        source.verify()
+    return source
+
+
+class HubDatasetSource(ImageCaptionSource):
+    def __init__(self, dataset, image_column: str, caption_column: str, name: str):
+        self.dataset, self.image_column, self.caption_column, self.name = dataset, image_column, caption_column, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def caption(self, index: int) -> str:
+        return _caption_text(self.dataset[index][self.caption_column], self.describe(index), self.caption_column)
+
+    def image(self, index: int) -> Image.Image:
+        value = self.dataset[index][self.image_column]
+        try:
+            if isinstance(value, Image.Image):
+                return value
+            if isinstance(value, dict) and value.get("bytes") is not None:
+                import io
+
+                return Image.open(io.BytesIO(value["bytes"]))
+            if isinstance(value, dict) and value.get("path"):
+                return Image.open(value["path"])
+            if isinstance(value, str):
+                return Image.open(value)
+        except Exception as e:
+            raise TrainingConfigError(f"unreadable image in {self.describe(index)}: {e}") from None
+        raise TrainingConfigError(f"{self.describe(index)}: column {self.image_column!r} holds no image ({type(value).__name__}).")
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} row {index}"
+
+
+def load_hub_dataset(name: str, config_name: str | None, split: str, image_column: str, caption_column: str,
+                     cache_dir: str | None = None, max_samples: int | None = None) -> HubDatasetSource:
+    try:
+        import datasets
+    except ImportError:
+        raise TrainingConfigError(
+            f"--dataset_name {name!r} needs the `datasets` package: pip install datasets "
+            "(or use --train_data_dir with a folder of images and metadata.jsonl)."
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
+    except Exception as e:
+        raise TrainingConfigError(f"could not load dataset {name!r} (split {split!r}): {e}") from None
+    for option, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in ds.column_names:
+            raise TrainingConfigError(
+                f"{option} {column!r} not found in dataset {name!r}; its columns are {', '.join(ds.column_names)}."
+            )
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    if len(ds) == 0:
+        raise TrainingConfigError(f"dataset {name!r} split {split!r} is empty.")
+    return HubDatasetSource(ds, image_column, caption_column, name)
+
+
+def load_source(args) -> ImageCaptionSource:
+    if args.train_data_dir:
+        return load_image_folder(args.train_data_dir, args.caption_column, args.max_train_samples)
+    return load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_split, args.image_column,
+                            args.caption_column, args.cache_dir, args.max_train_samples)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transform
+# ----------------------------------------------------------------------------------------------------------
+def image_to_tensor(image: Image.Image, resolution: int, flip: bool = False) -> torch.Tensor:
+    """RGB, short side -> `resolution` (bicubic), centre crop, optional mirror; [3, R, R] in [-1, 1]."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset and deterministic, resumable order
+# ----------------------------------------------------------------------------------------------------------
+class TrainDataset(torch.utils.data.Dataset):
+    """Items are keyed by `(index, flip)` (the sampler's keys). Each item holds `index`, `flip`, and either
+    `pixel_values` or, with a latent cache, `latent_params`; and either `caption` or, with a text cache,
+    the cache's tensors (see `text.PromptEncoder`)."""
+
+    def __init__(self, source: ImageCaptionSource, resolution: int, latent_cache: dict | None = None,
+                 text_cache: dict | None = None):
+        self.source, self.resolution = source, resolution
+        self.latent_cache, self.text_cache = latent_cache, text_cache
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        item = {"index": index, "flip": flip}
+        if self.latent_cache is not None:
+            item["latent_params"] = self.latent_cache["flipped" if flip else "plain"][index]
+        else:
+            item["pixel_values"] = image_to_tensor(self.source.image(index), self.resolution, flip)
+        if self.text_cache is not None:
+            for name, values in self.text_cache.items():
+                item[name] = values[index]
+        else:
+            item["caption"] = self.source.caption(index)
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    out = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Endless micro-batches of `(index, flip)` keys for one process, starting at micro-batch `start`.
+
+    Micro-batch m of process r: epoch e, batch j = divmod(m, batches_per_epoch); the epoch's permutation
+    (and flips) come from `torch.Generator().manual_seed(seed + e)`; rows [j*G + r*B, j*G + (r+1)*B) with
+    G = B * num_processes. Nothing depends on state outside (seed, m), so resuming is exact.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, num_processes: int = 1,
+                 process_index: int = 0, random_flip: bool = False, start: int = 0):
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.random_flip, self.start = random_flip, start
+        self.global_batch = batch_size * num_processes
+        self.batches_per_epoch = num_examples // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise TrainingConfigError(
+                f"the dataset has {num_examples} example(s), fewer than one global batch (train_batch_size "
+                f"{batch_size} x {num_processes} process(es) = {self.global_batch}); lower --train_batch_size."
+            )
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(int(self.seed) + epoch)
+        perm = torch.randperm(self.num_examples, generator=g)
+        flips = torch.rand(self.num_examples, generator=g) < 0.5
+        if not self.random_flip:
+            flips = torch.zeros_like(flips)
+        return perm, flips
+
+    def batch(self, micro_batch: int) -> list[tuple[int, bool]]:
+        epoch, j = divmod(micro_batch, self.batches_per_epoch)
+        perm, flips = self.epoch_order(epoch)
+        lo = j * self.global_batch + self.process_index * self.batch_size
+        rows = perm[lo: lo + self.batch_size]
+        return [(int(i), bool(flips[i])) for i in rows]
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        m = self.start
+        cached_epoch, perm, flips = None, None, None
+        while True:
+            epoch, j = divmod(m, self.batches_per_epoch)
+            if epoch != cached_epoch:
+                perm, flips = self.epoch_order(epoch)
+                cached_epoch = epoch
+            lo = j * self.global_batch + self.process_index * self.batch_size
+            yield [(int(i), bool(flips[i])) for i in perm[lo: lo + self.batch_size]]
+            m += 1
+
+
+def make_dataloader(dataset: TrainDataset, sampler: ResumableBatchSampler, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latent cache and latent sampling
+# ----------------------------------------------------------------------------------------------------------
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
+    """(z - shift_factor) * scaling_factor, as the pipeline's inverse before decoding."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_latent_params(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+    """VAE encoder output as distribution parameters [B, 2C, h, w] (mean, logvar); a deterministic encoder
+    (no `latent_dist`) gives [B, C, h, w] latents, which `sample_latents` then uses as they are."""
+    out = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype))
+    dist = getattr(out, "latent_dist", None)
+    if dist is not None:
+        return dist.parameters
+    return out.latents if hasattr(out, "latents") else out[0]
+
+
+def sample_latents(params: torch.Tensor, vae, randn, mode: bool = False) -> torch.Tensor:
+    """Draw z ~ N(mean, exp(logvar)) (as `DiagonalGaussianDistribution.sample`, epsilon from `randn(shape)`), or
+    take the mean with `mode=True`, and normalise it; params with as many channels as the VAE's latents are taken
+    as the latents themselves."""
+    params = params.float()
+    channels = vae.config.latent_channels
+    if params.shape[1] == 2 * channels:
+        mean, logvar = params.chunk(2, dim=1)
+        if mode:
+            z = mean
+        else:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            z = mean + std * randn(mean.shape).to(mean.device)
+    else:
+        z = params
+    return normalize_latents(z, vae)
+
+
+@torch.no_grad()
+def build_latent_cache(source: ImageCaptionSource, vae, resolution: int, random_flip: bool, accelerator,
+                       batch_size: int = 8) -> dict:
+    """{"plain": [N, ...], "flipped": [N, ...] or None} on CPU; each process encodes every
+    num_processes-th image, then the shares are exchanged."""
+    from accelerate.utils import gather_object
+
+    n, world, rank = len(source), accelerator.num_processes, accelerator.process_index
+    mine = list(range(rank, n, world))
+    variants = [False, True] if random_flip else [False]
+    results: list[tuple[int, bool, torch.Tensor]] = []
+    for flip in variants:
+        for lo in range(0, len(mine), batch_size):
+            idx = mine[lo: lo + batch_size]
+            pixels = torch.stack([image_to_tensor(source.image(i), resolution, flip) for i in idx])
+            params = encode_latent_params(vae, pixels).float().cpu()
+            results += [(i, flip, params[k]) for k, i in enumerate(idx)]
+    if world > 1:
+        results = gather_object(results)
+    cache = {"plain": [None] * n, "flipped": [None] * n if random_flip else None}
+    for i, flip, params in results:
+        cache["flipped" if flip else "plain"][i] = params
+    return {key: (torch.stack(value) if value is not None else None) for key, value in cache.items()}

@@ -1,0 +1,628 @@
+"""The accelerate training loop.
+
+Order of work (every check that can fail comes before the first step):
+    1. resume path, data source (folder / dataset checks, every image opened), then the Accelerator;
+    2. the starting pipeline; the transformer (the pipeline's, or new from `--model_config`); resolution and text
+       length checks; LoRA adapters; precision; gradient checkpointing;
+    3. caches (latents, text embeddings), dataset and the resumable sampler;
+    4. AdamW + LR schedule, `accelerator.prepare`, EMA and the training generator registered for checkpointing,
+       `load_state` when resuming;
+    5. steps: accumulate -> loss -> finite check -> backward -> clip -> optimizer/scheduler step; on each
+       optimizer step: EMA, logs, checkpoint every `--checkpointing_steps`, validation every `--validation_steps`;
+    6. export (pipeline folder or LoRA weights), final validation grid, model card, Hub push.
+
+Randomness: everything random in a step (the VAE latent sample, the noise, sigma, caption dropout) comes from
+one `torch.Generator` (`TrainingRNG`) drawn for the *global* batch on every process, each process keeping its
+rows. All processes therefore hold the same generator state, the checkpoint stores it, and a resumed run draws
+exactly what an uninterrupted run would have drawn. The data order is a pure function of (seed, micro-batch)
+(`data.ResumableBatchSampler`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from argparse import Namespace
+
+import torch
+
+from . import checkpointing, data
+from .errors import TrainingConfigError, TrainingDivergedError
+from .flow_matching import (
+    flow_matching_loss,
+    loss_weighting,
+    noisy_latents,
+    sample_sigmas,
+    sigmas_to_timesteps,
+    velocity_target,
+)
+from .text import PromptEncoder
+
+logger = logging.getLogger("mmdit_diffusers.train")
+
+
+class TrainingRNG:
+    """The step's generator. Draws are made for the global batch (`num_processes * batch` rows) and each
+    process keeps rows [rank * batch, (rank + 1) * batch), so the state is the same everywhere."""
+
+    def __init__(self, seed: int, device, num_processes: int = 1, process_index: int = 0):
+        self.generator = torch.Generator(device=device).manual_seed(int(seed))
+        self.device = torch.device(device)
+        self.num_processes, self.process_index = num_processes, process_index
+
+    def _rows(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        return x[self.process_index * batch: (self.process_index + 1) * batch]
+
+    def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
+        batch = shape[0]
+        full = torch.randn((self.num_processes * batch, *shape[1:]), generator=self.generator, device=self.device, dtype=dtype)
+        return self._rows(full, batch)
+
+    def rand(self, shape) -> torch.Tensor:
+        batch = shape[0]
+        full = torch.rand((self.num_processes * batch, *shape[1:]), generator=self.generator, device=self.device)
+        return self._rows(full, batch)
+
+    def sigmas(self, batch: int, args, shift: float) -> torch.Tensor:
+        full = sample_sigmas(self.num_processes * batch, args.weighting_scheme, args.logit_mean, args.logit_std,
+                             args.mode_scale, shift, generator=self.generator, device=self.device)
+        return self._rows(full, batch)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model set-up
+# ----------------------------------------------------------------------------------------------------------
+def _pipeline_cls():
+    try:
+        from ..pipelines import MMDiTPipeline
+    except ImportError as e:  # pragma: no cover - the pipeline ships with the package
+        raise TrainingConfigError(f"MMDiTPipeline is not available: {e}") from None
+    return MMDiTPipeline
+
+
+def load_pipeline(args):
+    """The starting pipeline (its transformer is skipped when --model_config builds a new one)."""
+    path = args.pretrained_model_name_or_path
+    if os.path.sep in path or path.startswith("."):
+        if not os.path.isdir(path):
+            raise TrainingConfigError(f"--pretrained_model_name_or_path {path!r}: no such folder.")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise TrainingConfigError(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder (no model_index.json).")
+    kwargs = {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}
+    if args.model_config:
+        kwargs["transformer"] = None
+    try:
+        pipe = _pipeline_cls().from_pretrained(path, **kwargs)
+    except TrainingConfigError:
+        raise
+    except Exception as e:
+        raise TrainingConfigError(f"could not load the pipeline {path!r}: {type(e).__name__}: {e}") from None
+    if pipe.vae is None:
+        raise TrainingConfigError(f"the pipeline {path!r} has no VAE.")
+    return pipe
+
+
+def parse_model_config(value: str) -> tuple[str | None, dict]:
+    """A preset name, a JSON object (optionally with "preset"), or a .json file -> (preset, overrides)."""
+    from ..models.presets import PRESETS
+
+    text = value.strip()
+    if text in PRESETS:
+        return text, {}
+    if text.endswith(".json") and os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError:
+        raise TrainingConfigError(
+            f"--model_config {value!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON object / .json file."
+        ) from None
+    if not isinstance(overrides, dict):
+        raise TrainingConfigError(f"--model_config must be a JSON object, got {type(overrides).__name__}.")
+    preset = overrides.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise TrainingConfigError(f"--model_config preset {preset!r} is unknown; expected one of {sorted(PRESETS)}.")
+    return preset, overrides
+
+
+def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_side: int):
+    """A new transformer from --model_config; I/O sizes from the VAE and the encoded text."""
+    from ..models.transformer_mmdit import MMDiTTransformer2DModel
+
+    preset, overrides = parse_model_config(args.model_config)
+    config = MMDiTTransformer2DModel.recommended_defaults() if preset is None else {}
+    if preset is not None:
+        from ..models.presets import PRESETS
+
+        config.update(PRESETS[preset])
+    config.update(overrides)
+    seq_len, txt_dim, cond_dim = text_shape
+    patch = int(config.get("patch_size", 2))
+    channels = int(vae.config.latent_channels)
+    io = dict(in_channels=channels, img_dim=channels * patch * patch, txt_dim=txt_dim, cond_dim=cond_dim)
+    for key, value in io.items():
+        if key in overrides and overrides[key] != value:
+            raise TrainingConfigError(
+                f"--model_config sets {key}={overrides[key]}, but the pipeline's "
+                f"{'VAE' if key in ('in_channels', 'img_dim') else 'text encoders'} give {value}."
+            )
+    config.update(io)
+    config.pop("out_channels", None)
+    grid = max(1, latent_side // patch)
+    config.setdefault("use_text_attention_mask", True)
+    if "img_tokens" not in overrides:
+        config["img_tokens"] = grid * grid
+    if "txt_tokens" not in overrides:
+        config["txt_tokens"] = max(int(config.get("txt_tokens", 0)), seq_len)
+    if "sample_size" not in overrides:
+        config["sample_size"] = latent_side
+    if "pos_embed_max_size" not in overrides:
+        config["pos_embed_max_size"] = max(int(config.get("pos_embed_max_size") or 0), grid)
+    try:
+        return MMDiTTransformer2DModel(**config)
+    except (TypeError, ValueError) as e:
+        raise TrainingConfigError(f"--model_config: {e}") from None
+
+
+def check_resolution(resolution: int, vae, transformer) -> int:
+    """Resolution must give a whole number of patches and fit the position grid; returns the latent side."""
+    scale = data.vae_scale_factor(vae)
+    patch = transformer.config.patch_size
+    if resolution % (scale * patch):
+        raise TrainingConfigError(
+            f"--resolution {resolution} is not divisible by the VAE scale factor x patch size = {scale} x {patch} = "
+            f"{scale * patch}; try {max(scale * patch, resolution // (scale * patch) * scale * patch)}."
+        )
+    side = resolution // scale
+    limit = transformer.pos_grid_size * patch
+    if side > limit:
+        raise TrainingConfigError(
+            f"--resolution {resolution} gives {side}x{side} latents, larger than the transformer's position grid "
+            f"({transformer.pos_grid_size} patches of {patch} = {limit} latent pixels, {limit * scale} image pixels)."
+        )
+    return side
+
+
+def check_text(transformer, text_shape) -> None:
+    seq_len, txt_dim, cond_dim = text_shape
+    cfg = transformer.config
+    if txt_dim != cfg.txt_dim:
+        raise TrainingConfigError(f"the text encoders give {txt_dim}-wide tokens; the transformer expects txt_dim={cfg.txt_dim}.")
+    if cond_dim != (cfg.cond_dim or cfg.hidden_size):
+        raise TrainingConfigError(
+            f"the pooled text is {cond_dim} wide; the transformer expects cond_dim={cfg.cond_dim or cfg.hidden_size}."
+        )
+    if seq_len > cfg.txt_tokens:
+        raise TrainingConfigError(
+            f"captions encode to {seq_len} text tokens, more than the transformer's txt_tokens={cfg.txt_tokens}; "
+            f"lower --max_sequence_length."
+        )
+
+
+def add_lora(transformer, args) -> None:
+    from peft import LoraConfig
+
+    targets = [t.strip() for t in args.lora_layers.split(",") if t.strip()]
+    names = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()}
+    unknown = [t for t in targets if t not in names]
+    if unknown or not targets:
+        raise TrainingConfigError(f"--lora_layers {unknown or targets} match no module of the transformer.")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+def _resolve_seed(args, resume_state, accelerator) -> int:
+    from accelerate.utils import broadcast_object_list
+
+    if args.seed is not None:
+        if resume_state and resume_state.get("seed") not in (None, args.seed):
+            logger.warning(f"--seed {args.seed} differs from the checkpoint's seed {resume_state['seed']}; the data "
+                           "order after resuming will differ from the original run.")
+        return int(args.seed)
+    if resume_state and resume_state.get("seed") is not None:
+        return int(resume_state["seed"])
+    seed = [random.SystemRandom().randrange(2**31)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed)
+    return int(seed[0])
+
+
+@contextlib.contextmanager
+def _quiet_logging(is_local_main: bool):
+    """Training-time log levels (ours INFO on the local main process; libraries WARNING, no loading bars),
+    restored afterwards so an in-process run leaves the caller's logging as it was."""
+    import diffusers
+    import transformers
+
+    d_log, t_log = diffusers.utils.logging, transformers.utils.logging
+    saved = (d_log.get_verbosity(), t_log.get_verbosity(), d_log.is_progress_bar_enabled(),
+             t_log.is_progress_bar_enabled(), logger.level, logging.getLogger("accelerate").level)
+    added_handler = None
+    if not logger.handlers and not logging.getLogger().handlers:
+        added_handler = logging.StreamHandler()
+        added_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(added_handler)
+    verbose = bool(os.environ.get("MMDIT_TRAIN_VERBOSE"))
+    logging.getLogger("accelerate").setLevel(logging.INFO if verbose and is_local_main else logging.WARNING)
+    logger.setLevel(logging.INFO if is_local_main else logging.ERROR)
+    d_log.set_verbosity(d_log.INFO if verbose and is_local_main else d_log.ERROR)
+    t_log.set_verbosity(t_log.WARNING if is_local_main else t_log.ERROR)
+    d_log.disable_progress_bar()
+    t_log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        d_log.set_verbosity(saved[0])
+        t_log.set_verbosity(saved[1])
+        (d_log.enable_progress_bar if saved[2] else d_log.disable_progress_bar)()
+        (t_log.enable_progress_bar if saved[3] else t_log.disable_progress_bar)()
+        logger.setLevel(saved[4])
+        logging.getLogger("accelerate").setLevel(saved[5])
+        if added_handler is not None:
+            logger.removeHandler(added_handler)
+
+
+def _to(module, device, dtype=None):
+    """Move (and cast only when needed: diffusers warns about casts to the same dtype)."""
+    current = next(module.parameters(), None)
+    if dtype is None or current is None or current.dtype == dtype:
+        return module.to(device)
+    return module.to(device, dtype=dtype)
+
+
+def train(args: Namespace) -> dict:
+    """Run the training described by `args` (from `args.parse_args`). Returns a summary dict."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    output_dir = os.path.abspath(args.output_dir)
+
+    # 1. cheap checks --------------------------------------------------------------------------------------
+    resume_path = checkpointing.resolve_resume(args.resume_from_checkpoint, output_dir)
+    resume_state = checkpointing.read_state(resume_path) if resume_path else None
+    source = data.load_source(args)
+
+    ddp_kwargs = DistributedDataParallelKwargs()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, args.logging_dir)),
+        kwargs_handlers=[ddp_kwargs],
+    )
+    with _quiet_logging(accelerator.is_local_main_process):
+        return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source)
+
+
+def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source) -> dict:
+    from accelerate.utils import DistributedType
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    seed = _resolve_seed(args, resume_state, accelerator)
+    args.seed = seed
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        checkpointing.clean_temporary(output_dir)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        logger.info(f"No checkpoint in {output_dir}; starting a new run.")
+
+    # 2. models ---------------------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        pipe = load_pipeline(args)
+    vae = pipe.vae
+    prompt_encoder = PromptEncoder(pipe, args.max_sequence_length, device=device)
+    text_shape = prompt_encoder.probe_shape(source.caption(0))
+
+    torch.manual_seed(seed)  # initialisation of a new transformer / LoRA weights
+    if args.model_config:
+        latent_side = args.resolution // data.vae_scale_factor(vae)
+        transformer = build_new_transformer(args, vae, text_shape, latent_side)
+        pipe.transformer = transformer
+    else:
+        transformer = pipe.transformer
+        if transformer is None:
+            raise TrainingConfigError(f"{args.pretrained_model_name_or_path!r} has no transformer; pass --model_config "
+                                      "to train one from scratch.")
+    latent_side = check_resolution(args.resolution, vae, transformer)
+    check_text(transformer, text_shape)
+    use_mask = bool(getattr(transformer.config, "use_text_attention_mask", False))
+    prompt_encoder.use_mask = use_mask
+    prompt_encoder.resolve_length()
+    ddp_kwargs.find_unused_parameters = not transformer.config.txt_pre_only_last_block
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.requires_grad_(False)
+    _to(vae, device, torch.float32)  # the VAE stays in float32 (cheap; fp16 VAEs overflow)
+    prompt_encoder.prepare(device, weight_dtype)
+    if args.use_lora:
+        add_lora(transformer, args)
+        _to(transformer, device, weight_dtype)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        transformer.requires_grad_(True)
+        _to(transformer, device, torch.float32)
+    transformer.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+
+    # 3. caches and data -----------------------------------------------------------------------------------
+    latent_cache = text_cache = None
+    validation_embeddings = None
+    if args.cache_latents:
+        logger.info(f"Caching VAE latent distributions of {len(source)} images"
+                    f"{' (and their mirror images)' if args.random_flip else ''}.")
+        latent_cache = data.build_latent_cache(source, vae, args.resolution, args.random_flip, accelerator)
+        if not args.validation_prompt:
+            vae.to("cpu")
+    if args.cache_text_embeddings:
+        logger.info(f"Caching text embeddings of {len(source)} captions.")
+        text_cache = prompt_encoder.build_cache([source.caption(i) for i in range(len(source))], accelerator)
+        if args.validation_prompt:
+            validation_embeddings = prompt_encoder.pipeline_kwargs(args.validation_prompt)
+        prompt_encoder.free()
+    dataset = data.TrainDataset(source, args.resolution, latent_cache, text_cache)
+    sampler = data.ResumableBatchSampler(len(source), args.train_batch_size, seed, world, rank, args.random_flip)
+    micro_per_epoch = sampler.batches_per_epoch
+    max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * micro_per_epoch / args.gradient_accumulation_steps)
+
+    # 4. optimizer, schedule, prepare, resume -------------------------------------------------------------
+    lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=max_train_steps * world,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    model = accelerator.unwrap_model(transformer)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        params = [p for p in transformer.parameters() if p.requires_grad]
+
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(params, decay=args.ema_decay, model_cls=type(model), model_config=model.config)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    rng = TrainingRNG(seed, device, world, rank)
+    accelerator.register_for_checkpointing(rng)
+    if args.use_lora and not fsdp:
+        _register_lora_state_hooks(accelerator)
+
+    global_step = 0
+    if resume_path:
+        logger.info(f"Resuming from {resume_path}.")
+        try:
+            accelerator.load_state(resume_path)
+        except Exception as e:
+            raise TrainingConfigError(
+                f"checkpoint {resume_path} does not match this run ({type(e).__name__}: {e}); resume with the same "
+                "model, LoRA and EMA options it was saved with."
+            ) from None
+        global_step = int(resume_state["global_step"])
+        if ema is not None:
+            ema.to(device)
+        saved = (resume_state.get("train_batch_size"), resume_state.get("num_processes"),
+                 resume_state.get("gradient_accumulation_steps"))
+        if saved != (args.train_batch_size, world, args.gradient_accumulation_steps):
+            logger.warning(f"batch geometry changed since the checkpoint ({saved} -> {(args.train_batch_size, world, args.gradient_accumulation_steps)}); "
+                           "the data position is approximate.")
+    sampler.start = global_step * args.gradient_accumulation_steps
+
+    if accelerator.is_main_process and args.report_to:
+        from .args import args_to_config
+
+        accelerator.init_trackers(args.tracker_project_name, config=args_to_config(args))
+
+    shift = args.resolution_shift
+    if shift == "scheduler":
+        shift = float(getattr(pipe.scheduler.config, "shift", 1.0))
+    vae_cpu_offloaded = args.cache_latents and not args.validation_prompt
+
+    def state_for_checkpoint() -> dict:
+        return {"seed": seed, "micro_batch": global_step * args.gradient_accumulation_steps,
+                "train_batch_size": args.train_batch_size, "num_processes": world,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "max_train_steps": max_train_steps, "use_lora": bool(args.use_lora), "use_ema": bool(args.use_ema)}
+
+    def validate(name: str, step: int) -> str | None:
+        if not args.validation_prompt:
+            return None
+        if not (accelerator.is_main_process or fsdp):
+            return None
+        from .validation import generate_rows, log_grid, make_grid, save_grid
+
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        was_training = model.training
+        model.eval()
+        pipe.transformer = transformer if fsdp else model
+        try:
+            rows = generate_rows(pipe, args.validation_prompt, args.num_validation_images, args.resolution,
+                                 args.validation_inference_steps, args.validation_guidance_scale, seed, device,
+                                 validation_embeddings, prompt_encoder.max_sequence_length)
+        finally:
+            model.train(was_training)
+            if ema is not None:
+                ema.restore(params)
+        if not accelerator.is_main_process:
+            return None
+        grid = make_grid(rows)
+        path = save_grid(grid, output_dir, name)
+        log_grid(accelerator, grid, step, args.validation_prompt)
+        logger.info(f"Validation images: {path}")
+        return path
+
+    # 5. steps ----------------------------------------------------------------------------------------------
+    logger.info(f"{len(source)} examples, {micro_per_epoch} micro-batches per epoch, batch {args.train_batch_size} x "
+                f"{args.gradient_accumulation_steps} accumulation x {world} processes; {max_train_steps} steps "
+                f"({'LoRA rank %d' % args.rank if args.use_lora else 'full'}), starting at step {global_step}.")
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    last_checkpoint = checkpointing.latest_checkpoint(output_dir)
+    step_losses: list[float] = []
+    losses: list[float] = []
+    step_started = time.perf_counter()
+    if global_step < max_train_steps:
+        loader = data.make_dataloader(dataset, sampler, args.dataloader_num_workers)
+        for batch in loader:
+            with accelerator.accumulate(transformer):
+                loss = _compute_loss(batch, transformer, vae, prompt_encoder, rng, args, shift, use_mask, device)
+                reduced = accelerator.reduce(loss.detach().float(), reduction="mean")
+                if not torch.isfinite(reduced):
+                    raise TrainingDivergedError(
+                        f"the loss is {reduced.item()} at step {global_step + 1} (of {max_train_steps}); training "
+                        f"stopped before the update. The last good checkpoint is "
+                        f"{last_checkpoint or 'none (none was saved yet)'}. Lower --learning_rate or check the data, "
+                        "then resume with --resume_from_checkpoint latest."
+                    )
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    if grad_norm is not None and accelerator.mixed_precision != "fp16" and not torch.isfinite(
+                            torch.as_tensor(grad_norm)):
+                        raise TrainingDivergedError(
+                            f"the gradient norm is {float(grad_norm)} at step {global_step + 1}; training stopped before "
+                            f"the update. The last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}."
+                        )
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_losses.append(reduced.item())
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(params)
+            step_loss = sum(step_losses) / len(step_losses)
+            step_losses.clear()
+            losses.append(step_loss)
+            now = time.perf_counter()
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_s": 1.0 / max(now - step_started, 1e-9)}
+            step_started = now
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                last_checkpoint = checkpointing.save_checkpoint(
+                    accelerator, output_dir, global_step, state_for_checkpoint(), args.checkpoints_total_limit)
+                logger.info(f"Saved {last_checkpoint}")
+            if args.validation_prompt and global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                validate(f"step-{global_step:06d}", global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+
+    # 6. export ---------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    summary = {"global_step": global_step, "max_train_steps": max_train_steps, "losses": losses,
+               "output_dir": output_dir, "seed": seed}
+    final_grid = validate("final", global_step)
+    if accelerator.is_main_process:
+        from . import export
+
+        if ema is not None:
+            ema.copy_to(params)
+        if vae_cpu_offloaded:
+            vae.to(device)
+        if args.use_lora:
+            summary["lora_weights"] = export.save_lora(model, output_dir)
+        else:
+            export.save_full_pipeline(args, model, output_dir)
+        export.write_model_card(args, output_dir, global_step, len(source), world, final_grid)
+        with open(os.path.join(output_dir, "training_summary.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in summary.items() if k != "losses"} | {"final_loss": losses[-1] if losses else None}, f, indent=2)
+        if args.push_to_hub:
+            summary["hub_repo_id"] = export.push_to_hub(args, output_dir)
+            logger.info(f"Pushed {output_dir} to the Hub as {summary['hub_repo_id']}.")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, args, shift, use_mask, device):
+    with torch.no_grad():
+        if "latent_params" in batch:
+            params = batch["latent_params"].to(device)
+        else:
+            params = data.encode_latent_params(vae, batch["pixel_values"].to(device))
+        x0 = data.sample_latents(params, vae, rng.randn, mode=args.vae_latent == "mode")
+        bsz = x0.shape[0]
+        noise = rng.randn(x0.shape)
+        sigmas = rng.sigmas(bsz, args, shift)
+        drop = None
+        if args.caption_dropout_prob > 0:
+            drop = rng.rand((bsz, prompt_encoder.num_encoders)) < args.caption_dropout_prob
+        text = prompt_encoder.from_batch(batch, drop)
+        x_t = noisy_latents(x0, noise, sigmas)
+        target = velocity_target(x0, noise)
+    pred = transformer(
+        hidden_states=x_t,
+        encoder_hidden_states=text.embeds,
+        pooled_projections=text.pooled,
+        timestep=sigmas_to_timesteps(sigmas),
+        encoder_attention_mask=text.mask if use_mask else None,
+        return_dict=False,
+    )[0]
+    return flow_matching_loss(pred, target, loss_weighting(args.weighting_scheme, sigmas))
+
+
+def _register_lora_state_hooks(accelerator) -> None:
+    """Checkpoints of a LoRA run hold the adapter weights only (`transformer_lora.safetensors`), not the
+    frozen base model."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    name = "transformer_lora.safetensors"
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(output_dir, name))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        path = os.path.join(input_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing (was the checkpoint saved by a LoRA run?)")
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, load_file(path))
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise ValueError(f"unexpected LoRA keys in {path}: {unexpected[:5]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

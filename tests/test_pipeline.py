@@ -16,10 +16,16 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 
 from mmdit_diffusers.pipelines import MMDiTPipeline, MMDiTPipelineOutput
-from tiny_pipeline import LATENT_CHANNELS, T5_TOKENS, tiny_mmdit_pipeline
+from tiny_pipeline import LATENT_CHANNELS, T5_TOKENS, tiny_mmdit_pipeline, torch_threads
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
 STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 def generate(pipe, prompt=PROMPTS[0], seed=0, **kwargs):
@@ -391,3 +397,33 @@ def test_generic_diffusion_pipeline_loading(pipe, saved_dir):
     assert type(by_file) is MMDiTPipeline
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(saved_dir, custom_pipeline="pipeline")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local tokenizers (mmdit_diffusers.text_tokenizers)
+# ---------------------------------------------------------------------------------------------------------------
+def test_local_tokenizers_load_with_transformers(tmp_path):
+    from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
+
+    from mmdit_diffusers.text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    words = ["red", "circle", "left", "of", "a", "café"]
+    build_clip_tokenizer(words, tmp_path / "clip")
+    build_t5_tokenizer(words, tmp_path / "t5", model_max_length=64)
+    build_clip_tokenizer(list(reversed(words)) + words, tmp_path / "clip-again")
+
+    clip = CLIPTokenizer.from_pretrained(tmp_path / "clip")
+    assert type(AutoTokenizer.from_pretrained(tmp_path / "clip")) is CLIPTokenizer
+    assert clip.model_max_length == 77 and clip.convert_ids_to_tokens([len(clip) - 2, len(clip) - 1]) == [
+        "<|startoftext|>", "<|endoftext|>"]  # CLIP's layout: the special tokens last
+    tokens = clip.convert_ids_to_tokens(clip("A red circle left of a café, xyz!").input_ids)
+    assert tokens[:7] == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "left</w>", "of</w>", "a</w>"]
+    assert tokens[-1] == "<|endoftext|>" and "x" in tokens  # unknown words fall back to bytes
+    assert (tmp_path / "clip" / "vocab.json").read_text() == (tmp_path / "clip-again" / "vocab.json").read_text()
+
+    t5 = T5TokenizerFast.from_pretrained(tmp_path / "t5")
+    assert type(AutoTokenizer.from_pretrained(tmp_path / "t5")).__name__ == type(t5).__name__
+    assert (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id, t5.model_max_length) == (0, 1, 2, 64)
+    tokens = t5.convert_ids_to_tokens(t5("a red circle left of a Xyz").input_ids)
+    assert tokens[:6] == ["▁a", "▁red", "▁circle", "▁left", "▁of", "▁a"] and tokens[-1] == "</s>"
+    assert "<unk>" not in tokens  # unknown ASCII words fall back to characters

@@ -9,8 +9,9 @@ They are real tokenizers in the files the originals ship, so `transformers` load
   `AutoTokenizer.from_pretrained(dir)`.
 
 Every given word is one token; any other text still tokenizes (CLIP falls back to its 256 byte symbols, T5 to
-single characters, then `<unk>` for characters outside printable ASCII and the words). The result depends only on the word list, so a tiny pipeline built twice has the
-same vocabulary. Pair them with text encoders whose `vocab_size` is `len(tokenizer)`.
+single characters, then `<unk>` for characters outside printable ASCII and the words). The result depends only on
+the word list, so a tiny pipeline built twice has the same vocabulary. Pair them with text encoders whose
+`vocab_size` is `len(tokenizer)` (for CLIP: `bos_token_id = len - 2`, `eos_token_id = pad_token_id = len - 1`).
 
 Example:
     >>> from transformers import CLIPTokenizer, T5TokenizerFast
@@ -92,8 +93,8 @@ def build_t5_tokenizer(
     """Write a T5 tokenizer (`tokenizer.json`, `tokenizer_config.json`) to `save_dir`.
 
     The model is a Unigram over `<pad>`, `</s>`, `<unk>` (ids 0, 1, 2, as T5), the word-start marker `▁`, every
-    word as `▁word`, and every character of the words and of printable ASCII alone and as `▁c`. Text is split on whitespace and `</s>`
-    is appended, as T5; there are no `<extra_id_*>` sentinels (`extra_ids=0`). Case is kept, as T5.
+    word as `▁word`, and every character of the words and of printable ASCII alone and as `▁c`. Text is split on
+    whitespace and `</s>` is appended, as T5; there are no `<extra_id_*>` sentinels (`extra_ids=0`). Case is kept.
 
     Args:
         vocabulary_words: Words that should each become one token.

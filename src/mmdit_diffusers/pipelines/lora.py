@@ -35,7 +35,8 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, allow_pickle: bool = False, **kwargs):
-        """The LoRA state dict of a folder, file, Hub repo or dict, with SD3 module names converted to ours.
+        """The LoRA state dict (and, with `return_lora_metadata=True`, its adapter metadata) of a folder, file, Hub
+        repo or dict, as stored (SD3 module names are converted by `load_lora_weights`).
 
         Args:
             pretrained_model_name_or_path_or_dict: A folder or Hub repo holding `pytorch_lora_weights.safetensors`
@@ -82,7 +83,7 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
             logger.warning(f"Ignoring unexpected `lora_state_dict` arguments: {sorted(kwargs)}.")
 
         if any("dora_scale" in k for k in state_dict):
-            logger.warning("Dropping the `dora_scale` entries of this checkpoint: DoRA files in that form are not supported.")
+            logger.warning("Dropping this checkpoint's `dora_scale` entries: DoRA files in that form are not supported.")
             state_dict = {k: v for k, v in state_dict.items() if "dora_scale" not in k}
         return (state_dict, metadata) if return_lora_metadata else state_dict
 
@@ -121,7 +122,14 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
 
     @classmethod
     def load_lora_into_transformer(
-        cls, state_dict, transformer, adapter_name=None, _pipeline=None, low_cpu_mem_usage=False, hotswap=False, metadata=None
+        cls,
+        state_dict,
+        transformer,
+        adapter_name=None,
+        _pipeline=None,
+        low_cpu_mem_usage=False,
+        hotswap=False,
+        metadata=None,
     ):
         logger.info(f"Loading {cls.transformer_name}.")
         transformer.load_lora_adapter(
@@ -160,8 +168,17 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
             safe_serialization=safe_serialization,
         )
 
-    def fuse_lora(self, components: list[str] = [TRANSFORMER_NAME], lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None, **kwargs):  # noqa: B006
-        super().fuse_lora(components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs)
+    def fuse_lora(
+        self,
+        components: list[str] = [TRANSFORMER_NAME],  # noqa: B006 (diffusers' signature)
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ):
+        super().fuse_lora(
+            components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs
+        )
 
     def unfuse_lora(self, components: list[str] = [TRANSFORMER_NAME], **kwargs):  # noqa: B006
         super().unfuse_lora(components=components, **kwargs)
@@ -172,7 +189,8 @@ def convert_sd3_lora_state_dict(state_dict: dict[str, torch.Tensor], transformer
     `MMDiTTransformer2DModel` converted from it), with the weight conversion's reorderings of output rows.
 
     Returns `(state_dict, metadata)`; the adapter metadata (LoraConfig kwargs) gets the converted module names.
-    A LoRA already in our naming is returned unchanged."""
+    A LoRA already in our naming is returned unchanged. (A LoRA on nothing but the modules both namings share,
+    `context_embedder`, `norm_out.linear`, `proj_out`, is read as ours.)"""
     prefix = f"{TRANSFORMER_NAME}."
     if not any(_is_sd3_module(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
         return state_dict, metadata
@@ -187,9 +205,9 @@ def convert_sd3_lora_state_dict(state_dict: dict[str, torch.Tensor], transformer
             raise ValueError(f"LoRA key {key!r} targets SD3 module {module!r}, which has no MMDiT counterpart.")
         if module == "pos_embed.proj" and part in ("lora_A", "lora_B"):
             tensor = tensor.reshape(tensor.shape[0], -1)  # conv patch embedding -> linear on flattened patches
-        elif part == "lora_B" and module == "proj_out":
+        elif part != "lora_A" and module == "proj_out":  # lora_B (and DoRA magnitudes) are per output row
             tensor = _permute_out_rows(tensor, cfg.patch_size, to_ours=True)
-        elif part == "lora_B" and module in ("norm_out.linear", pre_only_txt):
+        elif part != "lora_A" and module in ("norm_out.linear", pre_only_txt):
             tensor = _swap_halves(tensor)  # SD3's (scale, shift) -> our (shift, scale)
         converted[(prefix if has_prefix else "") + f"{ours}.{part}{rest}"] = tensor
         modules.add(ours)
@@ -216,4 +234,5 @@ def _split_lora_key(key: str):
 
 
 def _is_sd3_module(module: str) -> bool:
-    return module.startswith(("pos_embed.proj", "time_text_embed.")) or any(m in f".{module}." for m in _SD3_ONLY_MODULES)
+    sd3_only = any(marker in f".{module}." for marker in _SD3_ONLY_MODULES)
+    return sd3_only or module.startswith(("pos_embed.proj", "time_text_embed."))

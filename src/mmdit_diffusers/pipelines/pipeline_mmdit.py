@@ -120,10 +120,16 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         self.patch_size = transformer.config.patch_size if transformer is not None else 2
 
     def register_modules(self, **kwargs):
-        """As diffusers, but our own classes are recorded in `model_index.json` by the package root
-        (`["mmdit_diffusers", "MMDiTTransformer2DModel"]`), which stays valid when internal modules move."""
+        """As diffusers, but our own classes are recorded by the package root (see `_name_components_by_package_root`)."""
         super().register_modules(**kwargs)
-        for name, module in kwargs.items():
+        self._name_components_by_package_root(kwargs)
+
+    def _name_components_by_package_root(self, names) -> None:
+        """Record our classes in `model_index.json` as `["mmdit_diffusers", "MMDiTTransformer2DModel"]` rather than
+        diffusers' default, the defining module (`mmdit_diffusers.models.transformer_mmdit`): the root is the stable
+        import path, valid when internal modules move."""
+        for name in names:
+            module = getattr(self, name, None)
             library, class_name = self.config.get(name) or (None, None)
             root_library = loading.package_root_library(library, class_name, type(module))
             if root_library != library:
@@ -136,6 +142,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         """diffusers' `save_pretrained`, plus `pipeline.py`: a two-line module that imports `MMDiTPipeline` from
         `mmdit_diffusers`, so `DiffusionPipeline.from_pretrained(save_directory, custom_pipeline="pipeline",
         trust_remote_code=True)` loads it (also from the Hub, where `push_to_hub=True` uploads it too)."""
+        self._name_components_by_package_root(self.components)  # also components set after construction
         loading.write_shim(save_directory, type(self).__name__)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -188,7 +195,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             )
         return max_sequence_length
 
-    def _encode_text(self, prompts: list[str], prompts_2: list[str], prompts_3: list[str], device, clip_skip, max_sequence_length):
+    def _encode_text(self, prompts, prompts_2, prompts_3, device, clip_skip, max_sequence_length) -> TextConditioning:
         """SD3's text conditioning of one batch of prompts (see `text_encoding`)."""
         if self.text_encoder is None:
             raise ValueError("This pipeline has no `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
@@ -286,7 +293,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
                 )
             else:
                 negative = _given(
-                    negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask, device, "negative_prompt"
+                    negative_prompt_embeds,
+                    negative_pooled_prompt_embeds,
+                    negative_prompt_attention_mask,
+                    device,
+                    "negative_prompt",
                 )
 
         positive = positive.repeat(num_images_per_prompt)
@@ -359,7 +370,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         for name, value in (("prompt", prompt), ("prompt_2", prompt_2), ("prompt_3", prompt_3)):
             if value is not None and not isinstance(value, (str, list)):
                 raise ValueError(f"`{name}` must be a string or a list of strings; got {type(value).__name__}.")
-        for name, value in (("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2), ("negative_prompt_3", negative_prompt_3)):
+        negatives = (negative_prompt, negative_prompt_2, negative_prompt_3)
+        for name, value in zip(("negative_prompt", "negative_prompt_2", "negative_prompt_3"), negatives):
             if value is not None and negative_prompt_embeds is not None:
                 raise ValueError(f"Pass either `{name}` or `negative_prompt_embeds`, not both.")
 
@@ -399,7 +411,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
                 f"({batch_size} prompts x num_images_per_prompt={num_images_per_prompt}); pass one per image."
             )
         if latents is not None:
-            expected = (effective, self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            factor = self.vae_scale_factor
+            expected = (effective, self.transformer.in_channels, height // factor, width // factor)
             if tuple(latents.shape) != expected:
                 raise ValueError(f"`latents` has shape {tuple(latents.shape)}; expected {list(expected)}.")
 
@@ -587,17 +600,12 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             pooled_prompt_embeds = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds], dim=0)
             prompt_attention_mask = torch.cat([negative_prompt_attention_mask, prompt_attention_mask], dim=0)
         text_mask = prompt_attention_mask if self._uses_text_mask else None
+        dtype = self.transformer.dtype  # SD3 uses the text encoders' dtype: the same unless they differ
+        prompt_embeds, pooled_prompt_embeds = prompt_embeds.to(dtype), pooled_prompt_embeds.to(dtype)
 
         # 2. Noise and timesteps
         latents = self.prepare_latents(
-            batch_size,
-            self.transformer.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
+            batch_size, self.transformer.in_channels, height, width, dtype, device, generator, latents
         )
         timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, latents, device)
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
@@ -624,7 +632,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    step_tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+                    step_tensors = dict(
+                        latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds
+                    )
                     callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = outputs.pop("latents", latents)
@@ -674,7 +684,8 @@ def _negative_list(negative, batch_size: int, name: str, default: list[str] | No
 def _given(embeds, pooled, mask, device, name: str) -> TextConditioning:
     """Precomputed embeddings; a missing mask is all ones (every token real)."""
     if pooled is None:
-        raise ValueError(f"`{name}_embeds` needs `{'negative_' if name.startswith('negative') else ''}pooled_prompt_embeds` too.")
+        pooled_name = "negative_pooled_prompt_embeds" if name.startswith("negative") else "pooled_prompt_embeds"
+        raise ValueError(f"`{name}_embeds` needs `{pooled_name}` too.")
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
     return TextConditioning(embeds.to(device), pooled.to(device), mask.to(device=device, dtype=torch.long))

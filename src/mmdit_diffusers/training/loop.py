@@ -498,9 +498,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                 if not torch.isfinite(reduced):
                     raise TrainingDivergedError(
                         f"the loss is {reduced.item()} at step {global_step + 1} (of {max_train_steps}); training "
-                        f"stopped before the update. The last good checkpoint is "
-                        f"{last_checkpoint or 'none (none was saved yet)'}. Lower --learning_rate or check the data, "
-                        "then resume with --resume_from_checkpoint latest."
+                        f"stopped before the update and saved nothing. {_last_good(last_checkpoint)}"
                     )
                 accelerator.backward(loss)
                 grad_norm = None
@@ -509,8 +507,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                     if grad_norm is not None and accelerator.mixed_precision != "fp16" and not torch.isfinite(
                             torch.as_tensor(grad_norm)):
                         raise TrainingDivergedError(
-                            f"the gradient norm is {float(grad_norm)} at step {global_step + 1}; training stopped before "
-                            f"the update. The last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}."
+                            f"the gradient norm is {float(grad_norm)} at step {global_step + 1}; training stopped "
+                            f"before the update and saved nothing. {_last_good(last_checkpoint)}"
                         )
                 optimizer.step()
                 lr_scheduler.step()
@@ -569,6 +567,14 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _last_good(path: str | None) -> str:
+    if not path:
+        return "No checkpoint was saved before it; lower --learning_rate or check the data and start again."
+    return (f"The latest checkpoint, saved while the loss was finite, is {path} (kept as it was); lower "
+            "--learning_rate or check the data, then --resume_from_checkpoint it (or an earlier one if it "
+            "diverges again).")
 
 
 def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, args, shift, use_mask, device):

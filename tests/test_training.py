@@ -1,0 +1,351 @@
+"""End-to-end training (`mmdit_diffusers.train`) on a tiny pipeline and tiny datasets, on CPU.
+
+In-process runs (`train(parse_args(argv))`) cover the overfit, checkpoint rotation, validation/logging, LoRA and
+from-scratch paths; subprocesses cover what needs real processes: a kill -9 in the middle of a run followed by
+`--resume_from_checkpoint latest`, and a 2-process DDP run under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from hub_fixtures import hub_repo_id, hub_server  # noqa: F401
+from tiny_pipeline import tiny_mmdit_pipeline
+
+from mmdit_diffusers import MMDiTPipeline
+from mmdit_diffusers.training import parse_args
+from mmdit_diffusers.training.data import ResumableBatchSampler
+from mmdit_diffusers.training.loop import train
+
+CAPTIONS = [
+    "a red circle", "a blue square", "two green triangles", "a yellow circle left of a cat",
+    "a photo of a dog", "three black squares", "a white triangle above a square", "an orange cat",
+]
+COLORS = [(220, 30, 30), (40, 60, 220), (30, 200, 60), (230, 220, 40), (120, 80, 40), (20, 20, 20), (250, 250, 250),
+          (250, 140, 20)]
+
+
+def write_dataset(root, n: int = 8, size: int = 32, solid: bool = False) -> str:
+    """n images with captions in the imagefolder layout (metadata.jsonl)."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(n):
+            color = COLORS[i % len(COLORS)]
+            image = Image.new("RGB", (size, size), color if solid else (255, 255, 255))
+            if not solid:
+                ImageDraw.Draw(image).ellipse([4 + i, 6, 4 + i + size // 2, 6 + size // 2], fill=color)
+            name = f"{i:04d}.png"
+            image.save(os.path.join(root, name))
+            f.write(json.dumps({"file_name": name, "text": CAPTIONS[i % len(CAPTIONS)]}) + "\n")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("base") / "pipeline"
+    tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fresh_accelerate():
+    """Tiny models run fastest on one thread; each in-process run gets a fresh accelerate state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+def common(base: str, data: str, out, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", base, "--train_data_dir", data, "--output_dir", str(out),
+        "--resolution", "32", "--train_batch_size", "2", "--max_sequence_length", "8", "--seed", "0",
+        "--report_to", "none", "--checkpointing_steps", "1000", *extra,
+    ]
+
+
+def run(argv: list[str]) -> dict:
+    return train(parse_args(argv))
+
+
+def subprocess_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def transformer_weights(folder: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def generate(pipe, seed: int = 0) -> np.ndarray:
+    return pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast unit checks of the pieces the end-to-end tests rely on
+# ----------------------------------------------------------------------------------------------------------
+def test_batch_order_is_a_pure_function_of_seed_and_position():
+    full = ResumableBatchSampler(10, 2, seed=5, random_flip=True)
+    stream = iter(full)
+    first = [next(stream) for _ in range(12)]  # 2.4 epochs: 5 batches per epoch
+    assert first == [full.batch(m) for m in range(12)]
+    resumed = ResumableBatchSampler(10, 2, seed=5, random_flip=True, start=7)
+    it = iter(resumed)
+    assert [next(it) for _ in range(5)] == first[7:12]
+    # each epoch is a permutation; flips vary
+    epoch0 = [i for batch in first[:5] for i, _ in batch]
+    assert sorted(epoch0) == list(range(10))
+    assert {flip for batch in first for _, flip in batch} == {False, True}
+    # two processes split each global batch of the single-process run with batch 4
+    single = ResumableBatchSampler(9, 4, seed=1)  # 2 batches per epoch, 1 example dropped
+    ranks = [ResumableBatchSampler(9, 2, seed=1, num_processes=2, process_index=r) for r in range(2)]
+    for m in range(4):
+        assert single.batch(m) == ranks[0].batch(m) + ranks[1].batch(m)
+
+
+def test_yaml_config_and_command_line_precedence(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "pretrained_model_name_or_path: base\ntrain_data_dir: data\nlearning_rate: 1.0e-3\nuse_ema: true\n"
+        "validation_prompt: [a red circle, a cat]\nmodel_config: {preset: tiny, depth: 1}\n"
+    )
+    args = parse_args(["--config", str(config), "--learning_rate", "5e-4", "--no-use_ema"])
+    assert args.learning_rate == 5e-4 and args.use_ema is False
+    assert args.validation_prompt == ["a red circle", "a cat"]
+    assert json.loads(args.model_config) == {"preset": "tiny", "depth": 1}
+    lora = parse_args(["--config", str(config), "--model_config", "", "--rank", "8"])
+    assert lora.use_lora and lora.rank == 8 and lora.lora_alpha == 8.0
+
+
+def test_shipped_configs_parse():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = parse_args(["--config", os.path.join(root, "configs", "train_tiny.yaml"),
+                       "--pretrained_model_name_or_path", "p", "--train_data_dir", "d"])
+    assert args.resolution > 0 and args.max_train_steps > 0
+    import yaml
+
+    fsdp = yaml.safe_load(open(os.path.join(root, "configs", "accelerate_fsdp.yaml")))
+    assert fsdp["distributed_type"] == "FSDP"
+    assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "MMDiTBlock"
+    assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True  # FULL_SHARD
+    assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_caption_dropout_of_every_encoder_is_the_empty_prompt():
+    from mmdit_diffusers.training.text import PromptEncoder
+
+    pipe = tiny_mmdit_pipeline(seed=0, layout="sd3")
+    encoder = PromptEncoder(pipe, 8, device="cpu")
+    encoder.resolve_length()
+    captions = ["a red circle", "two blue squares"]
+    everything = encoder.encode(captions, torch.ones(2, 3, dtype=torch.bool))
+    empty = pipe.encode_prompt(["", ""], do_classifier_free_guidance=False, return_attention_mask=True,
+                               max_sequence_length=8)
+    assert torch.equal(everything.embeds, empty[0]) and torch.equal(everything.pooled, empty[2])
+    assert torch.equal(everything.mask, empty[4])
+    # dropping only T5 keeps the CLIP part of the caption and empties the T5 part
+    only_t5 = encoder.encode(captions, torch.tensor([[False, False, True]] * 2))
+    full = encoder.encode(captions)
+    assert torch.equal(only_t5.pooled, full.pooled) and not torch.equal(only_t5.embeds, full.embeds)
+    # the cache (per-encoder parts, joined per step) gives the same numbers, whatever is dropped
+    from accelerate import PartialState
+
+    cache = encoder.build_cache(captions, PartialState())
+    drop = torch.tensor([[True, False, True], [False, True, False]])
+    batch = {k: v for k, v in cache.items()}
+    cached = encoder.from_batch(batch, drop)
+    direct = encoder.encode(captions, drop)
+    for name in ("embeds", "pooled", "mask"):
+        assert torch.allclose(getattr(cached, name).float(), getattr(direct, name).float(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-process training runs
+# ----------------------------------------------------------------------------------------------------------
+def test_overfits_four_image_caption_pairs(base_dir, tmp_path):
+    data = write_dataset(tmp_path / "four", n=4, solid=True)
+    summary = run(common(base_dir, data, tmp_path / "out", "--train_batch_size", "4", "--max_train_steps", "100",
+                         "--learning_rate", "1e-2", "--cache_latents", "--cache_text_embeddings",
+                         "--vae_latent", "mode"))
+    losses = summary["losses"]
+    assert len(losses) == 100 and all(np.isfinite(losses))
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+    assert last < 0.5 * first, (first, last)
+    pipe = MMDiTPipeline.from_pretrained(tmp_path / "out")
+    assert generate(pipe).shape == (1, 32, 32, 3)
+
+
+def test_checkpoint_limit_validation_grid_and_tensorboard(base_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    run(common(base_dir, data_dir, out, "--max_train_steps", "5", "--checkpointing_steps", "1",
+               "--checkpoints_total_limit", "2", "--report_to", "tensorboard", "--validation_prompt", "a red circle",
+               "a cat", "--validation_steps", "2", "--num_validation_images", "2", "--validation_inference_steps", "2",
+               "--cache_latents"))
+    names = sorted(os.listdir(out))
+    assert [n for n in names if "checkpoint" in n] == ["checkpoint-4", "checkpoint-5"]
+    state = json.load(open(out / "checkpoint-5" / "training_state.json"))
+    assert state["global_step"] == 5 and state["micro_batch"] == 5 and state["seed"] == 0
+    assert sorted(os.listdir(out / "validation")) == ["final.png", "step-000002.png", "step-000004.png"]
+    grid = Image.open(out / "validation" / "final.png")
+    assert grid.size == (2 * 32 + 2, 2 * 32 + 2)  # 2 prompts (rows) x 2 images, 2 px apart
+    events = [f for _, _, files in os.walk(out / "logs") for f in files if f.startswith("events.out.tfevents")]
+    assert events
+    card = (out / "README.md").read_text()
+    assert "validation/final.png" in card and "text-to-image" in card
+    assert MMDiTPipeline.from_pretrained(out).transformer is not None
+
+
+def test_lora_weights_load_into_the_base_pipeline_and_push(base_dir, data_dir, tmp_path, hub_repo_id, capfd):
+    from huggingface_hub import HfApi
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    out = tmp_path / "lora"
+    run(common(base_dir, data_dir, out, "--rank", "4", "--max_train_steps", "4", "--learning_rate", "1e-2",
+               "--checkpointing_steps", "4", "--cache_text_embeddings", "--push_to_hub", "--hub_model_id", hub_repo_id))
+    files = sorted(os.listdir(out))
+    assert "pytorch_lora_weights.safetensors" in files and "model_index.json" not in files
+    # the checkpoint holds the adapter only, not the frozen base weights
+    assert sorted(os.listdir(out / "checkpoint-4")) == [
+        "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "training_state.json",
+        "transformer_lora.safetensors"]
+
+    pipe = MMDiTPipeline.from_pretrained(base_dir)
+    before = generate(pipe)
+    pipe.load_lora_weights(str(out))
+    after = generate(pipe)
+    assert np.abs(after - before).max() > 1e-3  # the LoRA changes the images
+
+    # the trained model, rebuilt independently: base transformer + the adapter state of the last checkpoint
+    reference = MMDiTPipeline.from_pretrained(base_dir)
+    reference.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out"]))
+    set_peft_model_state_dict(reference.transformer, load_file(out / "checkpoint-4" / "transformer_lora.safetensors"))
+    np.testing.assert_allclose(after, generate(reference), atol=1e-5)
+
+    repo_files = HfApi().list_repo_files(hub_repo_id)
+    assert "pytorch_lora_weights.safetensors" in repo_files and "README.md" in repo_files
+    assert not any("checkpoint" in f or f.startswith("logs/") for f in repo_files)
+    printed = capfd.readouterr()
+    assert os.environ["HF_TOKEN"] not in printed.out + printed.err
+
+
+def test_from_scratch_with_a_model_config(base_dir, data_dir, tmp_path):
+    out = tmp_path / "scratch"
+    run(common(base_dir, data_dir, out, "--model_config", '{"preset": "tiny", "depth": 1, "qk_norm": "rms_norm"}',
+               "--max_train_steps", "2", "--learning_rate", "1e-3"))
+    config = json.load(open(out / "transformer" / "config.json"))
+    # I/O sizes from the pipeline's VAE (4 latent channels) and text encoders (T5 width 64, two CLIP pools 2 x 32)
+    assert (config["depth"], config["hidden_size"], config["in_channels"]) == (1, 32, 4)
+    assert (config["txt_dim"], config["cond_dim"], config["use_text_attention_mask"]) == (64, 64, True)
+    assert config["txt_tokens"] >= 77 + 8 and config["pos_embed_max_size"] * 2 >= 16
+    pipe = MMDiTPipeline.from_pretrained(out)
+    assert pipe.transformer.config.depth == 1
+    assert np.isfinite(generate(pipe)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real processes
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_reaches_the_same_weights(base_dir, data_dir, tmp_path):
+    """A run killed with SIGKILL at a random moment after its first checkpoint, resumed with
+    `--resume_from_checkpoint latest`, ends with the weights of an uninterrupted run (EMA, random flips, caption
+    dropout, gradient accumulation, warmup + cosine schedule: all state must come back)."""
+
+    def argv(out):
+        return [sys.executable, "-m", "mmdit_diffusers.train", *common(
+            base_dir, data_dir, out, "--max_train_steps", "30", "--checkpointing_steps", "5",
+            "--gradient_accumulation_steps", "2", "--use_ema", "--random_flip", "--caption_dropout_prob", "0.3",
+            "--learning_rate", "2e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--seed", "1")]
+
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    env = subprocess_env()
+    reference = subprocess.Popen(argv(reference_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen(argv(killed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed_dir / "checkpoint-5").exists():
+        assert victim.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint-5 in time"
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.15))  # any moment after the first checkpoint, possibly mid-save
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert not (killed_dir / "model_index.json").exists(), "the run finished before it was killed"
+
+    resumed = subprocess.run(argv(killed_dir) + ["--resume_from_checkpoint", "latest"], env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr
+    log, _ = reference.communicate(timeout=240)
+    assert reference.returncode == 0, log[-3000:]
+
+    assert not [n for n in os.listdir(killed_dir) if n.startswith(".tmp-checkpoint")]
+    # raw weights at the last step, and the exported (EMA) transformer
+    raw_ref = load_file(reference_dir / "checkpoint-30" / "model.safetensors")
+    raw_resumed = load_file(killed_dir / "checkpoint-30" / "model.safetensors")
+    assert max_abs_diff(raw_ref, raw_resumed) <= 1e-6
+    assert max_abs_diff(transformer_weights(reference_dir), transformer_weights(killed_dir)) <= 1e-6
+    # and training did move the weights
+    assert max_abs_diff(transformer_weights(base_dir), transformer_weights(reference_dir)) > 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_under_accelerate_launch(base_dir, data_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo). The global batch of two processes x 2 is
+    the single-process batch of 4 (same examples, same noise), so both runs end with the same weights."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "mmdit_diffusers.train",
+           *common(base_dir, data_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                   "--learning_rate", "1e-3", "--caption_dropout_prob", "0.2")]
+    result = subprocess.run(cmd, env=subprocess_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "x 2 processes" in result.stderr
+    assert sorted(n for n in os.listdir(out / "checkpoint-4") if n.startswith("random_states")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+    pipe = MMDiTPipeline.from_pretrained(out)
+    image = generate(pipe)
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+    single = tmp_path / "single"
+    run(common(base_dir, data_dir, single, "--max_train_steps", "4", "--train_batch_size", "4",
+               "--learning_rate", "1e-3", "--caption_dropout_prob", "0.2"))
+    assert max_abs_diff(transformer_weights(out), transformer_weights(single)) <= 1e-4
+    assert max_abs_diff(transformer_weights(out), transformer_weights(base_dir)) > 1e-4

@@ -65,6 +65,22 @@ def no_retry_waits(monkeypatch):
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
 
 
+@pytest.fixture
+def all_logs(caplog):
+    """caplog at DEBUG, also for the libraries whose loggers do not propagate to the root logger."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "diffusers", "transformers", "mmdit_diffusers",
+                                                     "httpx", "httpx2", "httpcore")]
+    saved = [(lg, lg.level) for lg in loggers]
+    caplog.set_level(logging.DEBUG)
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(caplog.handler)
+    yield caplog
+    for lg, level in saved:
+        lg.removeHandler(caplog.handler)
+        lg.setLevel(level)
+
+
 def generate(pipe, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=3.0, output_type="np", generator=generator).images
@@ -266,8 +282,7 @@ def test_model_card_metadata_body_and_user_edits_survive(hub_repo_id, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------------
-def test_wrong_token_is_a_clear_401_and_never_shown(hub_repo_id, pushed_pipeline, tmp_path, caplog, capfd):
-    caplog.set_level(logging.DEBUG)
+def test_wrong_token_is_a_clear_401_and_never_shown(hub_repo_id, pushed_pipeline, tmp_path, all_logs, capfd):
     model = tiny_mmdit_transformer(seed=0)
     model.push_to_hub(hub_repo_id, token=HUB_TOKEN)  # a good explicit token: not shown either
     with pytest.raises(HubError) as push_error:
@@ -278,7 +293,8 @@ def test_wrong_token_is_a_clear_401_and_never_shown(hub_repo_id, pushed_pipeline
         assert error.status == 401 and isinstance(error, (RuntimeError, OSError))
         assert str(error).startswith("authentication failed (401): check your token")
         assert "hf auth login" in str(error)
-    shown = caplog.text + "".join(capfd.readouterr())
+    assert "HTTP Request" in all_logs.text or "Pushing" in all_logs.text  # the logs were captured
+    shown = all_logs.text + "".join(capfd.readouterr())
     for error in (push_error, pull_error):
         shown += "".join(traceback.format_exception(error.value)) + repr(error.value)
     assert BAD_TOKEN not in shown and HUB_TOKEN not in shown

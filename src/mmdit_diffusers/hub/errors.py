@@ -37,6 +37,9 @@ class HubError(RuntimeError, OSError):
     def __str__(self) -> str:
         return self.args[0] if self.args else ""
 
+    def __reduce__(self):  # picklable with its attributes (multiprocessing, accelerate)
+        return (type(self), (str(self),), {"status": self.status, "reason": self.reason})
+
 
 def _known_tokens(token: str | bool | None = None) -> list[str]:
     tokens = [token] if isinstance(token, str) and token else []

@@ -45,6 +45,9 @@ def register_with_diffusers() -> None:
     )
 
 
+register_with_diffusers()  # at import, so loading does not depend on what ran before
+
+
 def _is_local(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
 

@@ -303,6 +303,22 @@ def _is_boilerplate(card_text: str) -> bool:
     return _DIFFUSERS_BOILERPLATE in card_text and "[More Information Needed]" in card_text
 
 
+def _parse_existing(text: str, repo_id: str):
+    """The existing card; a ValueError that says what to fix when its YAML metadata cannot be read (pushing on
+    would throw the owner's metadata away)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard(text, ignore_metadata_errors=True)
+    except (yaml.YAMLError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"the existing model card (README.md) of {repo_id} has invalid YAML metadata ({detail}): fix the block "
+            "between the `---` lines (on the Hub, or in the pushed folder for a new repo), then push again"
+        ) from error
+
+
 def build_model_card(
     folder: str | os.PathLike,
     repo_id: str,
@@ -335,7 +351,7 @@ def build_model_card(
 
     if existing is not None and _is_boilerplate(existing):
         existing = None
-    old_card = ModelCard(existing, ignore_metadata_errors=True) if existing else None
+    old_card = _parse_existing(existing, repo_id) if existing else None
     old_metadata = old_card.data.to_dict() if old_card is not None else {}
     old_text = old_card.text if old_card is not None else None
 

@@ -176,9 +176,10 @@ def push_pipeline_folder(
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         branch = revision or "main"
         operations = [
-            CommitOperationAdd(path_in_repo=f"{subfolder}/{rel}" if subfolder else rel, path_or_fileobj=str(folder / rel))
+            CommitOperationAdd(path_in_repo=f"{subfolder}/{rel}" if subfolder else rel,
+                               path_or_fileobj=str(folder / rel))
             for rel in files
-            if subfolder or rel != README
+            if subfolder or rel != README  # the root README is the merged card, added below
         ]
         if not subfolder:
             samples = _sample_operations(sample_images, operations)

@@ -12,6 +12,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
+from ..hub.mixin import MMDiTHubMixin
 from .attention import QK_NORMS, QKVProjection
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm, modulate
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
@@ -20,7 +21,7 @@ from .presets import PRESETS, RECOMMENDED
 POS_EMBED_TYPES = ("sincos",)
 
 
-class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on

@@ -23,6 +23,7 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..hub.mixin import MMDiTHubMixin
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from . import loading
 from .lora import MMDiTLoraLoaderMixin
@@ -56,7 +57,7 @@ class MMDiTPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
+class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
     r"""
     Text-to-image with the MMDiT (Esser et al. 2024): SD3's text conditioning and flow-matching Euler sampler.
 

@@ -427,3 +427,13 @@ def test_local_tokenizers_load_with_transformers(tmp_path):
     tokens = t5.convert_ids_to_tokens(t5("a red circle left of a Xyz").input_ids)
     assert tokens[:6] == ["▁a", "▁red", "▁circle", "▁left", "▁of", "▁a"] and tokens[-1] == "</s>"
     assert "<unk>" not in tokens  # unknown ASCII words fall back to characters
+
+
+@pytest.mark.parametrize("image_tokens", [16, 256, 1024, 4096])
+def test_dynamic_shift_mu_equals_diffusers_calculate_shift(image_tokens):
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    from mmdit_diffusers.pipelines.pipeline_mmdit import resolution_shift_mu
+
+    args = (image_tokens, 256, 4096, 0.5, 1.16)
+    assert resolution_shift_mu(*args) == pytest.approx(calculate_shift(*args), abs=1e-12)

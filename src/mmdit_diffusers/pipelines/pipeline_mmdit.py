@@ -17,7 +17,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -427,20 +426,22 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
     def _timesteps(self, num_inference_steps, sigmas, mu, latents, device):
         """The scheduler's timesteps; with dynamic shifting, `mu` from the image token count as SD3 unless given."""
         config = self.scheduler.config
-        scheduler_kwargs = {}
         if mu is None and config.get("use_dynamic_shifting", None):
             height, width = latents.shape[-2:]
             image_tokens = (height // self.patch_size) * (width // self.patch_size)
-            mu = calculate_shift(
+            mu = resolution_shift_mu(
                 image_tokens,
                 config.get("base_image_seq_len", 256),
                 config.get("max_image_seq_len", 4096),
                 config.get("base_shift", 0.5),
                 config.get("max_shift", 1.16),
             )
-        if mu is not None:
-            scheduler_kwargs["mu"] = mu
-        return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs)
+        extra = {} if mu is None else {"mu": mu}
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device, **extra)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device, **extra)
+        return self.scheduler.timesteps, len(self.scheduler.timesteps)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
@@ -651,6 +652,14 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
         if not return_dict:
             return (image,)
         return MMDiTPipelineOutput(images=image)
+
+
+def resolution_shift_mu(image_tokens: int, base_tokens: int, max_tokens: int, base_shift: float, max_shift: float) -> float:
+    """SD3 / FLUX dynamic shifting: `mu` grows linearly with the image token count, from `base_shift` at
+    `base_tokens` to `max_shift` at `max_tokens`. (diffusers' `calculate_shift`; importing it from the SD3 pipeline
+    module pulls in its image processors, which warn without torchvision.)"""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return image_tokens * slope + base_shift - slope * base_tokens
 
 
 def _as_list(prompt, name: str) -> list[str]:

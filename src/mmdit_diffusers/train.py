@@ -4,8 +4,9 @@
     mmdit-diffusers train --config configs/train_tiny.yaml            # single process
 
 See docs/training.md. The work is done in `mmdit_diffusers.training`; this module only parses, runs and turns
-the two expected failures into `error: ...` on stderr: bad input (exit status 2, before any training step) and
-a diverged loss (exit status 1, the latest checkpoint kept).
+the expected failures into `error: ...` on stderr: bad input (exit status 2, before any training step), a
+diverged loss (exit status 1, the latest checkpoint kept) and a failed Hub push at the end (exit status 1, the
+trained model kept in --output_dir).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as e:
         if _is_main_process():
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from .hub import HubError
+
+        if not isinstance(e, HubError):
+            raise
+        if _is_main_process():
+            print(f"error: the push to the Hub failed: {e} The trained model is saved in {args.output_dir}; push it "
+                  f"later with `mmdit-diffusers push {args.output_dir} {args.hub_model_id}`.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)

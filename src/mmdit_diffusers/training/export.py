@@ -6,17 +6,17 @@
   caches freed them during training. `MMDiTPipeline.from_pretrained(output_dir)` loads it.
 - LoRA: `pytorch_lora_weights.safetensors` (diffusers' LoRA format, with the adapter config as metadata);
   `pipe.load_lora_weights(output_dir)` loads it into the base pipeline.
-- Both: a `README.md` model card; with `--push_to_hub`, `huggingface_hub.upload_folder` of the folder without
-  checkpoints, temporary folders and logs. The token comes from the usual places (HF_TOKEN, `hf auth login`)
-  and is never printed.
+- Both: a `README.md` model card; with `--push_to_hub`, the folder without checkpoints, temporary folders and
+  logs goes to the Hub through `mmdit_diffusers.hub.push_pipeline_folder` (one commit; the card gets the
+  project's generated section). The token comes from the usual places (HF_TOKEN, `hf auth login`) and is
+  never printed.
 """
 
 from __future__ import annotations
 
 import os
 
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*/**", ".deleting-checkpoint-*/**", "logs/**",
-              "*.tmp", ".cache/**"]
+HUB_IGNORE = ["checkpoint-*", ".tmp-checkpoint-*", ".deleting-checkpoint-*", "logs/*", "*.tmp", "training_summary.json"]
 
 
 def _pipeline_class():
@@ -114,15 +114,40 @@ def write_model_card(args, output_dir: str, global_step: int, num_examples: int,
     return path
 
 
-def push_to_hub(args, output_dir: str) -> str:
-    """Create the repository if needed and upload `output_dir` (no checkpoints or logs); returns its id."""
-    from huggingface_hub import create_repo, upload_folder
+def training_details(args, global_step: int, num_examples: int, num_processes: int) -> dict:
+    """The run's settings as the `training` table of the Hub model card."""
+    return {
+        "method": ("LoRA rank %d" % args.rank) if args.use_lora else ("from scratch" if args.model_config else "full fine-tune"),
+        "objective": "rectified flow (SD3)",
+        "optimizer steps": global_step,
+        "examples": num_examples,
+        "resolution": args.resolution,
+        "batch": f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes}",
+        "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})",
+        "sigma sampling": args.weighting_scheme,
+        "caption dropout": args.caption_dropout_prob,
+        "EMA": args.ema_decay if args.use_ema else "no",
+        "mixed precision": args.mixed_precision or "accelerate default",
+    }
 
-    repo_id = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private or None).repo_id
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message=f"mmdit_diffusers.train: {'LoRA' if args.use_lora else 'pipeline'} after training",
-        ignore_patterns=HUB_IGNORE,
+
+def push_to_hub(args, output_dir: str, training: dict, validation_image: str | None = None) -> str:
+    """Upload `output_dir` (without checkpoints, temporary folders and logs) with `mmdit_diffusers.hub`'s
+    `push_pipeline_folder`: the local README.md is kept and its generated section (architecture, loading code,
+    this run's `training` table, the final validation grid as a sample) is filled in. Returns the repo id.
+    Raises `mmdit_diffusers.hub.HubError` (token-free message) when the Hub refuses or cannot be reached."""
+    from ..hub import push_pipeline_folder
+
+    base = args.pretrained_model_name_or_path
+    card_data = {"training": training}
+    if not args.model_config and not os.path.isdir(base):
+        card_data["base_model"] = base
+    if args.validation_prompt:
+        card_data["prompt"] = args.validation_prompt[0]
+    samples = [(" | ".join(args.validation_prompt), validation_image)] if validation_image else None
+    push_pipeline_folder(
+        output_dir, args.hub_model_id, private=args.hub_private or None, ignore_patterns=HUB_IGNORE,
+        card_data=card_data, sample_images=samples,
+        commit_message=f"mmdit_diffusers.train: {'LoRA' if args.use_lora else 'pipeline'} after {training['optimizer steps']} steps",
     )
-    return repo_id
+    return args.hub_model_id  # the canonical id: the repository was created at the start of the run

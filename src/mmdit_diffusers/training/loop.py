@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from argparse import Namespace
 
@@ -94,9 +95,9 @@ def _pipeline_cls():
 def load_pipeline(args):
     """The starting pipeline (its transformer is skipped when --model_config builds a new one)."""
     path = args.pretrained_model_name_or_path
-    if os.path.sep in path or path.startswith("."):
-        if not os.path.isdir(path):
-            raise TrainingConfigError(f"--pretrained_model_name_or_path {path!r}: no such folder.")
+    looks_like_repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
+    if not os.path.exists(path) and not looks_like_repo_id:
+        raise TrainingConfigError(f"--pretrained_model_name_or_path {path!r}: no such folder (nor a Hub repo id).")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise TrainingConfigError(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder (no model_index.json).")
     kwargs = {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}
@@ -297,6 +298,13 @@ def train(args: Namespace) -> dict:
     # 1. cheap checks --------------------------------------------------------------------------------------
     resume_path = checkpointing.resolve_resume(args.resume_from_checkpoint, output_dir)
     resume_state = checkpointing.read_state(resume_path) if resume_path else None
+    if resume_state:
+        for key in ("use_lora", "use_ema"):
+            if key in resume_state and bool(resume_state[key]) != bool(getattr(args, key)):
+                raise TrainingConfigError(
+                    f"checkpoint {resume_path} does not match this run: it was saved with --{key} "
+                    f"{'on' if resume_state[key] else 'off'}, and this run has it {'on' if getattr(args, key) else 'off'}."
+                )
     source = data.load_source(args)
 
     ddp_kwargs = DistributedDataParallelKwargs()
@@ -308,7 +316,10 @@ def train(args: Namespace) -> dict:
         kwargs_handlers=[ddp_kwargs],
     )
     with _quiet_logging(accelerator.is_local_main_process):
-        return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source)
+        try:
+            return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source)
+        finally:
+            accelerator.end_training()  # flush and close the trackers, also after an error
 
 
 def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source) -> dict:
@@ -327,12 +338,22 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         checkpointing.clean_temporary(output_dir)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {output_dir}; starting a new run.")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and (args.use_ema or args.use_lora):
+        raise TrainingConfigError("FSDP runs support full fine-tuning and training from scratch; --use_ema and LoRA "
+                                  "need DDP (accelerate launch --multi_gpu).")
+    sampler = data.ResumableBatchSampler(len(source), args.train_batch_size, seed, world, rank, args.random_flip)
+    micro_per_epoch = sampler.batches_per_epoch
+    max_train_steps = args.max_train_steps or math.ceil(
+        args.num_train_epochs * micro_per_epoch / args.gradient_accumulation_steps)
+    if args.push_to_hub:
+        _on_main_or_raise(accelerator, lambda: _create_hub_repo(args))
 
     # 2. models ---------------------------------------------------------------------------------------------
     with accelerator.main_process_first():
         pipe = load_pipeline(args)
     vae = pipe.vae
-    prompt_encoder = PromptEncoder(pipe, args.max_sequence_length, device=device)
+    prompt_encoder = PromptEncoder(pipe, args.max_sequence_length, device="cpu")  # `prepare` moves it to `device`
     text_shape = prompt_encoder.probe_shape(source.caption(0))
 
     torch.manual_seed(seed)  # initialisation of a new transformer / LoRA weights
@@ -386,9 +407,6 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
             validation_embeddings = prompt_encoder.pipeline_kwargs(args.validation_prompt)
         prompt_encoder.free()
     dataset = data.TrainDataset(source, args.resolution, latent_cache, text_cache)
-    sampler = data.ResumableBatchSampler(len(source), args.train_batch_size, seed, world, rank, args.random_flip)
-    micro_per_epoch = sampler.batches_per_epoch
-    max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * micro_per_epoch / args.gradient_accumulation_steps)
 
     # 4. optimizer, schedule, prepare, resume -------------------------------------------------------------
     lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1)
@@ -400,7 +418,6 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(transformer)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp:
         params = [p for p in transformer.parameters() if p.requires_grad]
 
@@ -442,10 +459,9 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     shift = args.resolution_shift
     if shift == "scheduler":
         shift = float(getattr(pipe.scheduler.config, "shift", 1.0))
-    vae_cpu_offloaded = args.cache_latents and not args.validation_prompt
 
-    def state_for_checkpoint() -> dict:
-        return {"seed": seed, "micro_batch": global_step * args.gradient_accumulation_steps,
+    def state_for_checkpoint(step: int) -> dict:
+        return {"seed": seed, "micro_batch": step * args.gradient_accumulation_steps,
                 "train_batch_size": args.train_batch_size, "num_processes": world,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "max_train_steps": max_train_steps, "use_lora": bool(args.use_lora), "use_ema": bool(args.use_ema)}
@@ -486,10 +502,15 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     last_checkpoint = checkpointing.latest_checkpoint(output_dir)
-    step_losses: list[float] = []
     losses: list[float] = []
-    step_started = time.perf_counter()
-    if global_step < max_train_steps:
+
+    def run_steps(global_step: int) -> int:
+        nonlocal last_checkpoint
+        if global_step >= max_train_steps:
+            return global_step
+        step_losses: list[float] = []
+        step_started = time.perf_counter()
+
         loader = data.make_dataloader(dataset, sampler, args.dataloader_num_workers)
         for batch in loader:
             with accelerator.accumulate(transformer):
@@ -534,39 +555,80 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
 
             if global_step % args.checkpointing_steps == 0:
                 last_checkpoint = checkpointing.save_checkpoint(
-                    accelerator, output_dir, global_step, state_for_checkpoint(), args.checkpoints_total_limit)
+                    accelerator, output_dir, global_step, state_for_checkpoint(global_step), args.checkpoints_total_limit)
                 logger.info(f"Saved {last_checkpoint}")
             if args.validation_prompt and global_step % args.validation_steps == 0 and global_step < max_train_steps:
                 validate(f"step-{global_step:06d}", global_step)
             if global_step >= max_train_steps:
                 break
-    progress.close()
+        return global_step
+
+    try:
+        global_step = run_steps(global_step)
+    finally:
+        progress.close()
 
     # 6. export ---------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     summary = {"global_step": global_step, "max_train_steps": max_train_steps, "losses": losses,
                "output_dir": output_dir, "seed": seed}
     final_grid = validate("final", global_step)
+    if ema is not None:
+        ema.copy_to(params)
+    final_model = model
+    if fsdp:  # gather the shards (a collective: every process takes part), export a plain copy
+        from ..models.transformer_mmdit import MMDiTTransformer2DModel
+
+        state = accelerator.get_state_dict(transformer)
+        if accelerator.is_main_process:
+            final_model = MMDiTTransformer2DModel.from_config(model.config)
+            final_model.load_state_dict(state)
     if accelerator.is_main_process:
         from . import export
 
-        if ema is not None:
-            ema.copy_to(params)
-        if vae_cpu_offloaded:
-            vae.to(device)
         if args.use_lora:
-            summary["lora_weights"] = export.save_lora(model, output_dir)
+            summary["lora_weights"] = export.save_lora(final_model, output_dir)
         else:
-            export.save_full_pipeline(args, model, output_dir)
+            export.save_full_pipeline(args, final_model, output_dir)
         export.write_model_card(args, output_dir, global_step, len(source), world, final_grid)
         with open(os.path.join(output_dir, "training_summary.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in summary.items() if k != "losses"} | {"final_loss": losses[-1] if losses else None}, f, indent=2)
+            json.dump({k: v for k, v in summary.items() if k != "losses"} | {"final_loss": losses[-1] if losses else None},
+                      f, indent=2)
         if args.push_to_hub:
-            summary["hub_repo_id"] = export.push_to_hub(args, output_dir)
+            training = export.training_details(args, global_step, len(source), world)
+            summary["hub_repo_id"] = export.push_to_hub(args, output_dir, training, final_grid)
             logger.info(f"Pushed {output_dir} to the Hub as {summary['hub_repo_id']}.")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return summary
+
+
+def _on_main_or_raise(accelerator, check) -> None:
+    """Run `check` on the main process only; a `TrainingConfigError` it raises is raised on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    message = [None]
+    if accelerator.is_main_process:
+        try:
+            check()
+        except TrainingConfigError as e:
+            message = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0] is not None:
+        raise TrainingConfigError(message[0])
+
+
+def _create_hub_repo(args) -> None:
+    """Create the Hub repository before training, so a missing token or a name clash fails at once."""
+    from huggingface_hub import create_repo
+
+    try:
+        args.hub_model_id = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private or None).repo_id
+    except Exception as e:
+        raise TrainingConfigError(
+            f"--push_to_hub: cannot create or reach the repository {args.hub_model_id!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); log in with `hf auth login` or set HF_TOKEN."
+        ) from None
 
 
 def _last_good(path: str | None) -> str:

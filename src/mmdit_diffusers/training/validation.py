@@ -30,6 +30,7 @@ def generate_rows(pipe, prompts: list[str], num_images: int, resolution: int, nu
     prompt_embeds, pooled_prompt_embeds, their negatives and masks) replaces the prompts when the text
     encoders were freed after caching."""
     rows = []
+    pipe.set_progress_bar_config(disable=True)
     for k, prompt in enumerate(prompts):
         generator = torch.Generator(device="cpu").manual_seed(int(seed) + k)
         kwargs = dict(height=resolution, width=resolution, num_inference_steps=num_inference_steps,

@@ -28,3 +28,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite's models are tiny: one thread per process is several times faster than two on 2 cores
 # (thread hand-off costs more than the matmuls), and subprocess tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+import pytest  # noqa: E402  (after the environment above, before anything imports huggingface_hub)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each in-process training run starts from a fresh accelerate state (it is a process-wide singleton)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

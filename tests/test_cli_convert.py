@@ -21,14 +21,6 @@ SD3_TINY = dict(
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def sd3() -> SD3Transformer2DModel:
     torch.manual_seed(0)

@@ -31,18 +31,10 @@ BAD_TOKEN = "hf_wrong_token_do_not_print_123456"
 MODEL_FILES = (".safetensors", ".json", ".txt", ".model")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hub_mixin():
-    """The classes with `MMDiTHubMixin` first among their bases, as the one-line change in their definitions does
-    (a no-op once that change is in)."""
-    patched = []
+def test_model_and_pipeline_carry_the_hub_mixin_first():
+    """Our push_to_hub / from_pretrained must come before diffusers' in the method resolution order."""
     for cls in (MMDiTTransformer2DModel, MMDiTPipeline):
-        if not issubclass(cls, MMDiTHubMixin):
-            patched.append((cls, cls.__bases__))
-            cls.__bases__ = (MMDiTHubMixin, *cls.__bases__)
-    yield
-    for cls, bases in patched:
-        cls.__bases__ = bases
+        assert cls.__mro__[1] is MMDiTHubMixin
 
 
 @pytest.fixture(scope="module")

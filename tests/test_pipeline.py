@@ -16,16 +16,10 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 
 from mmdit_diffusers.pipelines import MMDiTPipeline, MMDiTPipelineOutput
-from tiny_pipeline import LATENT_CHANNELS, T5_TOKENS, tiny_mmdit_pipeline, torch_threads
+from tiny_pipeline import LATENT_CHANNELS, T5_TOKENS, tiny_mmdit_pipeline
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
 STEPS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 def generate(pipe, prompt=PROMPTS[0], seed=0, **kwargs):

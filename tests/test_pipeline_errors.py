@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from mmdit_diffusers.pipelines import MMDiTPipeline
-from tiny_pipeline import T5_TOKENS, tiny_mmdit_pipeline, torch_threads
+from tiny_pipeline import T5_TOKENS, tiny_mmdit_pipeline
 
 PROMPT = "a red circle"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,9 @@ from peft import LoraConfig, get_peft_model_state_dict
 
 from mmdit_diffusers import MMDiTTransformer2DModel
 from mmdit_diffusers.pipelines import MMDiTPipeline
-from tiny_pipeline import save_tiny_sd3_pipeline, torch_threads
+from tiny_pipeline import save_tiny_sd3_pipeline
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 def _quiet(pipe):

@@ -29,14 +29,6 @@ SD3_TINY = dict(
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_sd3(seed: int = 0, **overrides) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(**{**SD3_TINY, **overrides})

@@ -52,6 +52,9 @@ def write_dataset(root, n: int = 8, size: int = 32, solid: bool = False) -> str:
     return str(root)
 
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("base") / "pipeline"
@@ -64,19 +67,6 @@ def data_dir(tmp_path_factory) -> str:
     return write_dataset(tmp_path_factory.mktemp("data") / "images", n=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    """Tiny models run fastest on one thread; each in-process run gets a fresh accelerate state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def common(base: str, data: str, out, *extra: str) -> list[str]:

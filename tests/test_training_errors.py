@@ -15,6 +15,9 @@ from tiny_pipeline import tiny_mmdit_pipeline
 from mmdit_diffusers.train import main
 
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("base") / "pipeline"
@@ -36,18 +39,6 @@ def data_dir(tmp_path) -> str:
     return write_dataset(tmp_path / "data")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def argv(base, data, out, *extra) -> list[str]:

@@ -67,15 +67,6 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls are ~50x slower when two intra-op threads contend for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model() -> MMDiTTransformer2DModel:
     return build()

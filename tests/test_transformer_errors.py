@@ -13,14 +13,6 @@ from mmdit_diffusers import MMDiTTransformer2DModel
 TINY = dict(img_dim=16, txt_dim=8, cond_dim=12, img_tokens=16, txt_tokens=10, hidden_size=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> MMDiTTransformer2DModel:
     return MMDiTTransformer2DModel(**TINY).eval()

@@ -8,7 +8,6 @@ Sizes: 16 x 16 px images by default (latents 4 x 8 x 8, patch 2 -> 16 image toke
 CLIP width 32 (x2 for SD3's two CLIPs), T5 width 64 (= the transformer's text width), at most 32 T5 tokens for the
 MMDiT models (txt_tokens = 77 + 32). Weights are random but not small (std 0.05 .. 0.1), so images depend on
 the prompt. Tokenizers are built from `WORDS` with `mmdit_diffusers.text_tokenizers` (no download).
-Run tests inside `torch_threads(1)`: tiny models on several threads are much slower on a shared CPU.
 """
 
 from __future__ import annotations
@@ -49,18 +48,6 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-@contextmanager
-def torch_threads(n: int = 1):
-    """Run torch on `n` intra-op threads inside the block. Tiny models gain nothing from more, and on a busy
-    machine threads that wait for each other make each op ~50x slower; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @functools.lru_cache(maxsize=None)

@@ -95,7 +95,7 @@ def test_pipeline_folder_uses_its_transformer_subfolder(sd3, tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_dtype_casts_the_written_weights(sd3_dir, tmp_path, dtype):
     assert main([str(sd3_dir), str(tmp_path / "mmdit"), "--dtype", dtype]) == 0
-    mmdit = MMDiTTransformer2DModel.from_pretrained(tmp_path / "mmdit", torch_dtype=getattr(torch, dtype))
+    mmdit = MMDiTTransformer2DModel.from_pretrained(tmp_path / "mmdit", dtype=getattr(torch, dtype))
     from safetensors import safe_open
 
     with safe_open(tmp_path / "mmdit" / WEIGHTS, "pt") as f:

@@ -29,16 +29,22 @@ def resolve_model(model: str | None) -> str:
     return str(DEFAULT_PIPELINE)
 
 
-def load_pipeline(model: str, revision: str | None = None, dtype=None):
+def load_pipeline(model: str, revision: str | None = None):
+    """The pipeline in float32 on the CPU, or in bfloat16 on a GPU (where it is moved)."""
+    import torch
+
     from mmdit_diffusers import MMDiTPipeline
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
     local = Path(model)
     if local.exists() and not (local / "model_index.json").is_file():
         raise CommandError(f"--model {model}: the folder has no model_index.json, so it is not a pipeline folder")
     try:
-        return MMDiTPipeline.from_pretrained(model, revision=revision, torch_dtype=dtype)
+        pipe = MMDiTPipeline.from_pretrained(model, revision=revision, dtype=dtype)
     except (OSError, ValueError) as err:
         raise CommandError(f"--model {model}: cannot load a pipeline: {err}") from err
+    return pipe.to("cuda") if torch.cuda.is_available() else pipe
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:

@@ -73,11 +73,11 @@ def load_converted_sd3_transformer(pretrained_model_name_or_path, kwargs: dict):
     from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
     options = {k: kwargs[k] for k in (*HUB_KWARGS, "variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
-    dtype = kwargs.get("torch_dtype")
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers >= 0.42 says `dtype`
     if isinstance(dtype, dict):
         dtype = dtype.get("transformer", dtype.get("default"))
     if dtype is not None:
-        options["torch_dtype"] = dtype
+        options["dtype"] = dtype
     sd3 = SD3Transformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
     logger.info("Converting the SD3 transformer to MMDiTTransformer2DModel.")
     return MMDiTTransformer2DModel.from_sd3(sd3)

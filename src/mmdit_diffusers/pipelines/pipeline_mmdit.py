@@ -41,7 +41,7 @@ EXAMPLE = """
         >>> from mmdit_diffusers import MMDiTPipeline
 
         >>> # a diffusers-format SD3 / SD3.5 folder or repo: the transformer is converted on load
-        >>> pipe = MMDiTPipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", torch_dtype=torch.bfloat16)
+        >>> pipe = MMDiTPipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
         >>> image = pipe("a red circle left of a blue square", num_inference_steps=28, guidance_scale=5.0).images[0]
         ```
@@ -149,7 +149,7 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """diffusers' `from_pretrained`, also for diffusers-format SD3 / SD3.5 folders and repos: their
-        `SD3Transformer2DModel` is loaded with the same options (`torch_dtype`, `variant`, ...) and converted to
+        `SD3Transformer2DModel` is loaded with the same options (`dtype`, `variant`, ...) and converted to
         `MMDiTTransformer2DModel`; their IP-Adapter image encoder and feature extractor are not loaded."""
         path = pretrained_model_name_or_path
         expected, _ = cls._get_signature_keys(cls)

@@ -31,7 +31,7 @@ from .world import COLOURS, COUNT_WORDS, RELATIONS, SHAPES
 TEXT_WIDTH = 64  # both encoders' width: the transformer's txt_dim and cond_dim
 CLIP_TOKENS = 16  # captions are at most 9 words
 T5_TOKENS = 16
-SHAPES_TRANSFORMER = dict(hidden_size=192, depth=6, num_heads=6, mlp_ratio=4, patch_size=2, qk_norm="rms_norm")
+SHAPES_TRANSFORMER = dict(hidden_size=128, depth=4, num_heads=4, mlp_ratio=4, patch_size=2, qk_norm="rms_norm")
 
 
 def caption_vocabulary() -> list[str]:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Reproduces the shipped pipeline pipelines/mmdit-shapes from nothing, on a CPU:
+#   1. 20,000 Shapes images with captions          (mmdit_diffusers.shapes.dataset)
+#   2. the VAE, trained on them                      (mmdit_diffusers.training.autoencoder)
+#   3. the base pipeline: tokenizers, frozen text encoders, VAE, a zero-initialised transformer
+#   4. the transformer, trained with rectified flow  (mmdit_diffusers.train, configs/train_shapes.yaml)
+#   5. the result in fp16 under pipelines/mmdit-shapes, then `mmdit-diffusers evaluate` on it
+# Every step writes into build/shapes/ and is skipped when its output exists (delete it to redo a step).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+py=.venv/bin/python
+out=build/shapes
+mkdir -p "$out"
+[ -d "$out/data" ] || $py -c "from mmdit_diffusers.shapes import write_dataset; write_dataset('$out/data', 20000, seed=0)"
+[ -d "$out/vae" ] || $py -m mmdit_diffusers.training.autoencoder --train_data_dir "$out/data" --output_dir "$out/vae" \
+    --max_train_steps 1200 --train_batch_size 32 --crop_size 32 --block_out_channels 16 32 64
+[ -d "$out/base" ] || $py -m mmdit_diffusers.shapes.base_pipeline --vae "$out/vae" --output_dir "$out/base"
+[ -f "$out/run/model_index.json" ] || .venv/bin/mmdit-diffusers train --config configs/train_shapes.yaml --resume_from_checkpoint latest
+$py -m mmdit_diffusers.shapes.export_pipeline "$out/run" pipelines/mmdit-shapes
+.venv/bin/mmdit-diffusers evaluate --model pipelines/mmdit-shapes --json "$out/scores.json" --grid "$out/evaluate-grid.png"

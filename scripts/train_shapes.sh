@@ -14,8 +14,11 @@ py=.venv/bin/python
 out=build/shapes
 mkdir -p "$out"
 [ -d "$out/data" ] || $py -c "from mmdit_diffusers.shapes import write_dataset; write_dataset('$out/data', 20000, seed=0)"
-[ -d "$out/vae" ] || $py -m mmdit_diffusers.training.autoencoder --train_data_dir "$out/data" --output_dir "$out/vae" \
+# the VAE in two stages: 32 x 32 crops (cheap), then whole images at a lower learning rate (sharp colours)
+[ -d "$out/vae-crops" ] || $py -m mmdit_diffusers.training.autoencoder --train_data_dir "$out/data" --output_dir "$out/vae-crops" \
     --max_train_steps 1200 --train_batch_size 32 --crop_size 32 --block_out_channels 16 32 64
+[ -d "$out/vae" ] || $py -m mmdit_diffusers.training.autoencoder --init_from "$out/vae-crops" --train_data_dir "$out/data" \
+    --output_dir "$out/vae" --max_train_steps 800 --train_batch_size 16 --crop_size 64 --learning_rate 5e-4
 [ -d "$out/base" ] || $py -m mmdit_diffusers.shapes.base_pipeline --vae "$out/vae" --output_dir "$out/base"
 [ -f "$out/run/model_index.json" ] || .venv/bin/mmdit-diffusers train --config configs/train_shapes.yaml --resume_from_checkpoint latest
 $py -m mmdit_diffusers.shapes.export_pipeline "$out/run" pipelines/mmdit-shapes

@@ -77,7 +77,10 @@ def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, batch_size: int 
 def train_autoencoder(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     images = load_images(args.train_data_dir, args.resolution)
-    vae = build_autoencoder(args.latent_channels, tuple(args.block_out_channels), args.resolution)
+    if args.init_from:
+        vae = AutoencoderKL.from_pretrained(args.init_from)
+    else:
+        vae = build_autoencoder(args.latent_channels, tuple(args.block_out_channels), args.resolution)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.max_train_steps, eta_min=args.learning_rate * 0.05)
     generator = torch.Generator().manual_seed(args.seed)
@@ -115,6 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_data_dir", required=True)
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--init_from", default=None, help="continue training this AutoencoderKL folder")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--latent_channels", type=int, default=4)
     parser.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 64])

@@ -20,6 +20,6 @@ mkdir -p "$out"
 [ -d "$out/vae" ] || $py -m mmdit_diffusers.training.autoencoder --init_from "$out/vae-crops" --train_data_dir "$out/data" \
     --output_dir "$out/vae" --max_train_steps 800 --train_batch_size 16 --crop_size 64 --learning_rate 5e-4
 [ -d "$out/base" ] || $py -m mmdit_diffusers.shapes.base_pipeline --vae "$out/vae" --output_dir "$out/base"
-[ -f "$out/run/model_index.json" ] || .venv/bin/mmdit-diffusers train --config configs/train_shapes.yaml --resume_from_checkpoint latest
-$py -m mmdit_diffusers.shapes.export_pipeline "$out/run" pipelines/mmdit-shapes
+[ -f "$out/transformer/model_index.json" ] || .venv/bin/mmdit-diffusers train --config configs/train_shapes.yaml --resume_from_checkpoint latest
+$py -m mmdit_diffusers.shapes.export_pipeline "$out/transformer" pipelines/mmdit-shapes
 .venv/bin/mmdit-diffusers evaluate --model pipelines/mmdit-shapes --json "$out/scores.json" --grid "$out/evaluate-grid.png"

@@ -85,3 +85,10 @@ def test_evaluate_prints_the_table_and_writes_json_and_grid(pipeline_dir, tmp_pa
     data = json.loads(scores.read_text())
     assert data["prompts"] == 6 and 0.0 <= data["scores"]["overall"] <= 1.0
     assert Image.open(grid).size[0] > 0
+
+
+def test_sampler_settings_use_the_shipped_defaults_only_for_the_shipped_pipeline():
+    assert common.sampler_settings(None, None, None) == common.DEFAULT_PIPELINE_CALL
+    assert common.sampler_settings(None, 7, None)["num_inference_steps"] == 7
+    assert common.sampler_settings("some/folder", None, None) == {}
+    assert common.sampler_settings("some/folder", None, 2.5) == {"guidance_scale": 2.5}

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from PIL import Image
 
-# The embedded default: a complete pipeline folder shipped in the repository.
+# The embedded default: a complete pipeline folder shipped in the repository, and the sampler settings it was
+# evaluated with (its model card reports the scores at these), used when no --model is given.
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "mmdit-shapes"
+DEFAULT_PIPELINE_CALL = dict(num_inference_steps=20, guidance_scale=4.0)
 
 
 class CommandError(Exception):
@@ -19,6 +21,7 @@ class CommandError(Exception):
 
 
 def resolve_model(model: str | None) -> str:
+    """`model`, or the shipped pipeline's folder when it is None."""
     if model is not None:
         return model
     if not (DEFAULT_PIPELINE / "model_index.json").is_file():
@@ -45,6 +48,17 @@ def load_pipeline(model: str, revision: str | None = None):
     except (OSError, ValueError) as err:
         raise CommandError(f"--model {model}: cannot load a pipeline: {err}") from err
     return pipe.to("cuda") if torch.cuda.is_available() else pipe
+
+
+def sampler_settings(model: str | None, steps: int | None, guidance_scale: float | None) -> dict:
+    """Pipeline call arguments: what the command line says, else the shipped pipeline's settings when it is the
+    model, else nothing (the pipeline's own defaults)."""
+    call = dict(DEFAULT_PIPELINE_CALL) if model is None else {}
+    if steps is not None:
+        call["num_inference_steps"] = steps
+    if guidance_scale is not None:
+        call["guidance_scale"] = guidance_scale
+    return call
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..shapes import evaluate, evaluation_prompts, format_table, judge
-from .common import CommandError, image_grid, load_pipeline, resolve_model, save_png
+from .common import CommandError, image_grid, load_pipeline, resolve_model, sampler_settings, save_png
 from .generate import positive_int
 
 
@@ -34,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(resolve_model(args.model), revision=args.revision)
         prompts = evaluation_prompts(seed=args.seed)[: args.limit]
-        call = {}
-        if args.steps is not None:
-            call["num_inference_steps"] = args.steps
-        if args.guidance_scale is not None:
-            call["guidance_scale"] = args.guidance_scale
+        call = sampler_settings(args.model, args.steps, args.guidance_scale)
         generator = torch.Generator().manual_seed(args.seed)
         pipe.set_progress_bar_config(disable=True)
         images, start = [], time.perf_counter()

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .common import CommandError, image_grid, load_pipeline, resolve_model, save_png
+from .common import CommandError, image_grid, load_pipeline, resolve_model, sampler_settings, save_png
 
 
 def positive_int(text: str) -> int:
@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--num_images", type=positive_int, default=1, help="more than one writes a grid")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=positive_int, default=None, help="default: the pipeline's own")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's own")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="default: 20 for the shipped pipeline, else the pipeline's own")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="default: 4.0 for the shipped pipeline, else the pipeline's own")
     parser.add_argument("--height", type=positive_int, default=None)
     parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--output", default=None, help="PNG path (default: outputs/<prompt>.png)")
@@ -47,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(resolve_model(args.model), revision=args.revision)
         loaded = time.perf_counter()
         call = dict(num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
-                    negative_prompt=args.negative_prompt, height=args.height, width=args.width)
-        if args.steps is not None:
-            call["num_inference_steps"] = args.steps
-        if args.guidance_scale is not None:
-            call["guidance_scale"] = args.guidance_scale
+                    negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                    **sampler_settings(args.model, args.steps, args.guidance_scale))
         try:
             images = pipe(args.prompt, **call).images
         except ValueError as err:

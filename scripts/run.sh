@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 prompt="${1:-a red circle left of a blue square}"
 shift || true
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the shipped model is tiny: one thread is faster than two fighting over small matmuls
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/mmdit-diffusers generate "$prompt" "$@"

@@ -37,6 +37,7 @@ def export_pipeline(trained: str | Path, destination: str | Path, dtype: torch.d
         size = weight_bytes(staging)
         if size > MAX_WEIGHT_BYTES:
             raise ValueError(f"the weights take {size / 2**20:.1f} MiB, over the {MAX_WEIGHT_BYTES / 2**20:.0f} MiB budget")
+        staging.chmod(0o755)  # mkdtemp makes it private
         if destination.exists():
             shutil.rmtree(destination)
         staging.rename(destination)

@@ -1,250 +1,602 @@
 """MMDiTTransformer2DModel vs diffusers' SD3Transformer2DModel: same weights, same inputs, same process.
 
-    python benchmarks/bench_transformer.py [--configs tiny medium] [--repeats 7] [--no-compile] [--json out.json]
+    python benchmarks/bench_transformer.py                       # the default cases of this device
+    python benchmarks/bench_transformer.py --cases medium:bf16:train:eager medium:fp32:forward:compile
+    python benchmarks/bench_transformer.py --full                # every case (hours on a 2-core CPU)
+    python benchmarks/bench_transformer.py --profile medium:fp32:train:eager   # top ops, ours and SD3
 
-Every timing is the median of `--repeats` interleaved runs (A B A B ...) after warm-up, reported as the
-ratio ours / theirs (< 1 is faster). FLOPs are counted analytically (see `transformer_flops`) and set
-against the peak matmul throughput measured in the same run for the same dtype.
+A case is CONFIG:DTYPE:PASS:MODE with
+    CONFIG  tiny | medium | sd3-medium (GPU only)          (see CONFIGS)
+    DTYPE   fp32 | bf16 (bf16 weights and inputs) | autocast (fp32 weights, torch.autocast bf16)
+    PASS    forward (no grad) | train (forward + backward of a mean-square loss, no optimizer)
+    MODE    eager | compile (torch.compile of the whole model, default inductor) | regional (each transformer
+            block compiled on its own, as diffusers' compile_repeated_blocks: one compilation serves every block,
+            so an SD3-Medium-sized model compiles in a fraction of the time); the first call, which compiles,
+            is reported separately
+
+The SD3 model gets random N(0, 0.02) weights (every tensor, so no gate is zero); ours is converted from it with
+`MMDiTTransformer2DModel.from_sd3`. Each case is timed as interleaved rounds (see `common.interleave`) and
+reported as the median over rounds of the ratio ours / SD3 within a round, with its quartiles as the noise.
+Throughput is the analytic FLOP count (`transformer_flops`) over the median time, as a share of the matmul peak
+of the same dtype: the best square F.linear size found at the start (`common.measure_peaks`) is timed again in
+every round of the case, next to the models, so that both see the same machine load.
+
+Also: peak memory of a training step with and without gradient checkpointing (`bench_memory`) and the speed-up
+from dropping shared text padding (`bench_padding`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
+import functools
+import gc
+import itertools
 import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
+from unittest import mock
 
-import diffusers
 import torch
-from diffusers import SD3Transformer2DModel
+import torch.nn as nn
 
-from mmdit_diffusers import MMDiTTransformer2DModel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    dtype_name,
+    environment,
+    gemm_probe,
+    clock_name,
+    interleave,
+    measure_peaks,
+    quiet_diffusers,
+    ratio_stats,
+    sync,
+    timed,
+    timed_both,
+    use_clock,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    hidden: int
+    depth: int
+    heads: int
+    side: int  # latent side
+    patch: int
+    txt: int  # text tokens
+    batch: int
+
+    @property
+    def img_tokens(self) -> int:
+        return (self.side // self.patch) ** 2
+
 
 CONFIGS = {
-    # name: (hidden, depth, heads, latent side, patch, text tokens, batch)
-    "tiny": (64, 2, 4, 16, 2, 32, 2),
-    "medium": (512, 8, 8, 32, 2, 77, 4),
-    "sd3-medium": (1536, 24, 24, 128, 2, 333, 2),  # GPU only
+    "tiny": Config(hidden=64, depth=2, heads=4, side=16, patch=2, txt=32, batch=2),
+    "medium": Config(hidden=512, depth=8, heads=8, side=32, patch=2, txt=77, batch=4),
+    "sd3-medium": Config(hidden=1536, depth=24, heads=24, side=128, patch=2, txt=333, batch=2),  # GPU only
 }
 LATENT_CHANNELS, TXT_DIM, POOLED_DIM = 16, 4096, 2048
+DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "autocast": (torch.float32, True)}
+PASSES = ("forward", "train")
+MODES = ("eager", "compile", "regional")
+
+# What a plain run measures. CPU: everything that fits in ~6 minutes on a loaded 2-core machine; the rest
+# (bf16 training steps take ~100 s each there, and a cold inductor compile ~1 min per model and graph) by hand
+# with --cases (numbers in benchmarks/README.md).
+DEFAULT_CPU_CASES = [
+    *(f"tiny:{d}:{p}:eager" for d in DTYPES for p in PASSES),
+    "medium:fp32:forward:eager",
+    "medium:fp32:train:eager",
+    "medium:bf16:forward:eager",
+    "medium:autocast:forward:eager",
+    "medium:fp32:forward:compile",
+]
+DEFAULT_GPU_CASES = [  # benchmarks/gpu_bench.sh runs these in two parts, eager first
+    *(f"{c}:{d}:{p}:eager" for c in CONFIGS for d in DTYPES for p in PASSES),
+    *(f"sd3-medium:bf16:{p}:regional" for p in PASSES),
+]
 
 
-def build_pair(name: str, device: torch.device):
-    hidden, depth, heads, side, patch, _, _ = CONFIGS[name]
-    torch.manual_seed(0)
-    sd3 = SD3Transformer2DModel(
-        sample_size=side, patch_size=patch, in_channels=LATENT_CHANNELS, num_layers=depth,
-        attention_head_dim=hidden // heads, num_attention_heads=heads, joint_attention_dim=TXT_DIM,
-        caption_projection_dim=hidden, pooled_projection_dim=POOLED_DIM, out_channels=LATENT_CHANNELS,
-        pos_embed_max_size=max(side // patch, 8),
-    )
-    with torch.no_grad():
-        for p in sd3.parameters():
-            p.normal_(0, 0.02)
-    ours = MMDiTTransformer2DModel.from_sd3(sd3)
-    return ours.to(device), sd3.to(device)
+@dataclasses.dataclass(frozen=True)
+class Case:
+    config: str
+    dtype: str
+    pass_: str
+    mode: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Case":
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise argparse.ArgumentTypeError(f"case {text!r} is not CONFIG:DTYPE:PASS:MODE")
+        case = cls(*parts)
+        for value, allowed in zip(parts, (CONFIGS, DTYPES, PASSES, MODES)):
+            if value not in allowed:
+                raise argparse.ArgumentTypeError(f"case {text!r}: {value!r} is not one of {list(allowed)}")
+        return case
+
+    def __str__(self) -> str:
+        return f"{self.config}:{self.dtype}:{self.pass_}:{self.mode}"
 
 
-def make_inputs(name: str, device, dtype):
-    _, _, _, side, _, txt, batch = CONFIGS[name]
+def all_cases(device) -> list[str]:
+    configs = CONFIGS if device.type == "cuda" else [c for c in CONFIGS if c != "sd3-medium"]
+    modes = MODES if device.type == "cuda" else ("eager", "compile")
+    return [f"{c}:{d}:{p}:{m}" for c, d, p, m in itertools.product(configs, DTYPES, PASSES, modes)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ---------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def skip_weight_init():
+    """Build Linear / Conv2d layers without their random init: every weight is redrawn right after, and an
+    SD3-Medium-sized model then builds in seconds instead of minutes."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Conv2d)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_pair(name: str):
+    """(ours, SD3) in float32 on the CPU, same weights; cached for the config last asked for."""
+    from diffusers import SD3Transformer2DModel
+
+    from mmdit_diffusers import MMDiTTransformer2DModel
+
+    cfg = CONFIGS[name]
+    with skip_weight_init():
+        sd3 = SD3Transformer2DModel(
+            sample_size=cfg.side, patch_size=cfg.patch, in_channels=LATENT_CHANNELS, num_layers=cfg.depth,
+            attention_head_dim=cfg.hidden // cfg.heads, num_attention_heads=cfg.heads, joint_attention_dim=TXT_DIM,
+            caption_projection_dim=cfg.hidden, pooled_projection_dim=POOLED_DIM, out_channels=LATENT_CHANNELS,
+            pos_embed_max_size=max(cfg.side // cfg.patch, 8),
+        )
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in sd3.parameters():
+                p.normal_(0, 0.02, generator=gen)
+        ours = MMDiTTransformer2DModel.from_sd3(sd3)
+    return ours, sd3
+
+
+def build_pair(name: str, device, dtype):
+    """Fresh copies of (ours, SD3) on `device` in `dtype`."""
+    ours, sd3 = cpu_pair(name)
+    with quiet_diffusers():
+        return tuple(copy.deepcopy(m).to(device=device, dtype=dtype) for m in (ours, sd3))
+
+
+def make_inputs(name: str, device, dtype, txt_tokens: int | None = None) -> dict:
+    cfg = CONFIGS[name]
     g = torch.Generator().manual_seed(1)
     return dict(
-        hidden_states=torch.randn(batch, LATENT_CHANNELS, side, side, generator=g).to(device, dtype),
-        encoder_hidden_states=torch.randn(batch, txt, TXT_DIM, generator=g).to(device, dtype),
-        pooled_projections=torch.randn(batch, POOLED_DIM, generator=g).to(device, dtype),
-        timestep=torch.rand(batch, generator=g).mul(1000).to(device),
+        hidden_states=torch.randn(cfg.batch, LATENT_CHANNELS, cfg.side, cfg.side, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(cfg.batch, txt_tokens or cfg.txt, TXT_DIM, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(cfg.batch, POOLED_DIM, generator=g).to(device, dtype),
+        timestep=torch.rand(cfg.batch, generator=g).mul(1000).to(device),
     )
 
 
-def transformer_flops(name: str) -> float:
-    """Forward FLOPs (2 per multiply-add) of the matmuls: per block and stream, QKV 3*2ND^2, output
-    projection 2ND^2, MLP 2*2N*D*4D; joint attention 2 * 2 * (N_img + N_txt)^2 * D; plus the patch and text
-    embedders and the final projection. Elementwise work (norms, modulation, softmax) is not counted."""
-    hidden, depth, _, side, patch, txt, batch = CONFIGS[name]
-    n_img = (side // patch) ** 2
-    n_all = n_img + txt
-    per_block = sum(2 * n * hidden * hidden * (3 + 1 + 8) for n in (n_img, txt)) + 4 * n_all * n_all * hidden
-    embed = 2 * n_img * LATENT_CHANNELS * patch * patch * hidden * 2 + 2 * txt * TXT_DIM * hidden
-    return float(batch * (depth * per_block + embed))
+def transformer_flops(name: str, txt_tokens: int | None = None) -> float:
+    """Forward FLOPs of one call (2 per multiply-add), matmuls only; norms, modulation, GELU and softmax are not
+    counted. Per sample, with N_i image tokens, N_t text tokens, width D, MLP width 4D:
+      blocks     each stream: Q, K, V and output projections 4 * 2 N D^2, MLP 2 * 2 N D (4D), AdaLN 2 D (6D);
+                 the text stream of the last block (pre-only): Q, K, V only, AdaLN 2 D (2D);
+                 joint attention: q k^T and p v, 2 * 2 (N_i + N_t)^2 D.
+      embedders  patches 2 N_i (16 p^2) D, text 2 N_t 4096 D, timestep MLP 2 (256 D + D^2), pooled MLP
+                 2 (2048 D + D^2); output: AdaLN 2 D (2D) and projection 2 N_i D (16 p^2).
+    A training step counts 3x the forward (backward = grad to inputs + grad to weights), the usual MFU
+    convention; the flash-attention backward's recomputation of q k^T is not counted."""
+    cfg = CONFIGS[name]
+    d, n_i, n_t = cfg.hidden, cfg.img_tokens, txt_tokens or cfg.txt
+    stream = lambda n: 4 * 2 * n * d * d + 2 * 2 * n * d * 4 * d + 2 * d * 6 * d  # noqa: E731
+    last_txt = 3 * 2 * n_t * d * d + 2 * d * 2 * d
+    attention = 4 * (n_i + n_t) ** 2 * d
+    blocks = cfg.depth * (stream(n_i) + attention) + (cfg.depth - 1) * stream(n_t) + last_txt
+    patch_dim = LATENT_CHANNELS * cfg.patch**2
+    embed = 2 * n_i * patch_dim * d + 2 * n_t * TXT_DIM * d + 2 * (256 * d + d * d) + 2 * (POOLED_DIM * d + d * d)
+    head = 2 * d * 2 * d + 2 * n_i * d * patch_dim
+    return float(cfg.batch * (blocks + embed + head))
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def make_step(model, inputs: dict, pass_: str, autocast: bool, device):
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+
+    def forward():
+        with torch.no_grad(), ctx():
+            model(**inputs, return_dict=False)
+
+    def train():
+        with ctx():
+            out = model(**inputs, return_dict=False)[0]
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return forward if pass_ == "forward" else train
 
 
-def measure_gemm_peak(device, dtype, size: int, repeats: int = 5) -> float:
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * size**3 / statistics.median(times)
+# ---------------------------------------------------------------------------------------------------------------
+# Speed
+# ---------------------------------------------------------------------------------------------------------------
+def run_cases(cases: list[Case], device, peaks: dict, fused: bool, min_repeats: int, target_s: float, log=print,
+              rows: list | None = None, save=lambda: None):
+    """Time every case; rows are appended to `rows` (and `save()` called) as they come."""
+    rows = [] if rows is None else rows
+    order = sorted(cases, key=lambda c: (list(CONFIGS).index(c.config), DTYPES[c.dtype][0] != torch.float32))
+    for (name, weight_dtype), group in itertools.groupby(order, key=lambda c: (c.config, DTYPES[c.dtype][0])):
+        ours, sd3 = build_pair(name, device, weight_dtype)
+        models = {"ours": ours, "sd3": sd3}
+        if fused:
+            models["ours_fused"] = copy.deepcopy(ours)
+            models["ours_fused"].fuse_qkv_projections()
+        compiled = {}
+        inputs = make_inputs(name, device, weight_dtype)
+        for case in sorted(group, key=lambda c: MODES.index(c.mode)):
+            autocast = DTYPES[case.dtype][1]
+            if case.mode == "compile" and not compiled:
+                compiled = {k: torch.compile(m) for k, m in models.items()}
+            if case.mode == "regional":
+                for m in models.values():
+                    for block in m.transformer_blocks:
+                        block.compile()  # in place; `regional` cases run after all eager ones
+            runnable = compiled if case.mode == "compile" else models
+            fns = [make_step(m, inputs, case.pass_, autocast, device) for m in runnable.values()]
+            # the matmul peak of this dtype, timed in the same rounds: the shares of peak see the same load
+            peak_dtype = "fp32" if case.dtype == "fp32" else "bf16"
+            probe, probe_flops = gemm_probe(device, DTYPES[peak_dtype][0], peaks[peak_dtype]["peak_size"])
+            try:
+                # the first call compiles in compile modes (reported in wall time: inductor compiles in subprocesses)
+                first, first_wall = zip(*(timed_both(fn, device) for fn in fns))
+                if case.mode == "eager":  # the first call warms up too, and estimates a round
+                    warmup, round_s = (0 if first[0] > 5 else 1 if first[0] > 0.5 else 3), sum(first)
+                else:  # the first call compiled: warm up on a compiled round
+                    warmup, round_s = 1, 0.0
+                times, wall = interleave([*fns, probe], device, min_repeats=min_repeats, target_s=target_s,
+                                         warmup=warmup, round_s=round_s)
+                *samples, probe_s = times
+            except torch.OutOfMemoryError as err:
+                log(f"{case}: out of memory ({err})")
+                continue
+            probe_rate = probe_flops / statistics.median(probe_s)
+            rows.append(summarise(case, dict(zip(runnable, samples)), first_wall, probe_rate))
+            rows[-1]["wall_ratio"] = ratio_stats(wall[0], wall[1])
+            rows[-1]["wall_ms"] = {k: statistics.median(w) * 1e3 for k, w in zip(runnable, wall)}
+            log(format_row(rows[-1]))
+            save()
+        del models, compiled, ours, sd3
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
-def step_fn(model, inputs, mode: str, autocast: bool, device):
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-
-    def run():
-        if mode == "forward":
-            with torch.no_grad(), ctx:
-                model(**inputs, return_dict=False)
-        else:
-            with ctx:
-                out = model(**inputs, return_dict=False)[0]
-            out.float().square().mean().backward()
-            model.zero_grad(set_to_none=True)
-
-    return run
-
-
-def interleaved_median(fns: list, repeats: int, warmup: int, device) -> list[float]:
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            samples[i].append(time.perf_counter() - t0)
-    return [statistics.median(s) for s in samples]
+def summarise(case: Case, samples: dict, first: list[float], peak: float) -> dict:
+    flops = transformer_flops(case.config) * (1 if case.pass_ == "forward" else 3)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    row = dict(
+        case=str(case), config=case.config, dtype=case.dtype, pass_=case.pass_, mode=case.mode,
+        rounds=len(samples["ours"]), ours_ms=med["ours"] * 1e3, sd3_ms=med["sd3"] * 1e3,
+        **ratio_stats(samples["ours"], samples["sd3"]),
+        gflop=flops / 1e9, ours_gflops=flops / med["ours"] / 1e9, sd3_gflops=flops / med["sd3"] / 1e9,
+        peak_gflops=peak / 1e9, ours_peak_share=flops / med["ours"] / peak, sd3_peak_share=flops / med["sd3"] / peak,
+        first_call_s=dict(zip(samples, first)), samples_ms={k: [t * 1e3 for t in v] for k, v in samples.items()},
+    )
+    if "ours_fused" in samples:
+        row["ours_fused_ms"] = med["ours_fused"] * 1e3
+        row["fused_vs_sd3"] = ratio_stats(samples["ours_fused"], samples["sd3"])["ratio"]
+        row["fused_vs_sd3_p25_p75"] = [ratio_stats(samples["ours_fused"], samples["sd3"])[k] for k in ("ratio_p25", "ratio_p75")]
+        row["fused_vs_unfused"] = ratio_stats(samples["ours_fused"], samples["ours"])["ratio"]
+    return row
 
 
-def saved_activation_bytes(model, inputs) -> int:
-    """Peak activation memory of a training step, counted as the bytes autograd saves for backward."""
-    total = 0
+HEADER = (f"{'case':<32} {'rounds':>6} {'ours ms':>10} {'sd3 ms':>10} {'ratio':>6} {'(p25-p75)':>12} "
+          f"{'GFLOP/s':>8} {'peak':>7} {'ours/pk':>7} {'sd3/pk':>7}")
 
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+
+def format_row(r: dict) -> str:
+    line = (f"{r['case']:<32} {r['rounds']:>6} {r['ours_ms']:>10.2f} {r['sd3_ms']:>10.2f} {r['ratio']:>6.3f} "
+            f"({r['ratio_p25']:.3f}-{r['ratio_p75']:.3f}) {r['ours_gflops']:>8.1f} {r['peak_gflops']:>7.1f} "
+            f"{r['ours_peak_share']:>7.1%} "
+            f"{r['sd3_peak_share']:>7.1%}")
+    if r["mode"] != "eager":
+        line += f"  [first call: ours {r['first_call_s']['ours']:.0f} s, sd3 {r['first_call_s']['sd3']:.0f} s]"
+    if "fused_vs_sd3" in r:
+        line += f"  [fused QKV: {r['ours_fused_ms']:.2f} ms, /sd3 {r['fused_vs_sd3']:.3f}, /unfused {r['fused_vs_unfused']:.3f}]"
+    return line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------
+def _cpu_step_memory(forward, backward) -> tuple[int, int]:
+    """(bytes held between forward and backward, peak bytes) above the start, from the CPU allocator's events."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("bench::forward"):
+            out = forward()
+        backward(out)
+    events = prof.profiler.kineto_results.events()
+    fwd = next(e for e in events if e.name() == "bench::forward")
+    fwd_end = fwd.start_ns() + fwd.duration_ns()
+    live = peak = 0
+    held = None
+    for start, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if held is None and start > fwd_end:
+            held = live
+        live += nbytes
+        peak = max(peak, live)
+    return (live if held is None else held), peak
+
+
+def _cuda_step_memory(forward, backward, device) -> tuple[int, int]:
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = forward()
+    sync(device)
+    held = torch.cuda.memory_allocated(device) - base
+    backward(out)
+    sync(device)
+    return held, torch.cuda.max_memory_allocated(device) - base
+
+
+class SavedTensorBytes:
+    """Counts the bytes autograd saves for backward (saved_tensors_hooks), each storage once, weights and inputs
+    excluded. Blind to what non-reentrant checkpointing keeps, so only used without checkpointing (a cross-check
+    of `held`)."""
+
+    def __init__(self, model, inputs: dict):
+        tensors = itertools.chain(model.parameters(), model.buffers(), inputs.values())
+        self.skip = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        self.seen = {}
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.skip:
+            self.seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**inputs, return_dict=False)[0]
-    out.float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return total
+    def wrap(self, forward):
+        def counted():
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                return forward()
+
+        return counted
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
 
 
-def bench_config(name, device, repeats, compile_modes, rows, peaks):
-    ours32, theirs32 = build_pair(name, device)
-    variants = {
-        "fp32": (ours32, theirs32, torch.float32, False),
-        "bf16 weights": (None, None, torch.bfloat16, False),
-        "autocast bf16": (ours32, theirs32, torch.float32, True),
-    }
-    flops = transformer_flops(name)
-    for variant, (ours, theirs, dtype, autocast) in variants.items():
-        if ours is None:
-            ours, theirs = build_pair(name, device)
-            ours, theirs = ours.to(dtype), theirs.to(dtype)
-        inputs = make_inputs(name, device, dtype)
-        peak = peaks[torch.bfloat16 if (autocast or dtype == torch.bfloat16) else torch.float32]
-        for compiled in compile_modes:
-            a = torch.compile(ours) if compiled else ours
-            b = torch.compile(theirs) if compiled else theirs
-            for mode in ("forward", "forward+backward"):
-                t_a, t_b = interleaved_median(
-                    [step_fn(a, inputs, mode, autocast, device), step_fn(b, inputs, mode, autocast, device)],
-                    repeats, warmup=2, device=device,
-                )
-                work = flops * (1 if mode == "forward" else 3)
-                rows.append(dict(
-                    config=name, dtype=variant, compile=compiled, mode=mode, ours_ms=t_a * 1e3, sd3_ms=t_b * 1e3,
-                    ratio=t_a / t_b, ours_peak_share=work / t_a / peak, sd3_peak_share=work / t_b / peak,
-                ))
-                print_row(rows[-1], flush=True)
+def bench_memory(name: str, device, dtype) -> dict:
+    """Training-step memory above what is allocated before it (weights, inputs and, pre-allocated by a first
+    step, the gradients): `held` between forward and backward (activations saved for backward) and the `peak`
+    over the whole step (activations + temporaries + a checkpointed block's recomputation)."""
+    ours, sd3 = build_pair(name, device, dtype)
+    inputs = make_inputs(name, device, dtype)
+    result = dict(config=name, dtype=dtype_name(dtype))
+    for label, model in (("ours", ours), ("sd3", sd3)):
+        def forward():
+            return model(**inputs, return_dict=False)[0]
 
+        def backward(out):
+            out.float().square().mean().backward()
 
-def bench_memory(name, device) -> dict:
-    ours, theirs = build_pair(name, device)
-    inputs = make_inputs(name, device, torch.float32)
-    result = {"config": name}
-    for label, model in (("ours", ours), ("sd3", theirs)):
-        model.disable_gradient_checkpointing()
-        plain = saved_activation_bytes(model, inputs)
-        model.enable_gradient_checkpointing()
-        ckpt = saved_activation_bytes(model, inputs)
-        result[label] = dict(activations_mib=plain / 2**20, checkpointed_mib=ckpt / 2**20, reduction=plain / ckpt)
+        backward(forward())  # allocate the gradients once: the steps below accumulate into them
+        entry = {}
+        for ckpt in (False, True):
+            model.enable_gradient_checkpointing() if ckpt else model.disable_gradient_checkpointing()
+            saved = None if ckpt else SavedTensorBytes(model, inputs)
+            step_forward = forward if ckpt else saved.wrap(forward)
+            if device.type == "cuda":
+                held, peak = _cuda_step_memory(step_forward, backward, device)
+            else:
+                held, peak = _cpu_step_memory(step_forward, backward)
+            key = "checkpointed" if ckpt else "plain"
+            entry[key] = dict(held_mib=held / 2**20, peak_mib=peak / 2**20)
+            if saved is not None:
+                entry[key]["saved_for_backward_mib"] = saved.total / 2**20
+        model.zero_grad(set_to_none=True)
+        entry["peak_reduction"] = entry["plain"]["peak_mib"] / entry["checkpointed"]["peak_mib"]
+        entry["held_reduction"] = entry["plain"]["held_mib"] / entry["checkpointed"]["held_mib"]
+        result[label] = entry
     return result
 
 
-def bench_padding(name, device, repeats) -> dict:
-    """Short prompts in a long padded sequence: with the mask, shared padding is dropped before the blocks."""
-    ours, _ = build_pair(name, device)
-    inputs = make_inputs(name, device, torch.float32)
-    batch, length = inputs["encoder_hidden_states"].shape[:2]
-    mask = torch.zeros(batch, length, dtype=torch.long, device=device)
-    mask[:, : max(length // 8, 1)] = 1
-    masked = dict(inputs, encoder_attention_mask=mask)
-    with torch.no_grad():
-        t_mask, t_full = interleaved_median(
-            [lambda: ours(**masked), lambda: ours(**inputs)], repeats, warmup=2, device=device
+def format_memory(m: dict) -> str:
+    lines = []
+    for label in ("ours", "sd3"):
+        e = m[label]
+        lines.append(
+            f"memory {m['config']} {m['dtype']} {label:<4}: peak {e['plain']['peak_mib']:8.1f} MiB -> "
+            f"{e['checkpointed']['peak_mib']:8.1f} MiB with checkpointing ({e['peak_reduction']:.1f}x); held for "
+            f"backward {e['plain']['held_mib']:8.1f} -> {e['checkpointed']['held_mib']:7.1f} MiB "
+            f"({e['held_reduction']:.1f}x); autograd-saved {e['plain']['saved_for_backward_mib']:.1f} MiB"
         )
-    return dict(config=name, real_tokens=int(mask[0].sum()), of=length, masked_ms=t_mask * 1e3,
-                unmasked_ms=t_full * 1e3, speedup=t_full / t_mask)
+    return "\n".join(lines)
 
 
-def print_row(r, flush=False):
-    print(
-        f"{r['config']:<10} {r['dtype']:<14} {'compile' if r['compile'] else 'eager':<8} {r['mode']:<17} "
-        f"{r['ours_ms']:>10.2f} {r['sd3_ms']:>10.2f} {r['ratio']:>7.3f} {r['ours_peak_share']:>8.1%} "
-        f"{r['sd3_peak_share']:>8.1%}",
-        flush=flush,
+# ---------------------------------------------------------------------------------------------------------------
+# Text padding
+# ---------------------------------------------------------------------------------------------------------------
+def bench_padding(name: str, device, dtype, min_repeats: int, target_s: float, txt_tokens=77 + 256, real=12) -> dict:
+    """Short prompts in a long padded sequence (SD3's 77 CLIP + 256 T5 positions, `real` of them real in every
+    prompt): with the mask, positions that are padding in every prompt are dropped before the blocks. Against
+    the same masked input with dropping switched off (same output, all positions computed), and against SD3,
+    which has no mask and computes every position."""
+    from mmdit_diffusers.models import transformer_mmdit
+
+    ours, sd3 = build_pair(name, device, dtype)
+    inputs = make_inputs(name, device, dtype, txt_tokens=txt_tokens)
+    mask = torch.zeros(inputs["encoder_hidden_states"].shape[:2], dtype=torch.long, device=device)
+    mask[:, :real] = 1
+    masked = dict(inputs, encoder_attention_mask=mask)
+    keep_all = lambda txt, txt_mask: (txt, txt_mask)  # noqa: E731
+
+    def no_drop():
+        with mock.patch.object(transformer_mmdit, "_drop_shared_padding", keep_all):
+            return ours(**masked).sample
+
+    with torch.no_grad():
+        dropped = ours(**masked).sample
+        err = (dropped.float() - no_drop().float()).abs().max().item()
+        fns = [lambda: ours(**masked), no_drop, lambda: sd3(**inputs)]
+        (t_drop, t_keep, t_sd3), _ = interleave(fns, device, min_repeats=min_repeats, target_s=target_s)
+    return dict(
+        config=name, dtype=dtype_name(dtype), text_positions=txt_tokens, real_tokens=real,
+        dropped_ms=statistics.median(t_drop) * 1e3, not_dropped_ms=statistics.median(t_keep) * 1e3,
+        sd3_ms=statistics.median(t_sd3) * 1e3, speedup=1 / ratio_stats(t_drop, t_keep)["ratio"],
+        speedup_vs_sd3=1 / ratio_stats(t_drop, t_sd3)["ratio"], rounds=len(t_drop), max_abs_difference=err,
     )
+
+
+def format_padding(p: dict) -> str:
+    return (f"padding {p['config']} {p['dtype']}: {p['real_tokens']} real of {p['text_positions']} text positions: "
+            f"{p['not_dropped_ms']:.1f} ms without dropping -> {p['dropped_ms']:.1f} ms dropped ({p['speedup']:.2f}x; "
+            f"SD3 {p['sd3_ms']:.1f} ms, {p['speedup_vs_sd3']:.2f}x); max |difference| {p['max_abs_difference']:.1e}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile
+# ---------------------------------------------------------------------------------------------------------------
+def profile_case(case: Case, device, rows: int = 15) -> str:
+    """torch.profiler tables (self time, top ops) of one step of ours and of SD3, after warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    weight_dtype, autocast = DTYPES[case.dtype]
+    ours, sd3 = build_pair(case.config, device, weight_dtype)
+    inputs = make_inputs(case.config, device, weight_dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for label, model in (("ours", ours), ("sd3", sd3)):
+        if case.mode == "regional":
+            for block in model.transformer_blocks:
+                block.compile()
+        model = torch.compile(model) if case.mode == "compile" else model
+        step = make_step(model, inputs, case.pass_, autocast, device)
+        for _ in range(0 if timed(step, device) > 10 else 1):  # warm-up (the timed call is one)
+            step()
+        with profile(activities=activities) as prof:
+            step()
+            sync(device)
+        out.append(f"### {label}: {case} (threads {torch.get_num_threads()})\n")
+        out.append(prof.key_averages().table(sort_by=sort, row_limit=rows))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default 1 on CPU: see benchmarks/README.md)")
+    parser.add_argument("--cases", nargs="+", type=Case.parse, default=None, help="CONFIG:DTYPE:PASS:MODE ...")
+    parser.add_argument("--full", action="store_true", help="every case of this device")
+    parser.add_argument("--fused", action="store_true", help="also time ours with fuse_qkv_projections()")
+    parser.add_argument("--repeats", type=int, default=5, help="least rounds per case (>= 5)")
+    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                        help="auto: CPU time of the process on a CPU with one thread, else wall time")
+    parser.add_argument("--target-s", type=float, default=5.0, help="cheap cases get more rounds, up to this long")
+    parser.add_argument("--memory", nargs="*", default=None, help="configs for the memory section")
+    parser.add_argument("--padding", nargs="*", default=None, help="configs for the text-padding section")
+
+
+def setup(args) -> torch.device:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.repeats < 5:
+        raise SystemExit("--repeats must be at least 5 (medians of fewer runs are noise)")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise SystemExit("--clock cpu needs the CPU device and --threads 1")
+    use_clock(clock)
+    return device
+
+
+def save_json(path, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+
+
+def run(args, device, log=print) -> dict:
+    """The transformer part of the suite; returns everything it measured, and keeps `args.json` up to date as
+    it goes (a run stopped by a time limit leaves what it measured)."""
+    save = lambda: save_json(args.json, result)  # noqa: E731
+    started = time.perf_counter()
+    result = dict(environment=environment(device))
+    result["clock"] = clock_name()
+    log(f"device {result['environment'].get('gpu', result['environment']['cpu'])}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; clock {clock_name()}; load average {result['environment']['load_average']}")
+    peaks = measure_peaks(device)
+    for name, p in peaks.items():
+        layouts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in p["layouts"].items())
+        log(f"matmul peak {name}: {p['peak_flops'] / 1e9:.1f} GFLOP/s (F.linear {p['peak_size']}^3; by size "
+            f"{ {k: round(v / 1e9, 1) for k, v in p['by_size'].items()} }); layouts at {p['layouts_at']}^3 "
+            f"(GFLOP/s): {layouts}")
+    result["peaks"] = peaks
+    if args.cases:
+        cases = args.cases
+    elif args.full:
+        cases = [Case.parse(c) for c in all_cases(device)]
+    else:
+        cases = [Case.parse(c) for c in (DEFAULT_GPU_CASES if device.type == "cuda" else DEFAULT_CPU_CASES)]
+    log(HEADER)
+    result["rows"] = []
+    run_cases(cases, device, peaks, args.fused, args.repeats, args.target_s, log, result["rows"], save)
+
+    default_small = ["tiny", "medium"] + (["sd3-medium"] if device.type == "cuda" else [])
+    memory_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result["memory"] = []
+    for name in default_small[1:] if args.memory is None else args.memory:
+        result["memory"].append(bench_memory(name, device, memory_dtype))
+        log(format_memory(result["memory"][-1]))
+        save()
+    result["padding"] = []
+    for name in default_small[1:] if args.padding is None else args.padding:
+        result["padding"].append(bench_padding(name, device, memory_dtype, args.repeats, args.target_s))
+        log(format_padding(result["padding"][-1]))
+        save()
+    end_peaks = measure_peaks(device)
+    for name, p in end_peaks.items():
+        log(f"matmul peak {name} at the end: {p['peak_flops'] / 1e9:.1f} GFLOP/s")
+    result["peaks_at_end"] = end_peaks
+    result["environment"]["load_average_at_end"] = __import__("os").getloadavg()
+    result["wall_s"] = time.perf_counter() - started
+    save()
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true")
+    add_arguments(parser)
+    parser.add_argument("--profile", type=Case.parse, default=None, help="print top-op tables for one case")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configs = args.configs or (["tiny", "medium", "sd3-medium"] if device.type == "cuda" else ["tiny", "medium"])
-    if args.repeats < 5:
-        parser.error("--repeats must be at least 5 (medians of fewer runs are noise)")
-
-    gemm = 8192 if device.type == "cuda" else 1536
-    peaks = {dt: measure_gemm_peak(device, dt, gemm) for dt in (torch.float32, torch.bfloat16)}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {name}; torch {torch.__version__}; diffusers {diffusers.__version__}; threads {torch.get_num_threads()}")
-    print(f"measured matmul peak ({gemm}^3): fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s")
-    print(f"{'config':<10} {'dtype':<14} {'mode':<8} {'pass':<17} {'ours ms':>10} {'sd3 ms':>10} {'ratio':>7} "
-          f"{'ours/pk':>8} {'sd3/pk':>8}")
-
-    rows: list[dict] = []
-    compile_modes = [False] if args.no_compile else [False, True]
-    for cfg in configs:
-        bench_config(cfg, device, args.repeats, compile_modes, rows, peaks)
-
-    memory = [bench_memory(cfg, device) for cfg in configs if cfg != "sd3-medium"]
-    for m in memory:
-        print(f"activation memory {m['config']}: " + "; ".join(
-            f"{k} {v['activations_mib']:.1f} MiB -> {v['checkpointed_mib']:.1f} MiB with checkpointing "
-            f"({v['reduction']:.1f}x)" for k, v in m.items() if k != "config"))
-    padding = [bench_padding(cfg, device, args.repeats) for cfg in configs if cfg != "sd3-medium"]
-    for p in padding:
-        print(f"padding drop {p['config']}: {p['real_tokens']}/{p['of']} real text tokens: "
-              f"{p['unmasked_ms']:.2f} ms unmasked -> {p['masked_ms']:.2f} ms masked ({p['speedup']:.2f}x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, diffusers=diffusers.__version__,
-                           peaks_gflops={str(k): v / 1e9 for k, v in peaks.items()},
-                           rows=rows, memory=memory, padding=padding), f, indent=2)
+    device = setup(args)
+    if args.profile:
+        print(profile_case(args.profile, device))
+        return
+    run(args, device, log=functools.partial(print, flush=True))
 
 
 if __name__ == "__main__":

@@ -106,18 +106,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
 
 
 def joint_attention(txt_qkv, img_qkv, txt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One attention over both streams: every query, text or image, attends to k = cat([txt_k, img_k]) (v alike).
-
-    Each query is its own row of the softmax, so the text and the image queries are run as two calls against
-    the same joint keys and values: the same result as attending with cat([txt_q, img_q]), without copying the
-    queries into one tensor or the output back out of it (each stream's output comes out contiguous, ready for
-    its `to_out`).
+    """q = cat([txt_q, img_q]) along the sequence (k, v alike); one attention; split back into (txt, img).
 
     `txt_mask` [B, L] bool: padded text tokens are masked out as keys, so no query sees them.
     """
-    k, v = (torch.cat([t, i], dim=2) for t, i in zip(txt_qkv[1:], img_qkv[1:]))
+    q, k, v = (torch.cat([t, i], dim=2) for t, i in zip(txt_qkv, img_qkv))
     key_mask = None
     if txt_mask is not None:
         img_keys = txt_mask.new_ones(txt_mask.shape[0], img_qkv[1].shape[2])
         key_mask = torch.cat([txt_mask, img_keys], dim=1)
-    return attention(txt_qkv[0], k, v, key_mask), attention(img_qkv[0], k, v, key_mask)
+    out = attention(q, k, v, key_mask)
+    num_txt = txt_qkv[0].shape[2]
+    return out[:, :num_txt], out[:, num_txt:]

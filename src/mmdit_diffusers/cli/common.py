@@ -81,6 +81,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp creates it private; the PNG is an ordinary output file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

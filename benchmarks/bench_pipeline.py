@@ -11,7 +11,7 @@ the pipeline's overhead, reported as a share of the total. Median of `--repeats`
 Pipelines: the tiny test pipeline (tests/tiny_pipeline.py, 16 x 16 px, two CLIPs + T5, 28 steps, guidance 7);
 the same pipeline with a medium-sized transformer (the transformer benchmark's "medium": width 512, depth 8,
 64 x 64 px -> 256 image tokens; 8 steps); and the shipped `pipelines/mmdit-shapes` when that folder exists
-(28 steps).
+(at its `mmdit-diffusers generate` settings: 20 steps, guidance 4).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from common import clock_name, environment, now, sync, use_clock  # noqa: E402
+from common import clock_name, environment, keep_freed_memory, now, sync, use_clock  # noqa: E402
 
 PROMPT = "a red circle left of a blue square"
 MODEL_PARTS = ("text encoders", "transformer", "vae decode")
@@ -147,7 +147,14 @@ def run(device, steps: int, repeats: int, log=print) -> dict:
              ("tiny + medium transformer (64 px)", tiny_pipeline_medium_transformer, dict(num_inference_steps=min(steps, 8)))]
     shipped = ROOT / "pipelines" / "mmdit-shapes"
     if (shipped / "model_index.json").exists():
-        specs.append(("pipelines/mmdit-shapes", lambda d: MMDiTPipeline.from_pretrained(shipped).to(d), {}))
+        # loaded as `mmdit-diffusers generate` loads it: float32 on a CPU, bfloat16 on a GPU (it is stored in fp16)
+        def shipped_pipeline(d):
+            dtype = torch.float32 if d.type == "cpu" else torch.bfloat16
+            return MMDiTPipeline.from_pretrained(shipped, dtype=dtype).to(d)
+
+        from mmdit_diffusers.cli.common import DEFAULT_PIPELINE_CALL  # its own settings: 20 steps, guidance 4
+
+        specs.append(("pipelines/mmdit-shapes", shipped_pipeline, dict(DEFAULT_PIPELINE_CALL)))
     else:
         log(f"pipeline {shipped.relative_to(ROOT)}: not present, skipped")
     for label, build, kwargs in specs:
@@ -173,6 +180,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    keep_freed_memory()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
         use_clock("cpu" if torch.get_num_threads() == 1 else "wall")

@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     dtype_name,
     environment,
     gemm_probe,
+    keep_freed_memory,
     clock_name,
     interleave,
     measure_peaks,
@@ -148,9 +149,9 @@ def skip_weight_init():
             cls.reset_parameters = fn
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def cpu_pair(name: str):
-    """(ours, SD3) in float32 on the CPU, same weights; cached for the config last asked for."""
+    """(ours, SD3) in float32 on the CPU, same weights; cached per config (the GPU run reuses the big one)."""
     from diffusers import SD3Transformer2DModel
 
     from mmdit_diffusers import MMDiTTransformer2DModel
@@ -270,7 +271,7 @@ def run_cases(cases: list[Case], device, peaks: dict, fused: bool, min_repeats: 
                 log(f"{case}: out of memory ({err})")
                 continue
             probe_rate = probe_flops / statistics.median(probe_s)
-            rows.append(summarise(case, dict(zip(runnable, samples)), first_wall, probe_rate))
+            rows.append(summarise(case, dict(zip(runnable, samples)), first_wall, probe_rate, peaks["fp32"]["peak_flops"]))
             rows[-1]["wall_ratio"] = ratio_stats(wall[0], wall[1])
             rows[-1]["wall_ms"] = {k: statistics.median(w) * 1e3 for k, w in zip(runnable, wall)}
             log(format_row(rows[-1]))
@@ -283,7 +284,7 @@ def run_cases(cases: list[Case], device, peaks: dict, fused: bool, min_repeats: 
     return rows
 
 
-def summarise(case: Case, samples: dict, first: list[float], peak: float) -> dict:
+def summarise(case: Case, samples: dict, first: list[float], peak: float, fp32_peak: float) -> dict:
     flops = transformer_flops(case.config) * (1 if case.pass_ == "forward" else 3)
     med = {k: statistics.median(v) for k, v in samples.items()}
     row = dict(
@@ -292,6 +293,8 @@ def summarise(case: Case, samples: dict, first: list[float], peak: float) -> dic
         **ratio_stats(samples["ours"], samples["sd3"]),
         gflop=flops / 1e9, ours_gflops=flops / med["ours"] / 1e9, sd3_gflops=flops / med["sd3"] / 1e9,
         peak_gflops=peak / 1e9, ours_peak_share=flops / med["ours"] / peak, sd3_peak_share=flops / med["sd3"] / peak,
+        # bf16 rows: against the float32 matmul peak too (the kernel ours uses for bf16 on CPUs without bf16 units)
+        ours_fp32_peak_share=None if case.dtype == "fp32" else flops / med["ours"] / fp32_peak,
         first_call_s=dict(zip(samples, first)), samples_ms={k: [t * 1e3 for t in v] for k, v in samples.items()},
     )
     if "ours_fused" in samples:
@@ -310,7 +313,8 @@ def format_row(r: dict) -> str:
     line = (f"{r['case']:<32} {r['rounds']:>6} {r['ours_ms']:>10.2f} {r['sd3_ms']:>10.2f} {r['ratio']:>6.3f} "
             f"({r['ratio_p25']:.3f}-{r['ratio_p75']:.3f}) {r['ours_gflops']:>8.1f} {r['peak_gflops']:>7.1f} "
             f"{r['ours_peak_share']:>7.1%} "
-            f"{r['sd3_peak_share']:>7.1%}")
+            f"{r['sd3_peak_share']:>7.1%}"
+            + ("" if r.get("ours_fp32_peak_share") is None else f"  [ours {r['ours_fp32_peak_share']:.1%} of the fp32 peak]"))
     if r["mode"] != "eager":
         line += f"  [first call: ours {r['first_call_s']['ours']:.0f} s, sd3 {r['first_call_s']['sd3']:.0f} s]"
     if "fused_vs_sd3" in r:
@@ -513,6 +517,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                         help="auto: CPU time of the process on a CPU with one thread, else wall time")
     parser.add_argument("--target-s", type=float, default=5.0, help="cheap cases get more rounds, up to this long")
+    parser.add_argument("--native-bf16", action="store_true",
+                        help="ours with PyTorch's own bf16 matmul kernel on the CPU (models/linear.py's path off)")
     parser.add_argument("--memory", nargs="*", default=None, help="configs for the memory section")
     parser.add_argument("--padding", nargs="*", default=None, help="configs for the text-padding section")
 
@@ -521,6 +527,11 @@ def setup(args) -> torch.device:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.repeats < 5:
         raise SystemExit("--repeats must be at least 5 (medians of fewer runs are noise)")
+    args.malloc_keeps_freed_memory = keep_freed_memory()
+    if args.native_bf16:
+        from mmdit_diffusers.models import linear
+
+        linear.FP32_KERNEL_FOR_CPU_BF16 = False
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     clock = args.clock
@@ -545,6 +556,10 @@ def run(args, device, log=print) -> dict:
     started = time.perf_counter()
     result = dict(environment=environment(device))
     result["clock"] = clock_name()
+    result["environment"]["malloc_keeps_freed_memory"] = getattr(args, "malloc_keeps_freed_memory", False)
+    from mmdit_diffusers.models import linear
+
+    result["environment"]["fp32_kernel_for_cpu_bf16"] = linear.FP32_KERNEL_FOR_CPU_BF16
     log(f"device {result['environment'].get('gpu', result['environment']['cpu'])}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock_name()}; load average {result['environment']['load_average']}")
     peaks = measure_peaks(device)

@@ -13,8 +13,8 @@ from pathlib import Path
 def speed_table(rows: list[dict], clock: str) -> str:
     out = [
         f"| case | rounds | ours ms | SD3 ms | ratio ours/SD3 (p25-p75) | wall-time ratio | ours GFLOP/s | "
-        f"peak GFLOP/s | ours % of peak | SD3 % of peak | first call (compile) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        f"peak GFLOP/s | ours % of peak | SD3 % of peak | ours % of fp32 peak | first call (compile) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         first = ""
@@ -25,12 +25,12 @@ def speed_table(rows: list[dict], clock: str) -> str:
             f"| `{r['case']}` | {r['rounds']} | {r['ours_ms']:.1f} | {r['sd3_ms']:.1f} | **{r['ratio']:.3f}** "
             f"({r['ratio_p25']:.3f}-{r['ratio_p75']:.3f}) | {'' if wall is None else f'{wall:.3f}'} | "
             f"{r['ours_gflops']:.1f} | {r['peak_gflops']:.1f} | {r['ours_peak_share']:.0%} | {r['sd3_peak_share']:.0%} "
-            f"| {first} |"
+            f"| {'' if r.get('ours_fp32_peak_share') is None else format(r['ours_fp32_peak_share'], '.0%')} | {first} |"
         )
         if "fused_vs_sd3" in r:
             lo, hi = r["fused_vs_sd3_p25_p75"]
             out.append(f"| ↳ ours with `fuse_qkv_projections()` | | {r['ours_fused_ms']:.1f} | | {r['fused_vs_sd3']:.3f} "
-                       f"({lo:.3f}-{hi:.3f}); vs unfused {r['fused_vs_unfused']:.3f} | | | | | | |")
+                       f"({lo:.3f}-{hi:.3f}); vs unfused {r['fused_vs_unfused']:.3f} | | | | | | | |")
     return "\n".join(out)
 
 

@@ -3,7 +3,8 @@
 #   1. 20,000 Shapes images with captions          (mmdit_diffusers.shapes.dataset)
 #   2. the VAE, trained on them                      (mmdit_diffusers.training.autoencoder)
 #   3. the base pipeline: tokenizers, frozen text encoders, VAE, a zero-initialised transformer
-#   4. the transformer, trained with rectified flow  (mmdit_diffusers.train, configs/train_shapes.yaml)
+#   4. the transformer, trained with rectified flow  (mmdit_diffusers.train, configs/train_shapes.yaml), in
+#      two DDP processes of one thread each (both cores of a 2-core CPU)
 #   5. the result in fp16 under pipelines/mmdit-shapes, then `mmdit-diffusers evaluate` on it
 # Every step writes into build/shapes/ and is skipped when its output exists (delete it to redo a step).
 set -euo pipefail
@@ -20,6 +21,8 @@ mkdir -p "$out"
 [ -d "$out/vae" ] || $py -m mmdit_diffusers.training.autoencoder --init_from "$out/vae-crops" --train_data_dir "$out/data" \
     --output_dir "$out/vae" --max_train_steps 800 --train_batch_size 16 --crop_size 64 --learning_rate 5e-4
 [ -d "$out/base" ] || $py -m mmdit_diffusers.shapes.base_pipeline --vae "$out/vae" --output_dir "$out/base"
-[ -f "$out/transformer/model_index.json" ] || .venv/bin/mmdit-diffusers train --config configs/train_shapes.yaml --resume_from_checkpoint latest
+[ -f "$out/transformer/model_index.json" ] || .venv/bin/accelerate launch --multi_gpu --num_processes 2 \
+    --num_machines 1 --mixed_precision no --dynamo_backend no \
+    -m mmdit_diffusers.train --config configs/train_shapes.yaml --resume_from_checkpoint latest
 $py -m mmdit_diffusers.shapes.export_pipeline "$out/transformer" pipelines/mmdit-shapes
-.venv/bin/mmdit-diffusers evaluate --model pipelines/mmdit-shapes --json "$out/scores.json" --grid "$out/evaluate-grid.png"
+.venv/bin/mmdit-diffusers evaluate --json "$out/scores.json" --grid "$out/evaluate-grid.png"

@@ -12,9 +12,9 @@ from mmdit_diffusers.shapes import evaluate
 from mmdit_diffusers.shapes.base_pipeline import caption_vocabulary
 
 FOLDER = Path(__file__).resolve().parents[1] / "pipelines" / "mmdit-shapes"
-# The shipped model scores 81% on single-object prompts (model card); far above chance (0%), with slack for
-# eight prompts.
-MIN_SINGLE_ACCURACY = 0.5
+# The shipped model scores 97.5% on the 120 single-object prompts of `evaluate` (model card); chance is ~0%. Six of
+# these eight must pass: slack for a seed and a kernel that differ from the evaluation's.
+MIN_SINGLE_ACCURACY = 0.75
 
 
 def test_the_cli_default_is_the_shipped_folder():

@@ -6,14 +6,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # The embedded default: a complete pipeline folder shipped in the repository, and the sampler settings it was
 # evaluated with (its model card reports the scores at these), used when no --model is given.
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "mmdit-shapes"
-DEFAULT_PIPELINE_CALL = dict(num_inference_steps=20, guidance_scale=4.0)
+DEFAULT_PIPELINE_CALL = dict(num_inference_steps=20, guidance_scale=2.0)
 
 
 class CommandError(Exception):
@@ -68,6 +69,22 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def captioned_grid(images: list[Image.Image], captions: list[str], marks: list[str], columns: int = 4,
+                   scale: int = 2) -> Image.Image:
+    """A grid of `images` (enlarged `scale` times, nearest neighbour) with each caption and a mark under it."""
+    font = ImageFont.load_default()
+    w, h = images[0].width * scale, images[0].height * scale
+    cell_w, text_h = max(w, 168), 30
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption, mark) in enumerate(zip(images, captions, marks)):
+        x, y = (i % columns) * cell_w, (i // columns) * (h + text_h)
+        grid.paste(image.resize((w, h), Image.NEAREST), (x + (cell_w - w) // 2, y))
+        draw.multiline_text((x + 4, y + h + 2), f"{mark} " + textwrap.fill(caption, 26), fill="black", font=font)
     return grid
 
 

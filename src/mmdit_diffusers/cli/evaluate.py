@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..shapes import evaluate, evaluation_prompts, format_table, judge
-from .common import CommandError, image_grid, load_pipeline, resolve_model, sampler_settings, save_png
+from .common import CommandError, captioned_grid, load_pipeline, resolve_model, sampler_settings, save_png
 from .generate import positive_int
 
 
@@ -24,9 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int, default=None)
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--batch_size", type=positive_int, default=16)
-    parser.add_argument("--grid", default="outputs/evaluate-grid.png", help="sample grid PNG")
+    parser.add_argument("--grid", default="outputs/evaluate-grid.png",
+                        help="PNG of 4 samples per category, each with its prompt and the scorer's verdict")
     parser.add_argument("--json", default=None, help="write the scores here")
     return parser
+
+
+def grid_sample(prompts, per_category: int = 4) -> list[int]:
+    """Indices of `per_category` distinct prompts of each category, a fixed random choice."""
+    picks = []
+    for category in dict.fromkeys(p.category for p in prompts):
+        first = {}
+        for i, p in enumerate(prompts):
+            if p.category == category:
+                first.setdefault(p.caption, i)
+        distinct = list(first.values())
+        picks += sorted(random.Random(0).sample(distinct, min(per_category, len(distinct))))
+    return picks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(images, [p.caption for p in prompts])
         print(format_table(results))
         print(f"{len(prompts)} prompts in {seconds:.1f}s")
-        sample = [images[i] for i in range(0, len(images), max(1, len(images) // 16))][:16]
-        print(f"grid: {save_png(image_grid(sample), args.grid)}")
+        verdicts = [(p, judge(img, p.caption)) for p, img in zip(prompts, images)]
+        sample = grid_sample(prompts)
+        grid = captioned_grid([images[i] for i in sample], [prompts[i].caption for i in sample],
+                              ["pass" if verdicts[i][1].passed else "FAIL" for i in sample])
+        print(f"grid: {save_png(grid, args.grid)}")
         if args.json:
-            verdicts = [(p, judge(img, p.caption)) for p, img in zip(prompts, images)]
             failures = [dict(prompt=p.caption, category=p.category, reason=v.reason) for p, v in verdicts if not v.passed]
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(dict(model=args.model, seed=args.seed, prompts=len(prompts),

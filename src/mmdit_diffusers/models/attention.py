@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import Linear
+
 QK_NORMS = (None, "rms_norm", "layer_norm")
 
 
@@ -29,10 +31,10 @@ class QKVProjection(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
         super().__init__()
         self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_qkv: nn.Linear | None = None
+        self.to_q = Linear(dim, dim)
+        self.to_k = Linear(dim, dim)
+        self.to_v = Linear(dim, dim)
+        self.to_qkv: Linear | None = None
         self.norm_q = make_qk_norm(qk_norm, dim // num_heads)
         self.norm_k = make_qk_norm(qk_norm, dim // num_heads)
         self._register_state_dict_hook(_split_fused_state)
@@ -47,9 +49,9 @@ class QKVProjection(nn.Module):
         if self.is_fused:
             return
         parts = [self.to_q, self.to_k, self.to_v]
-        if any(type(p) is not nn.Linear for p in parts):
+        if any(type(p) is not Linear for p in parts):
             raise ValueError("Cannot fuse QKV projections that carry LoRA adapters: fuse or unload the LoRA first.")
-        fused = nn.Linear(parts[0].in_features, 3 * parts[0].out_features, device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        fused = Linear(parts[0].in_features, 3 * parts[0].out_features, device=parts[0].weight.device, dtype=parts[0].weight.dtype)
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
         fused.bias.copy_(torch.cat([p.bias for p in parts]))
         fused.requires_grad_(parts[0].weight.requires_grad)
@@ -63,7 +65,7 @@ class QKVProjection(nn.Module):
         fused = self.to_qkv
         dim = fused.in_features
         for name, weight, bias in zip(("to_q", "to_k", "to_v"), fused.weight.chunk(3), fused.bias.chunk(3)):
-            linear = nn.Linear(dim, dim, device=weight.device, dtype=weight.dtype)
+            linear = Linear(dim, dim, device=weight.device, dtype=weight.dtype)
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)
             linear.requires_grad_(fused.weight.requires_grad)

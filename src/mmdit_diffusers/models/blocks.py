@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import QKVProjection, attention, joint_attention
+from .linear import Linear
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ class AdaLNModulation(nn.Module):
     def __init__(self, dim: int, count: int):
         super().__init__()
         self.count = count
-        self.linear = nn.Linear(dim, count * dim)
+        self.linear = Linear(dim, count * dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
@@ -46,8 +47,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -59,7 +60,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
         super().__init__()
         self.qkv = QKVProjection(dim, num_heads, qk_norm)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_out(attention(*self.qkv(x)))
@@ -84,7 +85,7 @@ class Stream(nn.Module):
         self.modulation = AdaLNModulation(dim, 2 if pre_only else 9 if dual_attention else 6)
         self.qkv = QKVProjection(dim, num_heads, qk_norm)
         if not pre_only:
-            self.to_out = nn.Linear(dim, dim)
+            self.to_out = Linear(dim, dim)
             self.mlp = FeedForward(dim, mlp_ratio)
         self.attn2 = SelfAttention(dim, num_heads, qk_norm) if dual_attention else None
 

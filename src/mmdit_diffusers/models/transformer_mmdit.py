@@ -16,6 +16,7 @@ from ..hub.mixin import MMDiTHubMixin
 from .attention import QK_NORMS, QKVProjection
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm, modulate
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
+from .linear import Linear
 from .presets import PRESETS, RECOMMENDED
 
 POS_EMBED_TYPES = ("sincos",)
@@ -92,9 +93,9 @@ class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapte
         self.sample_size = sample_size or max(self.img_grid) * patch_size
         cond_dim = cond_dim or hidden_size
 
-        self.x_embedder = nn.Linear(img_dim, hidden_size)
+        self.x_embedder = Linear(img_dim, hidden_size)
         self.pos_embed = SinCosPositionEmbedding(hidden_size, self.pos_grid_size, self.sample_size // patch_size)
-        self.context_embedder = nn.Linear(txt_dim, hidden_size)
+        self.context_embedder = Linear(txt_dim, hidden_size)
         self.timestep_mlp = MLPEmbedder(256, hidden_size)
         self.pooled_text_mlp = MLPEmbedder(cond_dim, hidden_size)
         self.transformer_blocks = nn.ModuleList(
@@ -109,7 +110,7 @@ class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapte
             for i in range(depth)
         )
         self.norm_out = AdaLNModulation(hidden_size, 2)
-        self.proj_out = nn.Linear(hidden_size, self.out_channels * patch_size**2)
+        self.proj_out = Linear(hidden_size, self.out_channels * patch_size**2)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 

@@ -27,6 +27,11 @@ class TextConditioning:
     pooled: torch.Tensor
     mask: torch.Tensor
 
+    def split(self, size: int) -> list["TextConditioning"]:
+        """Consecutive batches of `size` prompts."""
+        parts = (t.split(size, dim=0) for t in (self.embeds, self.pooled, self.mask))
+        return [TextConditioning(*chunk) for chunk in zip(*parts)]
+
     def repeat(self, n: int) -> "TextConditioning":
         """Each prompt `n` times in a row (prompt 0, prompt 0, ..., prompt 1, ...), as `num_images_per_prompt`."""
         if n == 1:

@@ -17,6 +17,7 @@ import torch
 
 MAX_WEIGHT_BYTES = 40 * 2**20  # the shipped pipeline's budget for all weights together
 CARD = Path(__file__).resolve().parents[3] / "model_cards" / "mmdit-shapes.md"
+SAMPLES = CARD.with_name("mmdit-shapes-samples.png")  # the card's sample grid, shipped beside it
 
 
 def weight_bytes(folder: Path) -> int:
@@ -34,6 +35,8 @@ def export_pipeline(trained: str | Path, destination: str | Path, dtype: torch.d
         pipe.save_pretrained(staging)
         if CARD.is_file():
             shutil.copyfile(CARD, staging / "README.md")
+        if SAMPLES.is_file():
+            shutil.copyfile(SAMPLES, staging / SAMPLES.name)
         size = weight_bytes(staging)
         if size > MAX_WEIGHT_BYTES:
             raise ValueError(f"the weights take {size / 2**20:.1f} MiB, over the {MAX_WEIGHT_BYTES / 2**20:.0f} MiB budget")

@@ -1,0 +1,139 @@
+"""`models.linear.Linear`: plain `nn.Linear` except for bfloat16 on CPUs without bfloat16 instructions, where
+the products run through the float32 kernel with bfloat16 inputs, outputs and gradients.
+
+The path is forced on (`FP32_KERNEL_FOR_CPU_BF16 = True`) so these tests check it on any CPU, and compared
+with a float64 reference, with PyTorch's own bfloat16 kernel and with diffusers' SD3 in bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel
+
+from mmdit_diffusers import MMDiTTransformer2DModel
+from mmdit_diffusers.models import linear as linear_module
+from mmdit_diffusers.models.linear import Linear
+
+BF16_ULP = 2.0**-7  # spacing of bfloat16 numbers in [1, 2)
+
+
+@pytest.fixture
+def fp32_kernel(monkeypatch):
+    monkeypatch.setattr(linear_module, "FP32_KERNEL_FOR_CPU_BF16", True)
+
+
+def bf16_layer_and_input(seed: int = 0, batch: tuple[int, ...] = (3, 5)):
+    torch.manual_seed(seed)
+    layer = Linear(24, 40).to(torch.bfloat16)
+    x = torch.randn(*batch, 24).to(torch.bfloat16).requires_grad_()
+    return layer, x
+
+
+def float64_reference(layer: Linear, x: torch.Tensor, grad: torch.Tensor):
+    """Output and gradients of y = x W^T + b computed in float64 from the same bfloat16 values."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_()
+    y64 = F.linear(x64, w64, b64)
+    y64.backward(grad.double())
+    return y64, x64.grad, w64.grad, b64.grad
+
+
+def assert_within_one_rounding(actual: torch.Tensor, exact: torch.Tensor):
+    """`actual` (bfloat16) is the float64 value rounded to bfloat16, up to one unit in the last place."""
+    assert actual.dtype == torch.bfloat16
+    error = (actual.double() - exact).abs()
+    assert (error <= BF16_ULP * exact.abs() + 1e-30).all(), error.max()
+
+
+def test_bf16_forward_and_gradients_are_the_exact_products_rounded_to_bf16(fp32_kernel):
+    layer, x = bf16_layer_and_input()
+    grad = torch.randn(3, 5, 40).to(torch.bfloat16)
+    y = layer(x)
+    y.backward(grad)
+    y64, gx64, gw64, gb64 = float64_reference(layer, x, grad)
+    assert_within_one_rounding(y, y64)
+    assert_within_one_rounding(x.grad, gx64)
+    assert_within_one_rounding(layer.weight.grad, gw64)
+    assert_within_one_rounding(layer.bias.grad, gb64)
+
+
+def test_bf16_path_agrees_with_pytorchs_bf16_kernel(fp32_kernel, monkeypatch):
+    layer, x = bf16_layer_and_input()
+    grad = torch.randn(3, 5, 40).to(torch.bfloat16)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(linear_module, "FP32_KERNEL_FOR_CPU_BF16", enabled)
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        y = layer(x)
+        y.backward(grad)
+        results.append([t.clone() for t in (y, x.grad, layer.weight.grad, layer.bias.grad)])
+    for ours, native in zip(*results):
+        assert ours.dtype == native.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), native.float(), rtol=4 * BF16_ULP, atol=1e-2)
+
+
+def test_float32_and_switched_off_paths_are_plain_f_linear(monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(8, 6)
+    x = torch.randn(4, 8)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    monkeypatch.setattr(linear_module, "FP32_KERNEL_FOR_CPU_BF16", False)
+    layer, xb = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    assert torch.equal(layer(xb), F.linear(xb, layer.weight, layer.bias))
+
+
+def test_under_autocast_the_inputs_are_rounded_to_bf16_and_parameter_gradients_stay_float32(fp32_kernel):
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(6, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)  # autocast's own bf16 linear
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=4 * BF16_ULP, atol=1e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.bias.grad, torch.full((40,), 6.0))
+
+
+def test_gradients_reach_inputs_that_need_them_only(fp32_kernel):
+    layer, x = bf16_layer_and_input()
+    layer.requires_grad_(False)
+    layer(x).float().sum().backward()
+    assert x.grad is not None and layer.weight.grad is None and layer.bias.grad is None
+
+
+# A whole model in bfloat16: ours (fp32 kernel) against diffusers' SD3 (PyTorch's bf16 kernel), same weights.
+SD3_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20, out_channels=4,
+                pos_embed_max_size=16, qk_norm="rms_norm")
+
+
+def test_bf16_model_matches_diffusers_sd3_in_bf16_forward_and_backward(fp32_kernel):
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(**SD3_TINY)
+    with torch.no_grad():
+        for param in sd3.parameters():
+            param.normal_(0, 0.1)
+    ours = MMDiTTransformer2DModel.from_sd3(sd3)
+    sd3, ours = sd3.to(torch.bfloat16), ours.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16),
+        encoder_hidden_states=torch.randn(2, 7, 24, generator=g).to(torch.bfloat16),
+        pooled_projections=torch.randn(2, 20, generator=g).to(torch.bfloat16),
+        timestep=torch.rand(2, generator=g) * 1000,
+    )
+    out_sd3, out_ours = sd3(**kwargs).sample, ours(**kwargs).sample
+    assert out_ours.dtype == torch.bfloat16
+    scale = out_sd3.float().abs().max()
+    assert scale > 0.5
+    assert (out_ours.float() - out_sd3.float()).abs().max() <= 0.03 * scale
+    out_sd3.float().square().mean().backward()
+    out_ours.float().square().mean().backward()
+    grad_sd3 = sd3.transformer_blocks[0].ff.net[2].weight.grad.float()  # the first block's image MLP output
+    grad_ours = ours.transformer_blocks[0].img.mlp.fc2.weight.grad.float()
+    assert grad_ours.abs().max() > 0
+    assert (grad_ours - grad_sd3).norm() <= 0.05 * grad_sd3.norm()

@@ -1,5 +1,6 @@
 """The embedded default, `pipelines/mmdit-shapes`: it is in the checkout, small, and draws what it is asked for."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -28,6 +29,11 @@ def test_weights_are_half_precision_safetensors_within_40_mib():
     for f in files:
         with safe_open(f, framework="pt") as weights:
             assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}, f
+
+
+def test_tokenizer_configs_do_not_pin_offline_loading():
+    for config in FOLDER.glob("tokenizer*/tokenizer_config.json"):
+        assert json.loads(config.read_text()).get("local_files_only") in (None, False), config
 
 
 def test_every_caption_word_is_one_token():

@@ -8,6 +8,7 @@ next to the destination and renamed over it at the end, so the destination is ne
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -33,6 +34,7 @@ def export_pipeline(trained: str | Path, destination: str | Path, dtype: torch.d
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
         pipe.save_pretrained(staging)
+        _drop_loading_flags(staging)
         if CARD.is_file():
             shutil.copyfile(CARD, staging / "README.md")
         if SAMPLES.is_file():
@@ -48,6 +50,15 @@ def export_pipeline(trained: str | Path, destination: str | Path, dtype: torch.d
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return destination
+
+
+def _drop_loading_flags(folder: Path) -> None:
+    """transformers saves the `local_files_only` a tokenizer was loaded with (true under HF_HUB_OFFLINE=1) into its
+    tokenizer_config.json; a shipped folder should not pin how its users load it."""
+    for config in folder.glob("tokenizer*/tokenizer_config.json"):
+        values = json.loads(config.read_text())
+        if values.pop("local_files_only", None) is not None:
+            config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

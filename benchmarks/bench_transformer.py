@@ -518,7 +518,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: CPU time of the process on a CPU with one thread, else wall time")
     parser.add_argument("--target-s", type=float, default=5.0, help="cheap cases get more rounds, up to this long")
     parser.add_argument("--native-bf16", action="store_true",
-                        help="ours with PyTorch's own bf16 matmul kernel on the CPU (models/linear.py's path off)")
+                        help="ours with PyTorch's own bf16 matmul kernel on the CPU (models/cpu_bf16.py off)")
     parser.add_argument("--memory", nargs="*", default=None, help="configs for the memory section")
     parser.add_argument("--padding", nargs="*", default=None, help="configs for the text-padding section")
 
@@ -529,9 +529,9 @@ def setup(args) -> torch.device:
         raise SystemExit("--repeats must be at least 5 (medians of fewer runs are noise)")
     args.malloc_keeps_freed_memory = keep_freed_memory()
     if args.native_bf16:
-        from mmdit_diffusers.models import linear
+        from mmdit_diffusers.models import cpu_bf16
 
-        linear.FP32_KERNEL_FOR_CPU_BF16 = False
+        cpu_bf16.FP32_KERNEL_FOR_CPU_BF16 = False
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     clock = args.clock
@@ -557,9 +557,9 @@ def run(args, device, log=print) -> dict:
     result = dict(environment=environment(device))
     result["clock"] = clock_name()
     result["environment"]["malloc_keeps_freed_memory"] = getattr(args, "malloc_keeps_freed_memory", False)
-    from mmdit_diffusers.models import linear
+    from mmdit_diffusers.models import cpu_bf16
 
-    result["environment"]["fp32_kernel_for_cpu_bf16"] = linear.FP32_KERNEL_FOR_CPU_BF16
+    result["environment"]["fp32_kernel_for_cpu_bf16"] = cpu_bf16.FP32_KERNEL_FOR_CPU_BF16
     log(f"device {result['environment'].get('gpu', result['environment']['cpu'])}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock_name()}; load average {result['environment']['load_average']}")
     peaks = measure_peaks(device)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .linear import Linear
+from .cpu_bf16 import Linear, scaled_dot_product_attention
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
 
@@ -103,7 +102,7 @@ def _join_unfused_state(module, state_dict, prefix, *args):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over [B, heads, N, head_dim]; `key_mask` [B, N] (True = attend) -> [B, N, D]."""
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 

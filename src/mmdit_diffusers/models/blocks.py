@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import QKVProjection, attention, joint_attention
-from .linear import Linear
+from .cpu_bf16 import Linear
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:

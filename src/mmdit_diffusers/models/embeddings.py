@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 
-from .linear import Linear
+from .cpu_bf16 import Linear
 
 TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep features, as SD3
 

@@ -15,8 +15,8 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from ..hub.mixin import MMDiTHubMixin
 from .attention import QK_NORMS, QKVProjection
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm, modulate
+from .cpu_bf16 import Linear
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
-from .linear import Linear
 from .presets import PRESETS, RECOMMENDED
 
 POS_EMBED_TYPES = ("sincos",)

@@ -1,14 +1,14 @@
-"""`Linear`: `nn.Linear`, except for bfloat16 on CPUs without bfloat16 instructions.
+"""bfloat16 on CPUs without bfloat16 instructions: matrix products and attention on the float32 kernels.
 
-On x86 CPUs without AVX512-BF16 or AMX, PyTorch multiplies bfloat16 matrices with a generic kernel: 8-10
-GFLOP/s for `x @ W^T` and ~1.3 GFLOP/s for the backward's `grad @ W`, against 70-90 GFLOP/s for float32 on
-the same core (benchmarks/README.md). There the projections of this model run their bfloat16 products
-through the float32 kernel instead: bfloat16 inputs and weights are widened exactly, products are summed in
-float32 (as the bfloat16 kernel does) and the result is rounded to bfloat16. Inputs, outputs, gradients
-and saved tensors stay bfloat16; only the kernel differs. Under `torch.autocast("cpu", torch.bfloat16)` the
-inputs are first rounded to bfloat16, as autocast does for `F.linear`.
+On x86 CPUs without AVX512-BF16 or AMX, PyTorch runs bfloat16 with generic kernels: matrix products at 8-10
+GFLOP/s for `x @ W^T` and ~1.3 GFLOP/s for the backward's `grad @ W`, against 70-90 GFLOP/s for float32 on the
+same core, and flash attention's backward ~5x slower than in float32 (benchmarks/README.md). There this model's
+projections (`Linear`) and its attention (`scaled_dot_product_attention`) widen their bfloat16 operands exactly,
+compute in float32 (products are summed in float32 by the bfloat16 kernels too) and round the result to
+bfloat16. Inputs, outputs and gradients stay bfloat16; only the kernels differ. Under
+`torch.autocast("cpu", torch.bfloat16)` the inputs are first rounded to bfloat16, as autocast does.
 
-Everything else (float32, float16, GPUs, CPUs with bfloat16 instructions) is plain `nn.Linear`.
+Everything else (float32, float16, GPUs, CPUs with bfloat16 instructions) runs PyTorch's own ops unchanged.
 `FP32_KERNEL_FOR_CPU_BF16` switches the path off (benchmarks compare both).
 """
 
@@ -69,3 +69,15 @@ class Linear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         with torch.autocast("cpu", enabled=False):
             return _BF16LinearViaFP32.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), bias)
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, in float32 for bfloat16 on the CPUs described above."""
+    if not (FP32_KERNEL_FOR_CPU_BF16 and q.is_cpu and q.dtype == torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+    return out.to(torch.bfloat16)

@@ -1,5 +1,5 @@
-"""`models.linear.Linear`: plain `nn.Linear` except for bfloat16 on CPUs without bfloat16 instructions, where
-the products run through the float32 kernel with bfloat16 inputs, outputs and gradients.
+"""`models.cpu_bf16`: `Linear` and `scaled_dot_product_attention` are PyTorch's own ops except for bfloat16 on CPUs
+without bfloat16 instructions, where they compute in float32 with bfloat16 inputs, outputs and gradients.
 
 The path is forced on (`FP32_KERNEL_FOR_CPU_BF16 = True`) so these tests check it on any CPU, and compared
 with a float64 reference, with PyTorch's own bfloat16 kernel and with diffusers' SD3 in bfloat16."""
@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 
 from mmdit_diffusers import MMDiTTransformer2DModel
-from mmdit_diffusers.models import linear as linear_module
-from mmdit_diffusers.models.linear import Linear
+from mmdit_diffusers.models import cpu_bf16
+from mmdit_diffusers.models.cpu_bf16 import Linear, scaled_dot_product_attention
 
 BF16_ULP = 2.0**-7  # spacing of bfloat16 numbers in [1, 2)
 
 
 @pytest.fixture
 def fp32_kernel(monkeypatch):
-    monkeypatch.setattr(linear_module, "FP32_KERNEL_FOR_CPU_BF16", True)
+    monkeypatch.setattr(cpu_bf16, "FP32_KERNEL_FOR_CPU_BF16", True)
 
 
 def bf16_layer_and_input(seed: int = 0, batch: tuple[int, ...] = (3, 5)):
@@ -64,7 +64,7 @@ def test_bf16_path_agrees_with_pytorchs_bf16_kernel(fp32_kernel, monkeypatch):
     grad = torch.randn(3, 5, 40).to(torch.bfloat16)
     results = []
     for enabled in (True, False):
-        monkeypatch.setattr(linear_module, "FP32_KERNEL_FOR_CPU_BF16", enabled)
+        monkeypatch.setattr(cpu_bf16, "FP32_KERNEL_FOR_CPU_BF16", enabled)
         x.grad = layer.weight.grad = layer.bias.grad = None
         y = layer(x)
         y.backward(grad)
@@ -79,7 +79,7 @@ def test_float32_and_switched_off_paths_are_plain_f_linear(monkeypatch):
     layer = Linear(8, 6)
     x = torch.randn(4, 8)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    monkeypatch.setattr(linear_module, "FP32_KERNEL_FOR_CPU_BF16", False)
+    monkeypatch.setattr(cpu_bf16, "FP32_KERNEL_FOR_CPU_BF16", False)
     layer, xb = layer.to(torch.bfloat16), x.to(torch.bfloat16)
     assert torch.equal(layer(xb), F.linear(xb, layer.weight, layer.bias))
 
@@ -103,6 +103,32 @@ def test_gradients_reach_inputs_that_need_them_only(fp32_kernel):
     layer.requires_grad_(False)
     layer(x).float().sum().backward()
     assert x.grad is not None and layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_bf16_attention_and_its_gradients_are_the_exact_results_rounded_to_bf16(fp32_kernel):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., -3:] = False  # padded keys of the first sample
+    grad = torch.randn(2, 3, 9, 8).to(torch.bfloat16)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out.backward(grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask)
+    out64.backward(grad.double())
+    for actual, exact in ((out, out64), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert actual.dtype == torch.bfloat16
+        # float32 softmax and sums: within one bf16 rounding of the float64 result, up to float32 noise near zero
+        assert ((actual.double() - exact).abs() <= BF16_ULP * exact.abs() + 1e-4).all()
+
+
+def test_attention_under_autocast_and_switched_off_is_pytorchs(fp32_kernel, monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8).to(torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert scaled_dot_product_attention(q, k, v).dtype == torch.bfloat16
+    monkeypatch.setattr(cpu_bf16, "FP32_KERNEL_FOR_CPU_BF16", False)
+    assert torch.equal(scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 # A whole model in bfloat16: ours (fp32 kernel) against diffusers' SD3 (PyTorch's bf16 kernel), same weights.

@@ -163,3 +163,22 @@ def test_bf16_model_matches_diffusers_sd3_in_bf16_forward_and_backward(fp32_kern
     grad_ours = ours.transformer_blocks[0].img.mlp.fc2.weight.grad.float()
     assert grad_ours.abs().max() > 0
     assert (grad_ours - grad_sd3).norm() <= 0.05 * grad_sd3.norm()
+
+
+def test_bf16_model_compiles_without_graph_breaks_and_matches_eager(fp32_kernel):
+    """Both paths (a custom autograd Function, autocast switched off around float32 attention) trace in one graph."""
+    torch.manual_seed(0)
+    model = MMDiTTransformer2DModel(img_dim=16, txt_dim=8, img_tokens=16, txt_tokens=8, hidden_size=32, depth=2,
+                                    num_heads=2)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    model = model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 16, 16, generator=g).to(torch.bfloat16), torch.randn(2, 8, 8, generator=g).to(torch.bfloat16),
+            torch.randn(2, 32, generator=g).to(torch.bfloat16), torch.rand(2, generator=g) * 1000)
+    eager = model(*args).sample
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(*args).sample
+    torch.testing.assert_close(compiled, eager)
+    compiled.float().square().mean().backward()
+    assert model.transformer_blocks[0].img.mlp.fc2.weight.grad.dtype == torch.bfloat16

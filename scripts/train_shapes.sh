@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# without a GPU, accelerate joins the processes of `launch --multi_gpu` (DDP over gloo) only with this set
+export ACCELERATE_USE_CPU=1
+
 py=.venv/bin/python
 out=build/shapes
 mkdir -p "$out"

@@ -193,6 +193,29 @@ def test_heldout_relations_come_only_on_request():
     assert "heldout" in mixed and "relation" in mixed
 
 
+def test_category_weights_set_the_training_mix():
+    rng = np.random.default_rng(6)
+    weights = {"single": 1, "counting": 0, "relation": 3}
+    categories = [sample_scene(rng, category_weights=weights).category for _ in range(4000)]
+    assert "counting" not in categories and "heldout" not in categories
+    assert 0.70 < categories.count("relation") / len(categories) < 0.80
+
+
+@pytest.mark.parametrize("weights", [
+    {"single": 1, "counting": 1},
+    {"single": 1, "counting": 1, "relation": 1, "heldout": 1},
+    {"single": -1, "counting": 1, "relation": 1},
+    {"single": 0, "counting": 0, "relation": 0},
+    {"single": float("nan"), "counting": 1, "relation": 1},
+])
+def test_bad_category_weights_are_refused(weights, tmp_path):
+    with pytest.raises(ValueError, match="category_weights"):
+        sample_scene(np.random.default_rng(0), category_weights=weights)
+    with pytest.raises(ValueError, match="category_weights"):
+        write_dataset(tmp_path / "shapes", 2, seed=0, category_weights=weights)
+    assert not list(tmp_path.iterdir())
+
+
 # --- dataset files -------------------------------------------------------------------------------
 
 

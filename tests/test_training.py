@@ -352,3 +352,20 @@ def test_ddp_two_processes_under_accelerate_launch(base_dir, data_dir, tmp_path)
                "--learning_rate", "1e-3", "--caption_dropout_prob", "0.2"))
     assert max_abs_diff(transformer_weights(out), transformer_weights(single)) <= 1e-4
     assert max_abs_diff(transformer_weights(out), transformer_weights(base_dir)) > 1e-4
+
+
+@pytest.mark.slow
+def test_processes_that_accelerate_leaves_alone_are_refused(base_dir, data_dir, tmp_path):
+    """Without GPUs and without ACCELERATE_USE_CPU=1, `launch --multi_gpu` starts processes that accelerate does not
+    join: each would train the same model into the same folder. The trainer stops them and says what to set."""
+    out = tmp_path / "copies"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "mmdit_diffusers.train",
+           *common(base_dir, data_dir, out, "--max_train_steps", "2")]
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="")
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "WORLD_SIZE=2" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
+    assert not out.exists() or not any(out.glob("checkpoint-*"))

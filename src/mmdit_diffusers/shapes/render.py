@@ -114,8 +114,11 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
 
 
 def sample_example(
-    rng: np.random.Generator, category: str | None = None, allow_heldout: bool = False
+    rng: np.random.Generator,
+    category: str | None = None,
+    allow_heldout: bool = False,
+    category_weights: dict[str, float] | None = None,
 ) -> tuple[Image.Image, str]:
-    """A random (image, caption) pair; see world.sample_scene for category and allow_heldout."""
-    scene = sample_scene(rng, category, allow_heldout)
+    """A random (image, caption) pair; see world.sample_scene for the arguments."""
+    scene = sample_scene(rng, category, allow_heldout, category_weights)
     return render_scene(scene, rng), scene.caption

@@ -156,14 +156,34 @@ def enumerate_scenes(category: str) -> tuple[Scene, ...]:
     raise ValueError(f"unknown category {category!r}; expected one of {list(CATEGORIES)}")
 
 
-def sample_scene(rng: np.random.Generator, category: str | None = None, allow_heldout: bool = False) -> Scene:
-    """Draw a scene uniformly within a category (None: a uniformly drawn training category).
+def sample_scene(
+    rng: np.random.Generator,
+    category: str | None = None,
+    allow_heldout: bool = False,
+    category_weights: dict[str, float] | None = None,
+) -> Scene:
+    """Draw a scene uniformly within a category.
 
-    Held-out relations come only from category "heldout", or from "relation" when allow_heldout.
+    category None draws a training category first: uniformly, or in proportion to `category_weights`
+    (a weight for each of "single", "counting", "relation"). Held-out relations come only from
+    category "heldout", or from "relation" when allow_heldout.
     """
     if category is None:
-        category = TRAINING_CATEGORIES[rng.integers(len(TRAINING_CATEGORIES))]
+        if category_weights is None:
+            category = TRAINING_CATEGORIES[rng.integers(len(TRAINING_CATEGORIES))]
+        else:
+            category = TRAINING_CATEGORIES[rng.choice(len(TRAINING_CATEGORIES), p=_probabilities(category_weights))]
     pool = enumerate_scenes(category)
     if category == "relation" and allow_heldout:
         pool += enumerate_scenes("heldout")
     return pool[rng.integers(len(pool))]
+
+
+def _probabilities(category_weights: dict[str, float]) -> np.ndarray:
+    if set(category_weights) != set(TRAINING_CATEGORIES):
+        raise ValueError(f"category_weights must have exactly the keys {list(TRAINING_CATEGORIES)}, "
+                         f"got {sorted(category_weights)}")
+    weights = np.array([float(category_weights[c]) for c in TRAINING_CATEGORIES])
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"category_weights must be non-negative with a positive sum, got {category_weights}")
+    return weights / weights.sum()

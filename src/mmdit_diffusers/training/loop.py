@@ -315,11 +315,27 @@ def train(args: Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, args.logging_dir)),
         kwargs_handlers=[ddp_kwargs],
     )
+    _check_all_processes_joined(accelerator)
     with _quiet_logging(accelerator.is_local_main_process):
         try:
             return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source)
         finally:
             accelerator.end_training()  # flush and close the trackers, also after an error
+
+
+def _check_all_processes_joined(accelerator) -> None:
+    """A launcher that started several processes must get one distributed run, not that many copies of a run.
+
+    On a machine without GPUs, `accelerate launch --multi_gpu` starts the processes but accelerate leaves each
+    of them alone unless ACCELERATE_USE_CPU=1: they would all train the same model into the same output_dir.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise TrainingConfigError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate runs each on its own "
+            "(no GPU found). To train on CPUs with torch.distributed (gloo), set ACCELERATE_USE_CPU=1 for "
+            "`accelerate launch --multi_gpu`."
+        )
 
 
 def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source) -> dict:

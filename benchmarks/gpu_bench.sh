@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark suite on one GPU in one call, under 5 minutes on an H100 (budgeted below; NOT YET RUN on a GPU):
+# The benchmark suite on one GPU in one call, under 5 minutes (budgeted below; run once on an H200, 2026-11-27:
+# 238 s, results in benchmarks/README.md, "GPU"):
 #   1. the transformer table, ours vs diffusers' SD3 (same weights, interleaved, ratio of medians), eager, for
 #      tiny, medium and SD3-Medium size (width 1536, depth 24, 128 x 128 latent, 333 text tokens, batch 2) in
 #      fp32, bf16 weights and autocast bf16, forward and training step; achieved FLOP/s against the GPU's bf16 /

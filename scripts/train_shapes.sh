@@ -2,10 +2,11 @@
 # Reproduces the shipped pipeline pipelines/mmdit-shapes from nothing, on a CPU:
 #   1. 20,000 Shapes images with captions          (mmdit_diffusers.shapes.dataset)
 #   2. the VAE, trained on them                      (mmdit_diffusers.training.autoencoder)
-#   3. the base pipeline: tokenizers, frozen text encoders, VAE, a zero-initialised transformer
-#   4. the transformer, trained with rectified flow  (mmdit_diffusers.train, configs/train_shapes.yaml), in
+#   3. the text encoders (CLIP, T5), trained contrastively on the images, then frozen (mmdit_diffusers.shapes.text_encoders)
+#   4. the base pipeline: tokenizers, text encoders, VAE, a zero-initialised transformer
+#   5. the transformer, trained with rectified flow  (mmdit_diffusers.train, configs/train_shapes.yaml), in
 #      two DDP processes of one thread each (both cores of a 2-core CPU)
-#   5. the result in fp16 under pipelines/mmdit-shapes, then `mmdit-diffusers evaluate` on it
+#   6. the result in fp16 under pipelines/mmdit-shapes, then `mmdit-diffusers evaluate` on it
 # Every step writes into build/shapes/ and is skipped when its output exists (delete it to redo a step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,11 @@ mkdir -p "$out"
     --max_train_steps 1200 --train_batch_size 32 --crop_size 32 --block_out_channels 16 32 64
 [ -d "$out/vae" ] || $py -m mmdit_diffusers.training.autoencoder --init_from "$out/vae-crops" --train_data_dir "$out/data" \
     --output_dir "$out/vae" --max_train_steps 800 --train_batch_size 16 --crop_size 64 --learning_rate 5e-4
-[ -d "$out/base" ] || $py -m mmdit_diffusers.shapes.base_pipeline --vae "$out/vae" --output_dir "$out/base"
+# both threads for one process (the contrastive batch of 256 images and ~500 captions)
+[ -d "$out/text-encoders" ] || OMP_NUM_THREADS=2 $py -m mmdit_diffusers.shapes.text_encoders --train_data_dir "$out/data" \
+    --output_dir "$out/text-encoders"
+[ -d "$out/base" ] || $py -m mmdit_diffusers.shapes.base_pipeline --text_encoders "$out/text-encoders" --vae "$out/vae" \
+    --output_dir "$out/base"
 [ -f "$out/transformer/model_index.json" ] || .venv/bin/accelerate launch --multi_gpu --num_processes 2 \
     --num_machines 1 --mixed_precision no --dynamo_backend no \
     -m mmdit_diffusers.train --config configs/train_shapes.yaml --resume_from_checkpoint latest

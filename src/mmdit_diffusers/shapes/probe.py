@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from .render import sample_example
-from .world import parse_caption
+from .world import OPPOSITE, parse_caption
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PROBE_SIGMAS = (0.3, 0.5, 0.7, 0.85, 0.95)
 CASES = {"binding": "relation", "relation": "relation", "count": "counting"}  # probe -> category of its images
 

@@ -34,6 +34,7 @@ MIN_OBJECT_SIZE = 14  # bounding-box side, pixels
 MAX_OBJECT_SIZE = 22
 COUNT_WORDS = {"two": 2, "three": 3}
 RELATIONS = ("left of", "right of", "above", "below")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 MIN_RELATION_OFFSET = 8  # pixels between the two centres along the relation's axis
 TRAINING_CATEGORIES = ("single", "counting", "relation")
 CATEGORIES = (*TRAINING_CATEGORIES, "heldout")

@@ -19,10 +19,11 @@ py=.venv/bin/python
 out=build/shapes
 mkdir -p "$out"
 [ -d "$out/data" ] || $py -c "from mmdit_diffusers.shapes import write_dataset; write_dataset('$out/data', 20000, seed=0)"
-# the VAE in two stages: 32 x 32 crops (cheap), then whole images at a lower learning rate (sharp colours)
-[ -d "$out/vae-crops" ] || $py -m mmdit_diffusers.training.autoencoder --train_data_dir "$out/data" --output_dir "$out/vae-crops" \
+# the VAE in two stages: 32 x 32 crops (cheap), then whole images at a lower learning rate (sharp colours);
+# one process on both threads
+[ -d "$out/vae-crops" ] || OMP_NUM_THREADS=2 $py -m mmdit_diffusers.training.autoencoder --train_data_dir "$out/data" --output_dir "$out/vae-crops" \
     --max_train_steps 1200 --train_batch_size 32 --crop_size 32 --block_out_channels 16 32 64
-[ -d "$out/vae" ] || $py -m mmdit_diffusers.training.autoencoder --init_from "$out/vae-crops" --train_data_dir "$out/data" \
+[ -d "$out/vae" ] || OMP_NUM_THREADS=2 $py -m mmdit_diffusers.training.autoencoder --init_from "$out/vae-crops" --train_data_dir "$out/data" \
     --output_dir "$out/vae" --max_train_steps 800 --train_batch_size 16 --crop_size 64 --learning_rate 5e-4
 # both threads for one process (the contrastive batch of 256 images and ~500 captions)
 [ -d "$out/text-encoders" ] || OMP_NUM_THREADS=2 $py -m mmdit_diffusers.shapes.text_encoders --train_data_dir "$out/data" \

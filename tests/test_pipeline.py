@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -463,6 +466,35 @@ def test_local_tokenizers_load_with_transformers(tmp_path):
     tokens = t5.convert_ids_to_tokens(t5("a red circle left of a Xyz").input_ids)
     assert tokens[:6] == ["▁a", "▁red", "▁circle", "▁left", "▁of", "▁a"] and tokens[-1] == "</s>"
     assert "<unk>" not in tokens  # unknown ASCII words fall back to characters
+
+
+def test_clip_merges_take_the_most_frequent_pair_and_break_ties_by_the_smallest(tmp_path):
+    from mmdit_diffusers.text_tokenizers import build_clip_tokenizer
+
+    words = ["circle", "circles", "triangle", "triangles", "square", "squares", "red", "green", "left", "right"]
+    build_clip_tokenizer(words, tmp_path / "clip")
+    merges = [tuple(line.split(" ")) for line in (tmp_path / "clip" / "merges.txt").read_text().splitlines()[1:]]
+    spellings = [[*word[:-1], word[-1] + "</w>"] for word in words]
+    for merge in merges:  # replay: each merge is the most frequent adjacent pair, the smallest among equals
+        counts = collections.Counter(pair for symbols in spellings for pair in zip(symbols, symbols[1:]))
+        assert merge == min(pair for pair, n in counts.items() if n == max(counts.values()))
+        for symbols in spellings:
+            i = 0
+            while i + 1 < len(symbols):
+                if (symbols[i], symbols[i + 1]) == merge:
+                    symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+                i += 1
+    assert spellings == [[word + "</w>"] for word in words]  # merged until every word is one token
+
+
+def test_clip_tokenizer_is_the_same_in_every_process(tmp_path):
+    # the `tokenizers` BPE trainer broke ties in hash order: merges (and so token ids) changed between runs
+    code = "import sys; from mmdit_diffusers.text_tokenizers import build_clip_tokenizer as b; b({}, sys.argv[1])"
+    words = ["circle", "circles", "triangle", "triangles", "square", "squares", "purple", "yellow", "above", "below"]
+    for run in range(3):
+        subprocess.run([sys.executable, "-c", code.format(words), str(tmp_path / str(run))], check=True)
+    built = [(tmp_path / str(run) / name).read_text() for run in range(3) for name in ("merges.txt", "vocab.json")]
+    assert built[0::2] == [built[0]] * 3 and built[1::2] == [built[1]] * 3
 
 
 @pytest.mark.parametrize("image_tokens", [16, 256, 1024, 4096])

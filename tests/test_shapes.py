@@ -33,6 +33,7 @@ from mmdit_diffusers.shapes import (
     score,
     write_dataset,
 )
+from mmdit_diffusers.shapes.render import MARGIN, MIN_GAP
 
 WHITE = (255, 255, 255)
 
@@ -127,7 +128,8 @@ def test_generated_images_follow_the_spec(category):
         boxes, ink = [], 0
         for p in placements:
             assert 14 <= p.size <= 22
-            assert 0 <= p.x0 and p.x0 + p.size <= 64 and 0 <= p.y0 and p.y0 + p.size <= 64
+            assert 0 <= p.x0 and p.x0 + p.size <= 64 and 0 <= p.y0 and p.y0 + p.size <= 64  # inside (the spec)
+            assert MARGIN <= min(p.x0, p.y0) and max(p.x0, p.y0) + p.size <= 64 - MARGIN  # and off the edge
             crop = image[p.y0 : p.y0 + p.size, p.x0 : p.x0 + p.size]
             painted = np.all(crop == COLOURS[p.kind.colour], axis=-1)
             assert _pixel_box(painted) == (0, 0, p.size, p.size)  # the bounding box is exactly size x size
@@ -135,7 +137,9 @@ def test_generated_images_follow_the_spec(category):
             ink += painted.sum()
         assert ink == np.any(image != 255, axis=-1).sum()  # nothing drawn outside the boxes
         for (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) in itertools.combinations(boxes, 2):
-            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0  # no overlap
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0  # no overlap (the spec)
+            gap = max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+            assert gap >= MIN_GAP > 0  # and white space between
 
         if scene.relation is not None:
             (ax, ay), (bx, by) = _pixel_centre(boxes[0]), _pixel_centre(boxes[1])

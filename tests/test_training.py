@@ -183,6 +183,30 @@ def test_caption_dropout_of_every_encoder_is_the_empty_prompt():
         assert torch.allclose(getattr(cached, name).float(), getattr(direct, name).float(), atol=1e-6)
 
 
+def test_the_text_cache_encodes_each_distinct_caption_once():
+    from accelerate import PartialState
+
+    from mmdit_diffusers.training.text import PromptEncoder
+
+    pipe = tiny_mmdit_pipeline(seed=0, layout="sd3")
+    encoder = PromptEncoder(pipe, 8, device="cpu")
+    encoder.resolve_length()
+    rows = []
+    pipe.text_encoder_3.register_forward_hook(lambda module, args, kwargs, out: rows.append(len(kwargs.get(
+        "input_ids", args[0] if args else None))), with_kwargs=True)
+    distinct = ["a red circle", "two blue squares", "a green triangle"]
+    encoder.build_cache(distinct, PartialState())
+    rows_for_distinct = sum(rows)
+    rows.clear()
+    captions = [distinct[i] for i in (2, 0, 0, 1, 2, 0, 1, 1, 0)]
+    cache = encoder.build_cache(captions, PartialState())
+    assert sum(rows) == rows_for_distinct  # nine captions cost what their three distinct ones cost
+    direct = encoder.encode(captions)
+    cached = encoder.from_batch(dict(cache), None)
+    for name in ("embeds", "pooled", "mask"):  # row i is captions[i]
+        assert torch.allclose(getattr(cached, name).float(), getattr(direct, name).float(), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # In-process training runs
 # ----------------------------------------------------------------------------------------------------------

@@ -21,13 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import string
 import unicodedata
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
@@ -145,28 +146,48 @@ def build_t5_tokenizer(
 
 
 def _learn_clip_merges(words: list[str]) -> list[tuple[str, str]]:
-    """Byte-level BPE merges (CLIP's normaliser, pre-tokenizer and `</w>`) until every word is one token."""
-    bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=_WORD_END))
-    bpe.normalizer = normalizers.Sequence(
+    """Byte-level BPE merges (CLIP's normaliser, pre-tokenizer and `</w>`) until every word is one token.
+
+    Each merge joins the most frequent adjacent pair of symbols, ties going to the smallest pair, so the same
+    words always give the same merges (the `tokenizers` trainer breaks ties in hash order, differently per process).
+    """
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000,  # no cap: merge until nothing is left to merge
-        min_frequency=0,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix=_WORD_END,
-        special_tokens=[],
+    counts = collections.Counter(
+        piece for word in words for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(word))
     )
-    bpe.train_from_iterator(words, trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    spellings = {piece: [*piece[:-1], piece[-1] + _WORD_END] for piece in counts}
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs: collections.Counter = collections.Counter()
+        for piece, symbols in spellings.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += counts[piece]
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        spellings = {piece: _merge(symbols, best) for piece, symbols in spellings.items()}
+
+
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """`symbols` with every non-overlapping occurrence of `pair`, left to right, joined into one symbol."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 def _byte_alphabet() -> list[str]:

@@ -6,7 +6,8 @@
   (`python -m mmdit_diffusers.shapes.text_encoders`), with their tokenizers built from the caption vocabulary;
 - vae: the `AutoencoderKL` trained on Shapes images (`python -m mmdit_diffusers.training.autoencoder`);
 - transformer: a fresh, zero-initialised `MMDiTTransformer2DModel` (`SHAPES_TRANSFORMER`), trained with text masks;
-- scheduler: `FlowMatchEulerDiscreteScheduler(shift=1.0)` (no resolution shift at 16 x 16 latents).
+- scheduler: `FlowMatchEulerDiscreteScheduler(shift=2.0)`: sampling only (training draws its own sigmas, unshifted);
+  more of the 20 steps at high noise, where the layout is decided: +1.4 points overall on `evaluate` (seeds 0-2).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .text_encoders import CLIP_TOKENS, T5_TOKENS, TEXT_WIDTH
 
 SHAPES_TRANSFORMER = dict(hidden_size=128, depth=4, num_heads=4, mlp_ratio=4, patch_size=2, qk_norm="rms_norm")
 TEXT_PARTS = ("tokenizer", "text_encoder", "tokenizer_3", "text_encoder_3")
+SAMPLING_SHIFT = 2.0  # the scheduler's `shift`; see the module docstring
 
 
 def build_base_pipeline(text_encoders_dir: str | Path, vae_dir: str | Path, output_dir: str | Path,
@@ -52,7 +54,7 @@ def build_base_pipeline(text_encoders_dir: str | Path, vae_dir: str | Path, outp
         use_text_attention_mask=True,
     )
     pipe = MMDiTPipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SAMPLING_SHIFT), vae=vae,
         text_encoder=clip, tokenizer=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok,
     )
     output_dir = Path(output_dir)

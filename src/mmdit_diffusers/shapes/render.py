@@ -20,7 +20,10 @@ from .world import (
     sample_scene,
 )
 
-MIN_GAP = 4  # white pixels kept between any two bounding boxes
+# Wider than "no overlap" requires: a generator that places objects a few pixels off then rarely merges two
+# of them into one blob or cuts one at the edge (4 px and no margin: half the counting failures were merges).
+MIN_GAP = 8  # white pixels kept between any two bounding boxes
+MARGIN = 2  # white pixels kept between any bounding box and the image edge
 _TRIES_PER_OBJECT = 50
 _TRIES_PER_LAYOUT = 1000
 
@@ -69,7 +72,7 @@ def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
 
 def _random_placement(kind: ObjectKind, rng: np.random.Generator) -> Placement:
     size = int(rng.integers(MIN_OBJECT_SIZE, MAX_OBJECT_SIZE + 1))
-    x0, y0 = rng.integers(0, IMAGE_SIZE - size + 1, size=2)
+    x0, y0 = rng.integers(MARGIN, IMAGE_SIZE - MARGIN - size + 1, size=2)
     return Placement(kind, int(x0), int(y0), size)
 
 

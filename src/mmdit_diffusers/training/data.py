@@ -23,7 +23,7 @@ Caches
     `--cache_latents`: every image (and its mirror image with --random_flip) goes through the VAE encoder once;
     the cache holds the latent *distribution* parameters (mean and log-variance, `latent_dist.parameters`), and
     each step draws a fresh latent from them (or takes the mean with `--vae_latent mode`), as without the cache.
-    `--cache_text_embeddings`: every caption is encoded once (`text.PromptEncoder.build_cache`), after which the
+    `--cache_text_embeddings`: each distinct caption is encoded once (`text.PromptEncoder.build_cache`), after which the
     text encoders are freed. Both caches live in memory for the run (each process encodes a share and the
     shares are exchanged) and are rebuilt when a run resumes.
 """

@@ -162,8 +162,8 @@ class PromptEncoder:
         return self._join(self._select(parts, self._empty_parts, drop))
 
     def build_cache(self, captions: list[str], accelerator, batch_size: int = 16) -> dict[str, torch.Tensor]:
-        """Encode every caption once (each process a share, then exchanged); returns `text.*` tensors [N, ...]
-        on CPU for the dataset. Checks the cached join against `encode_prompt` first."""
+        """Encode each distinct caption once (each process a share, then exchanged); returns `text.*` tensors
+        [N, ...] on CPU for the dataset, row i for captions[i]. Checks the cached join against `encode_prompt` first."""
         from accelerate.utils import gather_object
 
         self._dtype = self.pipe.text_encoder.dtype
@@ -171,20 +171,23 @@ class PromptEncoder:
         self._empty_parts = {k: v.cpu() for k, v in self._parts([""]).items()}
         self._check_join(captions[0])
 
-        n, world, rank = len(captions), accelerator.num_processes, accelerator.process_index
-        mine = list(range(rank, n, world))
+        distinct = list(dict.fromkeys(captions))
+        world, rank = accelerator.num_processes, accelerator.process_index
+        mine = list(range(rank, len(distinct), world))
         results = []
         for lo in range(0, len(mine), batch_size):
             idx = mine[lo: lo + batch_size]
-            parts = self._parts([captions[i] for i in idx])
+            parts = self._parts([distinct[i] for i in idx])
             results += [(i, {k: v[j].cpu() for k, v in parts.items()}) for j, i in enumerate(idx)]
         if world > 1:
             results = gather_object(results)
-        rows = [None] * n
+        rows = [None] * len(distinct)
         for i, row in results:
             rows[i] = row
+        row_of = {caption: i for i, caption in enumerate(distinct)}
+        order = torch.tensor([row_of[caption] for caption in captions])
         self.cached = True
-        return {f"text.{key}": torch.stack([row[key] for row in rows]) for key in rows[0]}
+        return {f"text.{key}": torch.stack([row[key] for row in rows])[order] for key in rows[0]}
 
     def _check_join(self, caption: str) -> None:
         for pattern in itertools.product([False, True], repeat=self.num_encoders):

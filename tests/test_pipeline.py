@@ -95,6 +95,21 @@ def test_same_seed_is_bit_identical_and_seed_matters(pipe):
     assert np.abs(generate(pipe, seed=8) - first).max() > 1e-3
 
 
+def test_a_stochastic_scheduler_draws_its_noise_from_the_generator(pipe):
+    deterministic = generate(pipe, seed=7)
+    scheduler = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, stochastic_sampling=True)
+    try:
+        torch.manual_seed(0)
+        first = generate(pipe, seed=7)
+        torch.manual_seed(1)  # the global RNG plays no part
+        np.testing.assert_array_equal(generate(pipe, seed=7), first)
+        assert np.abs(generate(pipe, seed=8) - first).max() > 1e-3
+        assert np.abs(deterministic - first).max() > 1e-3  # the step noise does change the image
+    finally:
+        pipe.scheduler = scheduler
+
+
 def test_image_depends_on_prompt(pipe):
     assert np.abs(generate(pipe, PROMPTS[0]) - generate(pipe, PROMPTS[1])).max() > 1e-3
 

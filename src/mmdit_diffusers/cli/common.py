@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 # The embedded default: a complete pipeline folder shipped in the repository, and the sampler settings it was
 # evaluated with (its model card reports the scores at these), used when no --model is given.
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "mmdit-shapes"
-DEFAULT_PIPELINE_CALL = dict(num_inference_steps=20, guidance_scale=2.0)
+DEFAULT_PIPELINE_CALL = dict(num_inference_steps=40, guidance_scale=2.0)
 
 
 class CommandError(Exception):

@@ -6,6 +6,7 @@ it also runs smaller layouts (one CLIP + T5, one CLIP) and models trained with t
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -619,6 +620,8 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
         timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, latents, device)
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         self._num_timesteps = len(timesteps)
+        # a stochastic scheduler (e.g. `stochastic_sampling=True`) draws its step noise from the caller's generator
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
 
         # 3. Denoising: one transformer call per step for both halves of the guidance batch
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -638,7 +641,7 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
                 if self.do_classifier_free_guidance:
                     uncond, cond = velocity.chunk(2)
                     velocity = uncond + self.guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0]
 
                 if callback_on_step_end is not None:
                     step_tensors = dict(

@@ -6,8 +6,10 @@
   (`python -m mmdit_diffusers.shapes.text_encoders`), with their tokenizers built from the caption vocabulary;
 - vae: the `AutoencoderKL` trained on Shapes images (`python -m mmdit_diffusers.training.autoencoder`);
 - transformer: a fresh, zero-initialised `MMDiTTransformer2DModel` (`SHAPES_TRANSFORMER`), trained with text masks;
-- scheduler: `FlowMatchEulerDiscreteScheduler(shift=2.0)`: sampling only (training draws its own sigmas, unshifted);
-  more of the 20 steps at high noise, where the layout is decided: +1.4 points overall on `evaluate` (seeds 0-2).
+- scheduler: `FlowMatchEulerDiscreteScheduler(shift=2.0, stochastic_sampling=True)`, used for sampling only (training
+  draws its own sigmas, unshifted): more steps at high noise, where the layout is decided, and each step re-noises
+  the model's clean-image estimate with fresh noise instead of following the ODE (`evaluate` at 40 steps, seeds
+  0-2: overall ~93% against ~86% for the deterministic sampler).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def build_base_pipeline(text_encoders_dir: str | Path, vae_dir: str | Path, outp
         use_text_attention_mask=True,
     )
     pipe = MMDiTPipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SAMPLING_SHIFT), vae=vae,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SAMPLING_SHIFT, stochastic_sampling=True), vae=vae,
         text_encoder=clip, tokenizer=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok,
     )
     output_dir = Path(output_dir)

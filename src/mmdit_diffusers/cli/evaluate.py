@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 
 from ..shapes import evaluate, evaluation_prompts, format_table, judge
-from .common import CommandError, captioned_grid, load_pipeline, resolve_model, sampler_settings, save_png
+from .common import (
+    DEFAULT_PIPELINE_CALL,
+    CommandError,
+    captioned_grid,
+    load_pipeline,
+    resolve_model,
+    sampler_settings,
+    save_png,
+)
 from .generate import positive_int
 
 
@@ -22,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", default=None)
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompt set and the generation")
     parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N prompts")
-    parser.add_argument("--steps", type=positive_int, default=None)
-    parser.add_argument("--guidance_scale", type=float, default=None)
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"default: {DEFAULT_PIPELINE_CALL['num_inference_steps']} for the shipped pipeline, "
+                        "else the pipeline's own")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help=f"default: {DEFAULT_PIPELINE_CALL['guidance_scale']} for the shipped pipeline, "
+                        "else the pipeline's own")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--grid", default="outputs/evaluate-grid.png",
                         help="PNG of 4 samples per category, each with its prompt and the scorer's verdict")

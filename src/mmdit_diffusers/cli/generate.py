@@ -9,7 +9,15 @@ import time
 
 import torch
 
-from .common import CommandError, image_grid, load_pipeline, resolve_model, sampler_settings, save_png
+from .common import (
+    DEFAULT_PIPELINE_CALL,
+    CommandError,
+    image_grid,
+    load_pipeline,
+    resolve_model,
+    sampler_settings,
+    save_png,
+)
 
 
 def positive_int(text: str) -> int:
@@ -28,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", type=positive_int, default=1, help="more than one writes a grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="default: 20 for the shipped pipeline, else the pipeline's own")
+                        help=f"default: {DEFAULT_PIPELINE_CALL['num_inference_steps']} for the shipped pipeline, "
+                        "else the pipeline's own")
     parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="default: 4.0 for the shipped pipeline, else the pipeline's own")
+                        help=f"default: {DEFAULT_PIPELINE_CALL['guidance_scale']} for the shipped pipeline, "
+                        "else the pipeline's own")
     parser.add_argument("--height", type=positive_int, default=None)
     parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--output", default=None, help="PNG path (default: outputs/<prompt>.png)")

@@ -11,6 +11,7 @@ Repos persist for the whole session: use `hub_repo_id` for a fresh, unique repo 
 
 import os
 import re
+import time
 import uuid
 
 import pytest
@@ -48,3 +49,9 @@ def hub_repo_id(request, hub_server) -> str:
     """A repo id in `HUB_USER`'s namespace that no other test uses (the repo is not created)."""
     name = re.sub(r"[^\w.-]+", "-", request.node.name)[:80]
     return f"{HUB_USER}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def no_retry_waits(monkeypatch):
+    """The client retries refused connections with back-off sleeps (~23 s): skip the waits."""
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import PIL.Image
 import pytest
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, list_repo_files, model_info
-from hub_fixtures import HUB_TOKEN, HUB_USER, hub_repo_id, hub_server  # noqa: F401
+from hub_fixtures import HUB_TOKEN, HUB_USER, hub_repo_id, hub_server, no_retry_waits  # noqa: F401
 
 from mmdit_diffusers import MMDiTTransformer2DModel
 from mmdit_diffusers.cli import main as dispatch
@@ -90,8 +88,7 @@ def test_errors_print_a_message_and_exit_2(hub_repo_id, model_dir, tmp_path, cap
     assert main(["--help"]) == 0
 
 
-def test_hub_down(hub_server, hub_repo_id, model_dir, monkeypatch, capfd):
-    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+def test_hub_down(hub_server, hub_repo_id, model_dir, no_retry_waits, capfd):
     hub_server.stop()
     try:
         code = main([str(model_dir), hub_repo_id, "--token", HUB_TOKEN])

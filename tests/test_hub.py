@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import subprocess
+import sys
 import tempfile
-import time
 import traceback
 import uuid
 
@@ -15,12 +16,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers.utils import PushToHubMixin
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, list_repo_files, model_info, upload_file
-from hub_fixtures import HUB_TOKEN, HUB_USER, OTHER_TOKEN, hub_repo_id, hub_server  # noqa: F401
+from hub_fixtures import HUB_TOKEN, HUB_USER, OTHER_TOKEN, hub_repo_id, hub_server, no_retry_waits  # noqa: F401
 from peft import LoraConfig, get_peft_model_state_dict
 
-from mmdit_diffusers import MMDiTTransformer2DModel
-from mmdit_diffusers.hub import HubError, MMDiTHubMixin, push_pipeline_folder, translate_hub_error
+from mmdit_diffusers import MMDiTTransformer2DModel, hub
+from mmdit_diffusers.hub import HubError, push_folder, translate_hub_error
 from mmdit_diffusers.hub.model_card import GENERATED_END, GENERATED_START
 from mmdit_diffusers.pipelines import MMDiTPipeline
 from tiny_pipeline import tiny_mmdit_pipeline, tiny_mmdit_transformer
@@ -31,10 +33,11 @@ BAD_TOKEN = "hf_wrong_token_do_not_print_123456"
 MODEL_FILES = (".safetensors", ".json", ".txt", ".model")
 
 
-def test_model_and_pipeline_carry_the_hub_mixin_first():
-    """Our push_to_hub / from_pretrained must come before diffusers' in the method resolution order."""
-    for cls in (MMDiTTransformer2DModel, MMDiTPipeline):
-        assert cls.__mro__[1] is MMDiTHubMixin
+def test_importing_the_hub_changes_nothing_in_diffusers():
+    code = ("from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES as L; import copy; "
+            "before = copy.deepcopy(L); import mmdit_diffusers.hub; assert L == before, 'changed'")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's package, as in this process
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +51,7 @@ def pipe():
 def pushed_pipeline(hub_server, pipe):
     """The tiny pipeline pushed to the branch `v1` of a fresh repo: (repo_id, commit)."""
     repo_id = f"{HUB_USER}/pipeline-{uuid.uuid4().hex[:8]}"
-    return repo_id, pipe.push_to_hub(repo_id, revision="v1")
-
-
-@pytest.fixture
-def no_retry_waits(monkeypatch):
-    """The client retries refused connections with back-off sleeps (~23 s): skip the waits."""
-    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    return repo_id, hub.push_to_hub(pipe, repo_id, revision="v1")
 
 
 @pytest.fixture
@@ -111,7 +108,7 @@ def model_files_under(root) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 def test_transformer_round_trip_revisions_and_pr(hub_repo_id, tmp_path):
     model = tiny_mmdit_transformer(seed=0)
-    first = model.push_to_hub(hub_repo_id, private=True, commit_message="first weights")
+    first = hub.push_to_hub(model, hub_repo_id, private=True, commit_message="first weights")
     assert first.oid and str(first).endswith(first.oid)  # a str: the commit URL; .oid: the sha
     info = model_info(hub_repo_id, files_metadata=True)
     assert info.private is True and info.sha == first.oid
@@ -127,7 +124,7 @@ def test_transformer_round_trip_revisions_and_pr(hub_repo_id, tmp_path):
 
     # A second push moves main; the first commit stays loadable by its sha.
     changed = tiny_mmdit_transformer(seed=1)
-    second = changed.push_to_hub(hub_repo_id)
+    second = hub.push_to_hub(changed, hub_repo_id)
     assert second.oid != first.oid
     assert_same_weights(changed, MMDiTTransformer2DModel.from_pretrained(hub_repo_id, cache_dir=tmp_path / "cache"))
     old = MMDiTTransformer2DModel.from_pretrained(hub_repo_id, revision=first.oid, cache_dir=tmp_path / "cache")
@@ -138,8 +135,8 @@ def test_transformer_round_trip_revisions_and_pr(hub_repo_id, tmp_path):
     assert_same_weights(model, offline)
 
     # Pushing unchanged weights makes no new commit; a pull request leaves main alone.
-    assert changed.push_to_hub(hub_repo_id).oid == second.oid
-    pr = model.push_to_hub(hub_repo_id, create_pr=True, commit_message="propose the old weights")
+    assert hub.push_to_hub(changed, hub_repo_id).oid == second.oid
+    pr = hub.push_to_hub(model, hub_repo_id, create_pr=True, commit_message="propose the old weights")
     assert pr.pr_revision == "refs/pr/1" and pr.pr_url
     assert model_info(hub_repo_id).sha == second.oid
     assert_same_weights(model, MMDiTTransformer2DModel.from_pretrained(hub_repo_id, revision="refs/pr/1",
@@ -182,7 +179,7 @@ def test_lora_push_and_load_by_repo_id(hub_repo_id, pipe, tmp_path):
     local = tmp_path / "lora"
     MMDiTPipeline.save_lora_weights(local, transformer_lora_layers=get_peft_model_state_dict(donor),
                                     transformer_lora_adapter_metadata=config.to_dict())
-    commit = push_pipeline_folder(local, hub_repo_id, card_data={"base_model": "test-user/tiny-base"})
+    commit = push_folder(local, hub_repo_id, card_data={"base_model": "test-user/tiny-base"})
     assert "pytorch_lora_weights.safetensors" in list_repo_files(hub_repo_id)
 
     base = generate(pipe)
@@ -204,11 +201,28 @@ def test_lora_push_and_load_by_repo_id(hub_repo_id, pipe, tmp_path):
     assert commit.oid == model_info(hub_repo_id).sha
 
 
-def test_save_pretrained_push_to_hub_goes_through_our_push(hub_repo_id, tmp_path):
+def test_diffusers_own_push_to_hub_and_from_pretrained_work_on_our_classes(hub_repo_id, pipe, tmp_path):
+    """The classes keep diffusers' methods (no mixin of ours): they upload loadable weights and load them back."""
+    for cls in (MMDiTTransformer2DModel, MMDiTPipeline):
+        assert cls.push_to_hub is PushToHubMixin.push_to_hub
+    model = tiny_mmdit_transformer(seed=0)
+    model.push_to_hub(hub_repo_id)
+    assert_same_weights(model, MMDiTTransformer2DModel.from_pretrained(hub_repo_id, cache_dir=tmp_path / "cache"))
+
+    pipeline_repo = f"{hub_repo_id}-pipeline"
+    pipe.push_to_hub(pipeline_repo)
+    assert "model_index.json" in list_repo_files(pipeline_repo)
+    pulled = MMDiTPipeline.from_pretrained(pipeline_repo, cache_dir=tmp_path / "cache")
+    assert type(pulled.transformer) is MMDiTTransformer2DModel
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"):
+        assert_same_weights(getattr(pipe, name), getattr(pulled, name))
+
+
+def test_save_pretrained_push_to_hub_uploads_the_weights(hub_repo_id, tmp_path):
+    """`save_pretrained(push_to_hub=True)` is diffusers' own path: the weights arrive and load."""
     model = tiny_mmdit_transformer(seed=0)
     model.save_pretrained(str(tmp_path / "saved"), push_to_hub=True, repo_id=hub_repo_id)
-    card = ModelCard.load(hub_repo_id)
-    assert "mmdit" in card.data.tags and GENERATED_START in card.text
+    assert {"config.json", "diffusion_pytorch_model.safetensors"} <= set(list_repo_files(hub_repo_id))
     assert_same_weights(model, MMDiTTransformer2DModel.from_pretrained(hub_repo_id, cache_dir=tmp_path / "cache"))
 
 
@@ -218,7 +232,8 @@ def test_save_pretrained_push_to_hub_goes_through_our_push(hub_repo_id, tmp_path
 def test_model_card_metadata_body_and_user_edits_survive(hub_repo_id, tmp_path):
     model = tiny_mmdit_transformer(seed=0)
     sample = PIL.Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
-    model.push_to_hub(
+    hub.push_to_hub(
+        model,
         hub_repo_id,
         card_data={"license": "mit", "datasets": ["test-user/shapes"], "training": {"optimizer steps": 10},
                    "scores": {"shapes accuracy": 0.25}},
@@ -251,7 +266,7 @@ def test_model_card_metadata_body_and_user_edits_survive(hub_repo_id, tmp_path):
     edited = f"---\n{ModelCardData(**user_meta).to_yaml()}\n---\n{user_text}"
     upload_file(path_or_fileobj=edited.encode(), path_in_repo="README.md", repo_id=hub_repo_id)
 
-    model.push_to_hub(hub_repo_id, card_data={"scores": {"shapes accuracy": 0.75}, "datasets": ["test-user/more"]})
+    hub.push_to_hub(model, hub_repo_id, card_data={"scores": {"shapes accuracy": 0.75}, "datasets": ["test-user/more"]})
     card = ModelCard.load(hub_repo_id, ignore_metadata_errors=True)
     assert card.data.license == "cc-by-4.0"  # kept: this push gave no license
     assert card.data.language == ["en"] and card.data.my_key == {"nested": 1}
@@ -265,10 +280,50 @@ def test_model_card_metadata_body_and_user_edits_survive(hub_repo_id, tmp_path):
     # A hand-written card without our section keeps all of its text; the section is appended.
     upload_file(path_or_fileobj=b"---\nlicense: other\n---\n# Mine\n\nHand written.\n", path_in_repo="README.md",
                 repo_id=hub_repo_id)
-    model.push_to_hub(hub_repo_id)
+    hub.push_to_hub(model, hub_repo_id)
     card = ModelCard.load(hub_repo_id)
     assert card.text.lstrip().startswith("# Mine\n\nHand written.\n") and GENERATED_START in card.text
     assert card.data.license == "other" and "mmdit" in card.data.tags
+
+
+def test_card_written_into_a_folder_is_the_one_push_uploads(hub_repo_id, tmp_path):
+    """`write_model_card` (a training run's card) and the push share one writer: the pushed card keeps the text
+    written beside the weights, and updates the generated part for the repo."""
+    folder = tmp_path / "run"
+    tiny_mmdit_transformer(seed=0).save_pretrained(folder)
+    (folder / "validation").mkdir()
+    inside = folder / "validation" / "final.png"
+    PIL.Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(inside)
+    outside = PIL.Image.fromarray(np.full((8, 8, 3), 9, dtype=np.uint8))
+    path = hub.write_model_card(
+        folder,
+        card_data={"description": "Trained with rectified flow.", "training": {"method": "LoRA rank 4"},
+                   "tags": ["diffusers-training"]},
+        sample_images=[("a grid", inside), ("a gray square", outside)],
+    )
+    card = ModelCard.load(path)
+    assert path == folder / "README.md" and card.text.lstrip().startswith("# run\n")
+    assert "Trained with rectified flow." in card.text and "| method | LoRA rank 4 |" in card.text
+    assert "![a grid](validation/final.png)" in card.text and "![a gray square](images/sample_1.png)" in card.text
+    assert np.array_equal(np.asarray(PIL.Image.open(folder / "images" / "sample_1.png")), np.asarray(outside))
+    assert {"diffusers-training", "mmdit"} <= set(card.data.tags) and card.data.library_name == "diffusers"
+    assert 'MMDiTTransformer2DModel.from_pretrained("' + str(folder) + '")' in card.text
+
+    push_folder(folder, hub_repo_id)
+    pushed = ModelCard.load(hub_repo_id)
+    assert "Trained with rectified flow." in pushed.text and "| method | LoRA rank 4 |" not in pushed.text
+    assert f'MMDiTTransformer2DModel.from_pretrained("{hub_repo_id}")' in pushed.text
+    assert "![a grid](validation/final.png)" in pushed.text  # no new samples: the card's samples stay
+    assert {"validation/final.png", "images/sample_1.png"} <= set(list_repo_files(hub_repo_id))
+
+
+def test_card_without_a_prompt_has_no_generation_line(tmp_path):
+    tiny_mmdit_transformer(seed=0).save_pretrained(tmp_path)
+    text = hub.write_model_card(tmp_path, card_data={"base_model": "test-user/base"}).read_text()
+    assert 'MMDiTPipeline.from_pretrained("test-user/base", transformer=transformer)' in text
+    assert "image = pipe(" not in text
+    text = hub.write_model_card(tmp_path, card_data={"prompt": "a cat"}).read_text()
+    assert 'image = pipe("a cat").images[0]' in text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,11 +331,11 @@ def test_model_card_metadata_body_and_user_edits_survive(hub_repo_id, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def test_wrong_token_is_a_clear_401_and_never_shown(hub_repo_id, pushed_pipeline, tmp_path, all_logs, capfd):
     model = tiny_mmdit_transformer(seed=0)
-    model.push_to_hub(hub_repo_id, token=HUB_TOKEN)  # a good explicit token: not shown either
+    hub.push_to_hub(model, hub_repo_id, token=HUB_TOKEN)  # a good explicit token: not shown either
     with pytest.raises(HubError) as push_error:
-        model.push_to_hub(hub_repo_id, token=BAD_TOKEN)
+        hub.push_to_hub(model, hub_repo_id, token=BAD_TOKEN)
     with pytest.raises(HubError) as pull_error:
-        MMDiTPipeline.from_pretrained(pushed_pipeline[0], revision="v1", token=BAD_TOKEN, cache_dir=tmp_path / "c")
+        hub.from_pretrained(MMDiTPipeline, pushed_pipeline[0], revision="v1", token=BAD_TOKEN, cache_dir=tmp_path / "c")
     for error in (push_error.value, pull_error.value):
         assert error.status == 401 and isinstance(error, (RuntimeError, OSError))
         assert str(error).startswith("authentication failed (401): check your token")
@@ -295,7 +350,7 @@ def test_wrong_token_is_a_clear_401_and_never_shown(hub_repo_id, pushed_pipeline
 
 def test_other_users_namespace_is_forbidden(hub_repo_id):
     with pytest.raises(HubError, match=r"permission denied \(403\) on other-user/") as error:
-        tiny_mmdit_transformer(seed=0).push_to_hub(hub_repo_id.replace(HUB_USER, "other-user"))
+        hub.push_to_hub(tiny_mmdit_transformer(seed=0), hub_repo_id.replace(HUB_USER, "other-user"))
     assert error.value.status == 403
 
 
@@ -304,15 +359,15 @@ def test_missing_repo_revision_and_cache(pushed_pipeline, tmp_path):
     missing = f"{HUB_USER}/does-not-exist-{uuid.uuid4().hex[:6]}"
     for cls in (MMDiTPipeline, MMDiTTransformer2DModel):
         with pytest.raises(HubError, match=rf"repository {missing} not found \(404\): check the name or create it"):
-            cls.from_pretrained(missing, cache_dir=tmp_path / "c")
+            hub.from_pretrained(cls, missing, cache_dir=tmp_path / "c")
     with pytest.raises(HubError, match=r"revision 'no-such-branch' not found in repository"):
-        MMDiTPipeline.from_pretrained(repo_id, revision="no-such-branch", cache_dir=tmp_path / "c")
+        hub.from_pretrained(MMDiTPipeline, repo_id, revision="no-such-branch", cache_dir=tmp_path / "c")
     with pytest.raises(HubError, match=r"not in the local cache and local_files_only=True"):
-        MMDiTPipeline.from_pretrained(repo_id, revision="v1", local_files_only=True, cache_dir=tmp_path / "c")
+        hub.from_pretrained(MMDiTPipeline, repo_id, revision="v1", local_files_only=True, cache_dir=tmp_path / "c")
     # The private repo of another user looks missing to us.
     HfApi(token=OTHER_TOKEN).create_repo("other-user/secret", private=True, exist_ok=True)
     with pytest.raises(HubError, match="repository other-user/secret not found"):
-        MMDiTTransformer2DModel.from_pretrained("other-user/secret", cache_dir=tmp_path / "c")
+        hub.from_pretrained(MMDiTTransformer2DModel, "other-user/secret", cache_dir=tmp_path / "c")
     assert model_files_under(tmp_path / "c") == []
 
 
@@ -325,9 +380,9 @@ def test_hub_down_push_and_pull(hub_server, pushed_pipeline, hub_repo_id, tmp_pa
     hub_server.stop()
     try:
         with pytest.raises(HubError) as push_error:
-            model.push_to_hub(hub_repo_id)
+            hub.push_to_hub(model, hub_repo_id)
         with pytest.raises(HubError) as pull_error:
-            MMDiTPipeline.from_pretrained(repo_id, revision="v1", cache_dir=tmp_path / "c")
+            hub.from_pretrained(MMDiTPipeline, repo_id, revision="v1", cache_dir=tmp_path / "c")
     finally:
         hub_server.start()
     for error in (push_error.value, pull_error.value):
@@ -361,10 +416,10 @@ def test_folder_without_safetensors_or_model_is_refused(tmp_path):
     (tmp_path / "pickled" / "config.json").write_text('{"_class_name": "MMDiTTransformer2DModel"}')
     (tmp_path / "pickled" / "diffusion_pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="no .safetensors weights"):
-        push_pipeline_folder(tmp_path / "pickled", f"{HUB_USER}/never")
+        push_folder(tmp_path / "pickled", f"{HUB_USER}/never")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match="not a saved model, pipeline or LoRA folder"):
-        push_pipeline_folder(tmp_path / "other", f"{HUB_USER}/never")
+        push_folder(tmp_path / "other", f"{HUB_USER}/never")
     with pytest.raises(ValueError, match="is a commit sha"):
-        push_pipeline_folder(tmp_path / "pickled", f"{HUB_USER}/never", revision="0" * 40)
+        push_folder(tmp_path / "pickled", f"{HUB_USER}/never", revision="0" * 40)

@@ -1,30 +1,33 @@
 """Pushing saved MMDiT folders (pipeline, transformer or LoRA) and live objects to the Hugging Face Hub.
 
-    push_pipeline_folder(folder, repo_id, token=..., revision="v1")  # a folder from save_pretrained
-    push_to_hub(pipe_or_model, repo_id, ...)                        # save to a temp dir, then the above
+    push_folder(folder, repo_id, revision="v1", card_data={"datasets": ["me/shapes"]})  # a saved folder
+    push_to_hub(pipe_or_model, repo_id, private=True)                                # save to a temp dir, then push
 
 Each push creates the repo when needed (`private` applies then), creates the branch `revision` when missing,
 uploads the folder's safetensors weights and configs (pickled weights are never uploaded) in one commit together
-with an updated model card (see `model_card.py`) and optional sample images, and returns the commit:
-a `huggingface_hub.CommitInfo`, which is a `str` (the commit URL) with `.oid` (the commit sha), `.pr_url`, ...
-Hub failures raise `HubError` with a message that says what to do; the token never appears in messages or logs.
+with the model card (`write_model_card`'s, merged into the repo's existing card) and optional sample images, and
+returns the commit: a `huggingface_hub.CommitInfo`, which is a `str` (the commit URL) with `.oid` (the commit sha),
+`.pr_url`, ... Hub failures raise `HubError` with a message that says what to do; the token never appears in
+messages or logs.
+
+The models' and pipelines' own `push_to_hub` / `save_pretrained(push_to_hub=True)` are diffusers' (no model
+card of ours, no branch); these functions are the project's.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import io
 import logging
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-from .errors import HubError, hub_errors, redact
-from .model_card import build_model_card, detect_folder_kind
+from .errors import hub_errors
+from .model_card import IMAGES_DIR, README, build_model_card, detect_folder_kind, png_bytes
 
-__all__ = ["PICKLE_PATTERNS", "push_folder", "push_pipeline_folder", "push_to_hub"]
+__all__ = ["PICKLE_PATTERNS", "push_folder", "push_to_hub"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +35,6 @@ logger = logging.getLogger(__name__)
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 ALWAYS_IGNORED = (".git/*", "*/.git/*", ".cache/*", "*/__pycache__/*", "__pycache__/*", "*.pyc", ".DS_Store",
                   "*.incomplete", "*.lock")
-README = "README.md"
-IMAGES_DIR = "images"
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -48,54 +49,20 @@ def _folder_files(folder: Path, ignore_patterns: Iterable[str]) -> tuple[list[st
     ignore = list(ALWAYS_IGNORED) + list(ignore_patterns)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if _matches(rel, ignore):
-            continue
-        if _matches(rel, PICKLE_PATTERNS):
-            pickled.append(rel)
-            continue
-        upload.append(rel)
+        if not _matches(rel, ignore):
+            (pickled if _matches(rel, PICKLE_PATTERNS) else upload).append(rel)
     return upload, pickled
 
 
-def _sample_operations(sample_images, operations: list) -> list[dict]:
-    """Add `images/sample_<i>.png` uploads for `[(prompt, PIL image or path), ...]`; returns widget entries."""
-    from huggingface_hub import CommitOperationAdd
-
-    samples = []
-    for i, item in enumerate(sample_images or ()):
-        if isinstance(item, dict):
-            prompt, image = item.get("text") or item.get("prompt"), item.get("image")
-        else:
-            prompt, image = item
-        if prompt is None or image is None:
-            raise ValueError("sample_images entries are (prompt, image) pairs or {'text': ..., 'image': ...}")
-        url = f"{IMAGES_DIR}/sample_{i}.png"
-        if isinstance(image, (str, os.PathLike)):
-            if not str(image).lower().endswith(".png"):
-                from PIL import Image
-
-                with Image.open(image) as opened:
-                    buffer = io.BytesIO()
-                    opened.save(buffer, format="PNG")
-                content: Any = buffer.getvalue()
-            else:
-                content = str(image)
-        else:  # a PIL image
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            content = buffer.getvalue()
-        operations.append(CommitOperationAdd(path_in_repo=url, path_or_fileobj=content))
-        samples.append({"text": str(prompt), "url": url})
-    return samples
-
-
 def _existing_card(api, repo_id: str, revision: str, folder: Path, tmp: str) -> str | None:
-    """The repo's README.md at `revision` (downloaded into `tmp`, not the user's cache), else the folder's."""
+    """The repo's README.md at `revision` (downloaded into `tmp`, not the user's cache), else the folder's.
+
+    (diffusers' `load_or_create_model_card` reads only `main`, into the user's cache, and takes an unreachable Hub
+    for a missing card, which would overwrite the owner's text.)"""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        path = api.hf_hub_download(repo_id, README, revision=revision, cache_dir=tmp)
-        return Path(path).read_text(encoding="utf-8")
+        return Path(api.hf_hub_download(repo_id, README, revision=revision, cache_dir=tmp)).read_text(encoding="utf-8")
     except EntryNotFoundError as error:  # no README in the repo yet
         if isinstance(error, LocalEntryNotFoundError):  # the Hub is unreachable: never clobber the card
             raise
@@ -103,45 +70,39 @@ def _existing_card(api, repo_id: str, revision: str, folder: Path, tmp: str) -> 
     return local.read_text(encoding="utf-8") if local.is_file() else None
 
 
-def _default_commit_message(kind: str) -> str:
-    return {"pipeline": "Upload MMDiTPipeline", "model": "Upload MMDiTTransformer2DModel",
-            "lora": "Upload LoRA weights"}[kind] + " with mmdit-diffusers"
-
-
-def push_pipeline_folder(
+def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
     *,
-    token: str | None = None,
-    private: bool | None = None,
     revision: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
     commit_message: str | None = None,
     create_pr: bool = False,
     card_data: dict | None = None,
     sample_images: Iterable | None = None,
     ignore_patterns: Iterable[str] | None = None,
     path_in_repo: str | None = None,
-    commit_description: str | None = None,
     endpoint: str | None = None,
 ):
-    """Push a saved folder to the Hub with an updated model card; returns the `CommitInfo` (a str: the commit URL;
+    """Push a saved folder to the Hub with its model card; returns the `CommitInfo` (a str: the commit URL;
     `.oid`: the commit sha; `.pr_url` with `create_pr=True`).
 
     Args:
         folder: A pipeline folder (model_index.json), an `MMDiTTransformer2DModel` folder (config.json) or a LoRA
             folder (`pytorch_lora_weights.safetensors`), as `save_pretrained` / `save_lora_weights` write them.
         repo_id: `namespace/name` (a bare name goes to the token's user namespace). Created if missing.
-        token: A write token; default: HF_TOKEN or the `hf auth login` token. Never printed or logged.
-        private: Visibility of a repo created by this push (ignored for an existing repo).
         revision: The branch to push to (created from main when missing), or `refs/pr/<n>`; default main.
-        commit_message: Default "Upload <kind> with mmdit-diffusers".
+        private: Visibility of a repo created by this push (ignored for an existing repo).
+        token: A write token; default: HF_TOKEN or the `hf auth login` token. Never printed or logged.
+        commit_message: Default "Upload <class> with mmdit-diffusers".
         create_pr: Open a pull request against `revision` instead of committing to it.
         card_data: Card metadata (`license`, `base_model`, `datasets`, `tags`, any YAML key) and body fields
-            (`model_name`, `description`, `training` dict, `scores` dict, `limitations`, `prompt`,
-            `sample_images`); see `model_card.build_model_card`.
-        sample_images: `[(prompt, PIL image or .png path), ...]`: uploaded as `images/sample_<i>.png`, shown in
+            (`model_name`, `description`, `training` dict, `scores` dict, `limitations`, `prompt`); see
+            `build_model_card`.
+        sample_images: `[(prompt, PIL image or image path), ...]`: uploaded as `images/sample_<i>.png`, shown in
             the card and as its `widget`.
-        ignore_patterns: More glob patterns of files not to upload (e.g. `checkpoint-*`, `logs/*`).
+        ignore_patterns: More glob patterns of files not to upload (e.g. a training run's `checkpoint-*`, `logs/*`).
         path_in_repo: Upload into this folder of the repo (e.g. a transformer into `transformer/`); the root
             model card is then left as it is.
         endpoint: The Hub URL; default HF_ENDPOINT.
@@ -165,12 +126,9 @@ def push_pipeline_folder(
             f"{folder} has no .safetensors weights (only safetensors are pushed): save it with "
             "save_pretrained(..., safe_serialization=True)"
         )
-    card_data = dict(card_data or {})
-    sample_images = list(sample_images or ()) + list(card_data.pop("sample_images", None) or ())
 
     api = HfApi(endpoint=endpoint, token=token)
-    context = {"revision": revision, "token": token, "endpoint": api.endpoint}
-    with hub_errors(repo_id, **context):
+    with hub_errors(repo_id, revision=revision, token=token, endpoint=api.endpoint):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision not in (None, "main") and not revision.startswith("refs/pr/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -182,18 +140,21 @@ def push_pipeline_folder(
             if subfolder or rel != README  # the root README is the merged card, added below
         ]
         if not subfolder:
-            samples = _sample_operations(sample_images, operations)
+            samples = []
+            for i, (prompt, image) in enumerate(sample_images or ()):
+                samples.append({"text": str(prompt), "url": f"{IMAGES_DIR}/sample_{i}.png"})
+                operations.append(CommitOperationAdd(path_in_repo=samples[-1]["url"], path_or_fileobj=png_bytes(image)))
             with tempfile.TemporaryDirectory(prefix="mmdit-push-card-") as tmp:
                 existing = _existing_card(api, repo_id, branch, folder, tmp)
             card = build_model_card(folder, repo_id, existing=existing, card_data=card_data, samples=samples,
                                     kind=kind)
             operations.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=str(card).encode("utf-8")))
+        class_name = {"pipeline": "MMDiTPipeline", "model": "MMDiTTransformer2DModel", "lora": "LoRA weights"}[kind]
         logger.info("Pushing %s %s to %s (revision %s)", kind, folder, repo_id, branch)
         commit = api.create_commit(
             repo_id,
             operations=operations,
-            commit_message=commit_message or _default_commit_message(kind),
-            commit_description=commit_description,
+            commit_message=commit_message or f"Upload {class_name} with mmdit-diffusers",
             revision=revision,
             create_pr=create_pr,
         )
@@ -201,44 +162,27 @@ def push_pipeline_folder(
     return commit
 
 
-push_folder = push_pipeline_folder
-
-
 def push_to_hub(
-    obj,
+    model_or_pipeline,
     repo_id: str,
-    commit_message: str | None = None,
-    private: bool | None = None,
-    token: str | None = None,
-    create_pr: bool = False,
-    safe_serialization: bool = True,
+    *,
     variant: str | None = None,
     subfolder: str | None = None,
-    *,
-    revision: str | None = None,
     card_data: dict | None = None,
-    sample_images: Iterable | None = None,
-    endpoint: str | None = None,
+    **push_kwargs,
 ):
-    """Save `obj` (an `MMDiTPipeline` or `MMDiTTransformer2DModel`) to a temporary folder (removed afterwards)
-    and push it with `push_pipeline_folder`; the arguments of diffusers' `push_to_hub` plus `revision`,
-    `card_data`, `sample_images` and `endpoint`."""
-    if not safe_serialization:
-        raise ValueError("Only safetensors weights are pushed: call push_to_hub with safe_serialization=True.")
+    """Save an `MMDiTPipeline` or `MMDiTTransformer2DModel` (safetensors) to a temporary folder, removed
+    afterwards, and push it with `push_folder` (`push_kwargs`: its keyword arguments).
+
+    `variant` is passed to `save_pretrained`; `subfolder` is the repo folder to upload into (`path_in_repo`). The
+    Hub repo the object was loaded from becomes the card's `base_model` unless `card_data` names one."""
     card_data = dict(card_data or {})
-    base = _base_model(obj, repo_id)
+    base = _base_model(model_or_pipeline, repo_id)
     if base and "base_model" not in card_data:
         card_data["base_model"] = base
     with tempfile.TemporaryDirectory(prefix="mmdit-push-") as tmp:
-        save_kwargs: dict[str, Any] = {"safe_serialization": True}
-        if variant is not None:
-            save_kwargs["variant"] = variant
-        obj.save_pretrained(tmp, **save_kwargs)
-        return push_pipeline_folder(
-            tmp, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
-            create_pr=create_pr, card_data=card_data, sample_images=sample_images, path_in_repo=subfolder,
-            endpoint=endpoint,
-        )
+        model_or_pipeline.save_pretrained(tmp, safe_serialization=True, **({"variant": variant} if variant else {}))
+        return push_folder(tmp, repo_id, card_data=card_data, path_in_repo=subfolder, **push_kwargs)
 
 
 def _base_model(obj, repo_id: str) -> str | None:
@@ -250,11 +194,3 @@ def _base_model(obj, repo_id: str) -> str | None:
     if name == repo_id or name.split("/")[-1] == repo_id:
         return None
     return name
-
-
-def safe_message(error: BaseException, token: str | None = None) -> str:
-    """`str(error)` with tokens removed, for printing."""
-    return redact(str(error), token)
-
-
-__all__ += ["HubError", "safe_message"]

@@ -92,12 +92,11 @@ def build_dataset_parser() -> argparse.ArgumentParser:
 
 
 def run_dataset(args: argparse.Namespace) -> int:
+    if Path(args.output_dir).exists() and not args.overwrite:
+        raise InputError(f"{args.output_dir} already exists; pass --overwrite to replace it")
     from .dataset import write_dataset
 
-    try:
-        print(write_dataset(args.output_dir, args.num_images, seed=args.seed, overwrite=args.overwrite))
-    except FileExistsError as err:
-        raise InputError(f"{err} (--overwrite replaces it)") from err
+    print(write_dataset(args.output_dir, args.num_images, seed=args.seed, overwrite=args.overwrite))
     return 0
 
 

@@ -41,7 +41,7 @@ def default_output(prompt: str) -> str:
     return f"outputs/{slug}.png"
 
 
-def image_grid(images: list) -> "PIL.Image.Image":  # noqa: F821
+def image_grid(images: list):
     """The images on a near-square grid (`ceil(sqrt(n))` columns), empty cells white."""
     import math
 

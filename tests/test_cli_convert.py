@@ -150,7 +150,7 @@ def test_failed_overwrite_keeps_the_old_destination(sd3_dir, tmp_path, monkeypat
 def assert_usage_error(argv, capsys, *fragments):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mmdit-diffusers convert: error:")
+    assert err.startswith("error: ")
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, err

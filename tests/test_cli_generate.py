@@ -1,12 +1,21 @@
-"""`mmdit-diffusers generate` and `evaluate` on a tiny pipeline folder."""
+"""The command line: every command's --help without torch, one exit status for bad input, and `generate` and
+`evaluate` on a tiny pipeline folder."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 from tiny_pipeline import tiny_mmdit_pipeline
 
-from mmdit_diffusers.cli import common, evaluate, generate
+from mmdit_diffusers.cli import commands, generate
+from mmdit_diffusers.cli import main as dispatch
+from mmdit_diffusers.errors import InputError
+from mmdit_diffusers.shapes import shipped
+
+HEAVY = ("torch", "diffusers", "transformers")
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +74,19 @@ def test_generate_bad_input_is_a_clear_error(pipeline_dir, tmp_path, capsys, arg
 
 
 def test_generate_rejects_non_positive_steps(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        generate.main(["a cat", "--steps", "0"])
-    assert exit_info.value.code == 2 and "positive integer" in capsys.readouterr().err
+    assert generate.main(["a cat", "--steps", "0"]) == 2
+    assert "positive integer" in capsys.readouterr().err
 
 
 def test_missing_shipped_pipeline_names_the_way_out(monkeypatch, tmp_path):
-    monkeypatch.setattr(common, "DEFAULT_PIPELINE", tmp_path / "missing")
-    with pytest.raises(common.CommandError, match="pass --model"):
-        common.resolve_model(None)
+    monkeypatch.setattr(shipped, "SHIPPED_PIPELINE", tmp_path / "missing")
+    with pytest.raises(InputError, match="pass --model"):
+        shipped.resolve_model(None)
 
 
 def test_evaluate_prints_the_table_and_writes_json_and_grid(pipeline_dir, tmp_path, capsys):
     scores, grid = tmp_path / "scores.json", tmp_path / "grid.png"
-    code = evaluate.main(["--model", pipeline_dir, "--limit", "6", "--steps", "2", "--batch_size", "3",
+    code = dispatch(["evaluate", "--model", pipeline_dir, "--limit", "6", "--steps", "2", "--batch_size", "3",
                           "--json", str(scores), "--grid", str(grid)])
     out = capsys.readouterr().out
     assert code == 0 and "| category | accuracy |" in out and "| overall |" in out
@@ -87,8 +95,40 @@ def test_evaluate_prints_the_table_and_writes_json_and_grid(pipeline_dir, tmp_pa
     assert Image.open(grid).size[0] > 0
 
 
+def test_evaluate_refuses_a_grid_that_is_not_a_png(tmp_path, capsys):
+    assert dispatch(["evaluate", "--grid", str(tmp_path / "grid.jpg")]) == 2
+    assert "expected a .png" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_sampler_settings_use_the_shipped_defaults_only_for_the_shipped_pipeline():
-    assert common.sampler_settings(None, None, None) == common.DEFAULT_PIPELINE_CALL
-    assert common.sampler_settings(None, 7, None)["num_inference_steps"] == 7
-    assert common.sampler_settings("some/folder", None, None) == {}
-    assert common.sampler_settings("some/folder", None, 2.5) == {"guidance_scale": 2.5}
+    assert shipped.sampler_settings(None, None, None) == shipped.SAMPLER_SETTINGS
+    assert shipped.sampler_settings(None, 7, None)["num_inference_steps"] == 7
+    assert shipped.sampler_settings("some/folder", None, None) == {}
+    assert shipped.sampler_settings("some/folder", None, 2.5) == {"guidance_scale": 2.5}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dispatcher
+# ----------------------------------------------------------------------------------------------------------
+def test_every_entry_point_is_a_command():
+    assert list(commands()) == ["generate", "train", "convert", "push", "evaluate", "dataset", "vae",
+                                "text-encoders", "base", "export", "probe"]
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert dispatch(["paint"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'paint'" in err and "generate" in err and "text-encoders" in err
+
+
+@pytest.mark.parametrize("command", [None, *commands()])
+def test_help_answers_without_importing_torch_diffusers_or_transformers(command):
+    """Parsers come from light modules: `--help` (and usage errors) answer at once, in a fresh interpreter."""
+    argv = ["--help"] if command is None else [command, "--help"]
+    code = ("import sys; from mmdit_diffusers.cli import main; code = main(sys.argv[1:]); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules)); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert "usage: mmdit-diffusers" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -1,4 +1,5 @@
-"""The embedded default, `pipelines/mmdit-shapes`: it is in the checkout, small, and draws what it is asked for."""
+"""The embedded default, `pipelines/mmdit-shapes`: it is in the checkout and in the package, small, and draws what
+it is asked for."""
 
 import json
 from pathlib import Path
@@ -8,8 +9,8 @@ from safetensors import safe_open
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 from mmdit_diffusers import MMDiTPipeline
-from mmdit_diffusers.cli.common import DEFAULT_PIPELINE, DEFAULT_PIPELINE_CALL
 from mmdit_diffusers.shapes import evaluate
+from mmdit_diffusers.shapes.shipped import SAMPLER_SETTINGS, SHIPPED_PIPELINE
 from mmdit_diffusers.shapes.text_encoders import caption_vocabulary
 
 FOLDER = Path(__file__).resolve().parents[1] / "pipelines" / "mmdit-shapes"
@@ -19,7 +20,7 @@ MIN_SINGLE_ACCURACY = 0.75
 
 
 def test_the_cli_default_is_the_shipped_folder():
-    assert DEFAULT_PIPELINE == FOLDER and (FOLDER / "model_index.json").is_file()
+    assert SHIPPED_PIPELINE.resolve() == FOLDER.resolve() and (FOLDER / "model_index.json").is_file()
 
 
 def test_weights_are_half_precision_safetensors_within_40_mib():
@@ -49,6 +50,6 @@ def test_generation_for_fixed_prompts_passes_the_scorer():
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square",
                "a blue triangle", "a green circle", "a red square"]
-    images = pipe(prompts, generator=torch.Generator().manual_seed(0), **DEFAULT_PIPELINE_CALL).images
+    images = pipe(prompts, generator=torch.Generator().manual_seed(0), **SAMPLER_SETTINGS).images
     assert all(image.size == (64, 64) for image in images)
     assert evaluate(images, prompts)["single"] >= MIN_SINGLE_ACCURACY

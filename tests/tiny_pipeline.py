@@ -7,7 +7,7 @@
 Sizes: 16 x 16 px images by default (latents 4 x 8 x 8, patch 2 -> 16 image tokens), VAE scale factor 2,
 CLIP width 32 (x2 for SD3's two CLIPs), T5 width 64 (= the transformer's text width), at most 32 T5 tokens for the
 MMDiT models (txt_tokens = 77 + 32). Weights are random but not small (std 0.05 .. 0.1), so images depend on
-the prompt. Tokenizers are built from `WORDS` with `mmdit_diffusers.text_tokenizers` (no download).
+the prompt. Tokenizers are built from `WORDS` with `mmdit_diffusers.shapes.tokenizers` (no download).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from transformers import (
 
 from mmdit_diffusers import MMDiTTransformer2DModel
 from mmdit_diffusers.pipelines import MMDiTPipeline
-from mmdit_diffusers.text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from mmdit_diffusers.shapes.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 WORDS = (
     "a an the two three one red green blue yellow purple orange black white circle circles square squares "

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from ..errors import InputError
+from ..files import atomic_directory
+
+HELP = "convert an SD3/SD3.5 transformer folder to MMDiT and back"
 PROG = "mmdit-diffusers convert"
 DTYPES = ("float32", "float16", "bfloat16")
 CLASS_NAMES = {"mmdit": "MMDiTTransformer2DModel", "sd3": "SD3Transformer2DModel"}
-
-
-class ConvertError(Exception):
-    """A problem with the user's input: reported on stderr with exit code 2, without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,17 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> int:
+    return convert(args.src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error (2, message already printed)
-        return int(exit_.code or 0)
-    try:
-        return convert(args.src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite)
-    except ConvertError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    from . import run_command
+
+    return run_command("convert", argv)
 
 
 def convert(src: Path, dst: Path, to: str = "mmdit", dtype: str | None = None, overwrite: bool = False) -> int:
@@ -76,7 +70,7 @@ def convert(src: Path, dst: Path, to: str = "mmdit", dtype: str | None = None, o
         else:
             model = MMDiTTransformer2DModel.from_pretrained(model_dir).to_sd3()
     except ValueError as error:  # the conversion names the option or tensor it cannot map
-        raise ConvertError(f"cannot convert {model_dir}: {error}") from error
+        raise InputError(f"cannot convert {model_dir}: {error}") from error
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
 
@@ -93,9 +87,9 @@ def convert(src: Path, dst: Path, to: str = "mmdit", dtype: str | None = None, o
 def find_model_folder(src: Path, class_name: str) -> Path:
     """SRC itself or SRC/transformer, whichever holds a config.json naming `class_name`."""
     if not src.exists():
-        raise ConvertError(f"SRC {src} does not exist.")
+        raise InputError(f"SRC {src} does not exist.")
     if not src.is_dir():
-        raise ConvertError(f"SRC {src} is not a folder.")
+        raise InputError(f"SRC {src} is not a folder.")
     found = {}
     for folder in (src, src / "transformer"):
         name = _class_name(folder / "config.json")
@@ -108,8 +102,8 @@ def find_model_folder(src: Path, class_name: str) -> Path:
         # the --to that reads each known class: an SD3 model converts to mmdit, an MMDiT to sd3
         to_for = {CLASS_NAMES["sd3"]: "mmdit", CLASS_NAMES["mmdit"]: "sd3"}
         hint = next((f" (to convert it, pass --to {to_for[n]})" for n in found.values() if n in to_for), "")
-        raise ConvertError(f"expected a {class_name} in {src} or {src / 'transformer'}, but {described}{hint}.")
-    raise ConvertError(
+        raise InputError(f"expected a {class_name} in {src} or {src / 'transformer'}, but {described}{hint}.")
+    raise InputError(
         f"{src} holds no {class_name}: neither {src / 'config.json'} nor {src / 'transformer' / 'config.json'} "
         "describes a diffusers model."
     )
@@ -121,40 +115,28 @@ def _class_name(config_path: Path) -> str | None:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
-        raise ConvertError(f"cannot read {config_path}: {error}") from error
+        raise InputError(f"cannot read {config_path}: {error}") from error
     return config.get("_class_name") if isinstance(config, dict) else None
 
 
 def check_destination(dst: Path, overwrite: bool, protected: tuple[Path, ...]) -> None:
     resolved = dst.resolve()
     if any(resolved == p.resolve() or p.resolve().is_relative_to(resolved) for p in protected):
-        raise ConvertError(f"DST {dst} would replace the source; choose another folder.")
+        raise InputError(f"DST {dst} would replace the source; choose another folder.")
     if not dst.exists():
         return
     if not dst.is_dir():
-        raise ConvertError(f"DST {dst} exists and is not a folder.")
+        raise InputError(f"DST {dst} exists and is not a folder.")
     if any(dst.iterdir()) and not overwrite:
-        raise ConvertError(f"DST {dst} exists and is not empty; pass --overwrite to replace it.")
+        raise InputError(f"DST {dst} exists and is not empty; pass --overwrite to replace it.")
 
 
 def write_atomically(model, dst: Path) -> None:
-    """save_pretrained into a temporary folder beside DST, then rename it to DST (replacing an old DST
-    only once the new one is complete)."""
-    parent = dst.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
-    old = None
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
-            os.rename(dst, old / dst.name)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / dst.name).exists() and not dst.exists():
-            os.rename(old / dst.name, dst)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    """save_pretrained into a staging folder beside DST that becomes DST when complete (an old DST is replaced
+    only then)."""
+    with atomic_directory(dst) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,25 +6,14 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 
-import torch
+from ..errors import InputError
+from ..files import atomic_file
+from ..shapes.commands import positive_int
+from ..shapes.shipped import SAMPLER_SETTINGS
 
-from .common import (
-    DEFAULT_PIPELINE_CALL,
-    CommandError,
-    image_grid,
-    load_pipeline,
-    resolve_model,
-    sampler_settings,
-    save_png,
-)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+HELP = "generate images from a prompt (default: the shipped Shapes pipeline)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", type=positive_int, default=1, help="more than one writes a grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help=f"default: {DEFAULT_PIPELINE_CALL['num_inference_steps']} for the shipped pipeline, "
+                        help=f"default: {SAMPLER_SETTINGS['num_inference_steps']} for the shipped pipeline, "
                         "else the pipeline's own")
     parser.add_argument("--guidance_scale", type=float, default=None,
-                        help=f"default: {DEFAULT_PIPELINE_CALL['guidance_scale']} for the shipped pipeline, "
+                        help=f"default: {SAMPLER_SETTINGS['guidance_scale']} for the shipped pipeline, "
                         "else the pipeline's own")
     parser.add_argument("--height", type=positive_int, default=None)
     parser.add_argument("--width", type=positive_int, default=None)
@@ -52,27 +41,56 @@ def default_output(prompt: str) -> str:
     return f"outputs/{slug}.png"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def image_grid(images: list):
+    """The images on a near-square grid (`ceil(sqrt(n))` columns), empty cells white."""
+    import math
+
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    blank = Image.new("RGB", images[0].size, "white")
+    return make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write atomically: a reader never sees half a PNG."""
+    path = Path(path)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..shapes.shipped import load_pipeline, resolve_model, sampler_settings
+
+    start = time.perf_counter()
+    output = Path(args.output or default_output(args.prompt))
+    if output.suffix.lower() != ".png":  # before the minutes of loading and sampling
+        raise InputError(f"--output {output}: expected a .png file name")
+    pipe = load_pipeline(resolve_model(args.model), revision=args.revision)
+    loaded = time.perf_counter()
+    call = dict(num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
+                negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                **sampler_settings(args.model, args.steps, args.guidance_scale))
     try:
-        start = time.perf_counter()
-        pipe = load_pipeline(resolve_model(args.model), revision=args.revision)
-        loaded = time.perf_counter()
-        call = dict(num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
-                    negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                    **sampler_settings(args.model, args.steps, args.guidance_scale))
-        try:
-            images = pipe(args.prompt, **call).images
-        except ValueError as err:
-            raise CommandError(str(err)) from err
-        done = time.perf_counter()
-        path = save_png(images[0] if len(images) == 1 else image_grid(images), args.output or default_output(args.prompt))
-    except CommandError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        images = pipe(args.prompt, **call).images
+    except ValueError as err:  # the pipeline's checks of the call (sizes, prompt lengths)
+        raise InputError(str(err)) from err
+    done = time.perf_counter()
+    path = save_png(images[0] if len(images) == 1 else image_grid(images), output)
     print(f"generated {len(images)} image(s) in {done - loaded:.2f}s (load {loaded - start:.2f}s)", file=sys.stderr)
     print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import run_command
+
+    return run_command("generate", argv)
 
 
 if __name__ == "__main__":

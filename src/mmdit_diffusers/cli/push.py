@@ -5,7 +5,8 @@
 PATH is a folder written by `save_pretrained` (a pipeline: model_index.json; an MMDiTTransformer2DModel:
 config.json) or by `save_lora_weights` (pytorch_lora_weights.safetensors). The repo and the branch are created
 when missing; the model card (README.md) is generated, or merged into the repo's existing card. Prints the
-commit URL. Failures print `error: ...` and exit with status 2. The token is never printed.
+commit URL. Failures (a bad folder, a refusal or an unreachable Hub) print `error: ...` and exit with status 2.
+The token is never printed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_ERROR = 2
+from ..errors import InputError
+
+HELP = "push a model or pipeline folder to the Hugging Face Hub"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,19 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--tag", action="append", default=None, metavar="TAG", help="an extra tag (repeatable)")
     card.add_argument("--sample", action="append", nargs=2, default=None, metavar=("IMAGE", "PROMPT"),
                       help="a sample image and its prompt, shown in the card and its widget (repeatable)")
-    card.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
-        return int(exit_.code or 0)
-
-    from ..hub.errors import HubError, redact
-    from ..hub.push import push_pipeline_folder
+def run(args: argparse.Namespace) -> int:
+    from ..hub import HubError, push_folder
 
     card_data = {
         "license": args.license,
@@ -61,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     card_data = {key: value for key, value in card_data.items() if value}
     samples = [(prompt, image) for image, prompt in (args.sample or [])]
     try:
-        commit = push_pipeline_folder(
+        commit = push_folder(
             args.path,
             args.repo_id,
             token=args.token,
@@ -71,11 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             create_pr=args.create_pr,
             card_data=card_data,
             sample_images=samples,
-            endpoint=args.endpoint,
         )
-    except (HubError, ValueError, OSError) as error:
-        print(f"error: {redact(str(error), args.token)}", file=sys.stderr)
-        return EXIT_ERROR
+    except (HubError, ValueError, OSError) as error:  # a refused push is, to this command, input to fix
+        message = str(error).replace(args.token, "***") if args.token else str(error)
+        raise InputError(message) from error
     except KeyboardInterrupt:
         print("error: interrupted; nothing was committed unless the commit URL was printed", file=sys.stderr)
         return 130
@@ -84,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pushed {args.path} to {commit.repo_url.repo_id if getattr(commit, 'repo_url', None) else args.repo_id}"
           f"{'@' + args.revision if args.revision else ''}: {commit.commit_url}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import run_command
+
+    return run_command("push", argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The untrained Shapes pipeline that `mmdit_diffusers.train` starts from.
 
-    python -m mmdit_diffusers.shapes.base_pipeline --text_encoders TEXT_DIR --vae VAE_DIR --output_dir OUT [--seed 0]
+    mmdit-diffusers base --text_encoders TEXT_DIR --vae VAE_DIR --output_dir OUT [--seed 0]
 
 - tokenizers and text encoders (frozen): the small CLIP and T5 trained contrastively on Shapes images
-  (`python -m mmdit_diffusers.shapes.text_encoders`), with their tokenizers built from the caption vocabulary;
-- vae: the `AutoencoderKL` trained on Shapes images (`python -m mmdit_diffusers.training.autoencoder`);
+  (`mmdit-diffusers text-encoders`), with their tokenizers built from the caption vocabulary;
+- vae: the `AutoencoderKL` trained on Shapes images (`mmdit-diffusers vae`);
 - transformer: a fresh, zero-initialised `MMDiTTransformer2DModel` (`SHAPES_TRANSFORMER`), trained with text masks;
 - scheduler: `FlowMatchEulerDiscreteScheduler(shift=2.0, stochastic_sampling=True)`, used for sampling only (training
   draws its own sigmas, unshifted): more steps at high noise, where the layout is decided, and each step re-noises
@@ -14,21 +14,18 @@
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..files import atomic_directory
 from ..models import MMDiTTransformer2DModel
+from ..pipelines.latents import vae_scale_factor
 from .text_encoders import CLIP_TOKENS, T5_TOKENS, TEXT_WIDTH
 
 SHAPES_TRANSFORMER = dict(hidden_size=128, depth=4, num_heads=4, mlp_ratio=4, patch_size=2, qk_norm="rms_norm")
-TEXT_PARTS = ("tokenizer", "text_encoder", "tokenizer_3", "text_encoder_3")
 SAMPLING_SHIFT = 2.0  # the scheduler's `shift`; see the module docstring
 
 
@@ -42,7 +39,7 @@ def build_base_pipeline(text_encoders_dir: str | Path, vae_dir: str | Path, outp
     t5_tok = T5TokenizerFast.from_pretrained(text_encoders_dir / "tokenizer_3")
     clip = CLIPTextModelWithProjection.from_pretrained(text_encoders_dir / "text_encoder").eval().requires_grad_(False)
     t5 = T5EncoderModel.from_pretrained(text_encoders_dir / "text_encoder_3").eval().requires_grad_(False)
-    latent_side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_side = vae.config.sample_size // vae_scale_factor(vae)
     patch = SHAPES_TRANSFORMER["patch_size"]
     torch.manual_seed(seed)
     transformer = MMDiTTransformer2DModel(
@@ -59,36 +56,6 @@ def build_base_pipeline(text_encoders_dir: str | Path, vae_dir: str | Path, outp
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SAMPLING_SHIFT, stochastic_sampling=True), vae=vae,
         text_encoder=clip, tokenizer=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok,
     )
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    pipe.save_pretrained(staging)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
-    return output_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmdit_diffusers.shapes.base_pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text_encoders", required=True,
-                        help="folder written by `python -m mmdit_diffusers.shapes.text_encoders`")
-    parser.add_argument("--vae", required=True, help="folder of the trained AutoencoderKL")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if not (Path(args.vae) / "config.json").is_file():
-        print(f"error: --vae {args.vae}: no config.json; train the VAE first", file=sys.stderr)
-        return 2
-    missing = [part for part in TEXT_PARTS if not (Path(args.text_encoders) / part).is_dir()]
-    if missing:
-        print(f"error: --text_encoders {args.text_encoders}: no {', '.join(missing)}; train them first "
-              "(python -m mmdit_diffusers.shapes.text_encoders)", file=sys.stderr)
-        return 2
-    print(build_base_pipeline(args.text_encoders, args.vae, args.output_dir, args.seed))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with atomic_directory(output_dir) as staging:
+        pipe.save_pretrained(staging)
+    return Path(output_dir)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_directory
 from .render import sample_example
 from .world import sample_scene
 
@@ -31,7 +30,7 @@ def write_dataset(
 
     Categories are drawn uniformly, or in proportion to `category_weights` (see world.sample_scene).
 
-    The files are written to a temporary sibling directory that is renamed to out_dir at the end,
+    The files are written to a staging folder beside out_dir that is renamed to out_dir at the end,
     so out_dir never holds a partial dataset. An existing out_dir is an error unless overwrite.
     """
     out_dir = Path(out_dir)
@@ -41,15 +40,8 @@ def write_dataset(
         sample_scene(np.random.default_rng(0), category_weights=category_weights)  # checks the weights up front
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, replace=overwrite) as staging:
         _write_examples(staging, num_images, seed, category_weights)
-        staging.chmod(0o755)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -62,14 +54,3 @@ def _write_examples(directory: Path, num_images: int, seed: int, category_weight
             file_name = f"{index:0{digits}d}.png"
             image.save(directory / file_name, format="PNG")
             metadata.write(json.dumps({"file_name": file_name, "text": caption}) + "\n")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename new to target; an existing target is moved aside first and deleted afterwards."""
-    if not target.exists():
-        new.rename(target)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    target.rename(trash / target.name)
-    new.rename(target)
-    shutil.rmtree(trash)

@@ -10,17 +10,15 @@ under a corrupted caption, with the same latents, the same noise and the same si
 `gap` is the mean relative loss increase under the corrupted caption and `true_wins` the share of images whose
 true caption has the lower loss: 0.5 means the model ignores that part of the text.
 
-    python -m mmdit_diffusers.shapes.probe [--model PIPELINE] [--num_images 160] [--seed 123]
+    mmdit-diffusers probe [--model PIPELINE] [--num_images 160] [--seed 123]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import numpy as np
 import torch
 
+from ..pipelines.latents import normalize_latents
 from .render import sample_example
 from .world import OPPOSITE, parse_caption
 
@@ -62,7 +60,7 @@ def _probe(pipe, probe, category, n, rng, seed) -> dict[str, float]:
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     pixels = torch.tensor(np.stack(images), device=device).permute(0, 3, 1, 2).to(pipe.vae.dtype) / 127.5 - 1
     latents = pipe.vae.encode(pixels).latent_dist.mode()
-    latents = ((latents - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor).to(dtype)
+    latents = normalize_latents(latents, pipe.vae).to(dtype)
     losses = [_loss(pipe, latents, captions, seed) for captions in (true, corrupted)]
     return {"gap": ((losses[1] - losses[0]) / losses[0]).mean().item(),
             "true_wins": (losses[0] < losses[1]).float().mean().item()}
@@ -82,26 +80,3 @@ def _loss(pipe, latents, captions, seed) -> torch.Tensor:
                                     encoder_attention_mask=mask, return_dict=False)[0]
         total += ((velocity.float() - (noise - latents).float()) ** 2).mean(dim=(1, 2, 3))
     return total / len(PROBE_SIGMAS)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..cli.common import DEFAULT_PIPELINE
-    from ..pipelines import MMDiTPipeline
-
-    parser = argparse.ArgumentParser(prog="python -m mmdit_diffusers.shapes.probe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(DEFAULT_PIPELINE), help="pipeline folder (default: the shipped one)")
-    parser.add_argument("--num_images", type=int, default=160)
-    parser.add_argument("--seed", type=int, default=123)
-    args = parser.parse_args(argv)
-    if args.num_images < 1:
-        parser.error(f"--num_images must be positive, got {args.num_images}")
-    pipe = MMDiTPipeline.from_pretrained(args.model, dtype=torch.float32)
-    print("| probe | loss gap | true caption wins |\n|---|---:|---:|")
-    for probe, result in text_sensitivity(pipe, args.num_images, args.seed).items():
-        print(f"| {probe} | {result['gap']:+.2%} | {result['true_wins']:.0%} |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,11 @@
 """The Shapes pipeline's tokenizers and text encoders: built from the caption vocabulary, trained on the Shapes
 world, then frozen.
 
-    python -m mmdit_diffusers.shapes.text_encoders --train_data_dir DATA --output_dir OUT [--max_train_steps 1000]
+    mmdit-diffusers text-encoders --train_data_dir DATA --output_dir OUT [--max_train_steps 1000]
 
 SD3's CLIP and T5 come to the transformer knowing the world; random text encoders do not, and a transformer
 trained on top of them learns the caption as a bag of words (colours and relation direction move its loss by
-~0.1%, `python -m mmdit_diffusers.shapes.probe`). So our small encoders learn the Shapes world first:
+~0.1%, `mmdit-diffusers probe`). So our small encoders learn the Shapes world first:
 
 1. CLIP, contrastively (CLIP's objective): a small image tower (a CNN on the images at 32 x 32, used only here) and
    CLIP's pooled `text_embeds` embed a batch of image-caption pairs; InfoNCE in both directions, every copy of the
@@ -18,17 +18,14 @@ trained on top of them learns the caption as a bag of words (colours and relatio
    opposite relation after 750 steps.)
 
 OUT holds `tokenizer/`, `text_encoder/`, `tokenizer_3/`, `text_encoder_3/` in the standard formats (what
-`python -m mmdit_diffusers.shapes.base_pipeline --text_encoders OUT` reads) and `hard_negatives.json`: for fresh
+`mmdit-diffusers base --text_encoders OUT` reads) and `hard_negatives.json`: for fresh
 relation and counting images, how often each encoder ranks the true caption above each of its hard negatives.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +37,10 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-from ..text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from ..files import atomic_directory
+from ..training.data import load_image_folder
 from .render import sample_example
+from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 from .world import COLOURS, COUNT_WORDS, OPPOSITE, RELATIONS, SHAPES, parse_caption
 
 TEXT_WIDTH = 64  # both encoders' width: the transformer's txt_dim and cond_dim
@@ -151,18 +150,13 @@ def contrastive_loss(image_z, text_z, positives, log_temperature) -> torch.Tenso
 
 
 def load_images(train_data_dir: Path) -> tuple[torch.Tensor, list[str]]:
-    """The dataset's images at TOWER_RESOLUTION in [-1, 1] and their captions (imagefolder layout, metadata.jsonl)."""
-    metadata = train_data_dir / "metadata.jsonl"
-    if not metadata.is_file():
-        raise FileNotFoundError(f"--train_data_dir {train_data_dir}: no metadata.jsonl; write a Shapes dataset first "
-                                "(mmdit_diffusers.shapes.write_dataset)")
-    rows = [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"--train_data_dir {train_data_dir}: metadata.jsonl lists no images")
-    captions = [row["text"] for row in rows]
+    """The dataset's images at TOWER_RESOLUTION in [-1, 1] and their captions (imagefolder layout with
+    metadata.jsonl, read by the library's `load_image_folder`; every problem an `InputError` naming the file)."""
+    source = load_image_folder(str(train_data_dir), verify=False)  # every image is opened below anyway
+    captions = [source.caption(i) for i in range(len(source))]
     for caption in set(captions):
         parse_caption(caption)  # ValueError naming the caption if it is not a Shapes caption
-    pixels = np.stack([_small(Image.open(train_data_dir / row["file_name"])) for row in rows])
+    pixels = np.stack([_small(source.image(i)) for i in range(len(source))])
     return _to_tensor(pixels), captions
 
 
@@ -267,49 +261,10 @@ def hard_negative_accuracy(towers: ContrastiveTowers, num_images: int, seed: int
 
 
 def _save(towers: ContrastiveTowers, accuracy: dict, output_dir: Path) -> Path:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as staging:
         towers.clip_tokenizer.save_pretrained(staging / "tokenizer")
         towers.t5_tokenizer.save_pretrained(staging / "tokenizer_3")
         for name, model in (("text_encoder", towers.clip), ("text_encoder_3", towers.t5)):
             model.eval().requires_grad_(False).save_pretrained(staging / name)
         (staging / "hard_negatives.json").write_text(json.dumps(accuracy, indent=1) + "\n")
-        staging.chmod(0o755)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmdit_diffusers.shapes.text_encoders", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train_data_dir", required=True, help="a Shapes dataset (imagefolder with metadata.jsonl)")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_train_steps", type=int, default=1000)
-    parser.add_argument("--train_batch_size", type=int, default=256)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--t5_distillation_steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be positive, got {args.max_train_steps}")
-    if args.train_batch_size < 2:
-        parser.error(f"--train_batch_size must be at least 2, got {args.train_batch_size}")
-    if args.t5_distillation_steps < 1:
-        parser.error(f"--t5_distillation_steps must be positive, got {args.t5_distillation_steps}")
-    if not args.learning_rate > 0:
-        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if not (Path(args.train_data_dir) / "metadata.jsonl").is_file():
-        parser.error(f"--train_data_dir {args.train_data_dir}: no metadata.jsonl; write a Shapes dataset first")
-    print(train_text_encoders(args.train_data_dir, args.output_dir, args.max_train_steps, args.train_batch_size,
-                              args.learning_rate, t5_distillation_steps=args.t5_distillation_steps, seed=args.seed))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""Train a small `AutoencoderKL` on a folder of images (the Shapes VAE), single process, CPU friendly.
+"""Train a small `AutoencoderKL` on the images of a dataset folder (the Shapes VAE), single process, CPU friendly.
 
-    python -m mmdit_diffusers.training.autoencoder --train_data_dir DATA --output_dir OUT [--max_train_steps N]
+    mmdit-diffusers vae --train_data_dir DATA --output_dir OUT [--max_train_steps N]
 
 Loss: mean squared reconstruction error + `kl_weight` * KL(q(z|x) || N(0, I)). At the end the latent
 statistics of the training images set the VAE config's `shift_factor` (mean) and `scaling_factor`
@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,24 +19,16 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+from ..files import atomic_directory
+from ..training.data import load_image_folder
 
 
 def load_images(folder: str | os.PathLike, resolution: int) -> torch.Tensor:
-    """All images of a folder as one [N, 3, R, R] tensor in [-1, 1]."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--train_data_dir {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"--train_data_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    arrays = []
-    for path in files:
-        try:
-            image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-        except OSError as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
-        arrays.append(np.asarray(image))
+    """The images of a dataset folder (imagefolder layout with metadata.jsonl, read by the library's
+    `load_image_folder`) as one [N, 3, R, R] tensor in [-1, 1]."""
+    source = load_image_folder(str(folder), verify=False)  # every image is opened below anyway
+    arrays = [np.asarray(source.image(i).convert("RGB").resize((resolution, resolution), Image.BICUBIC))
+              for i in range(len(source))]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
@@ -102,55 +91,7 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
     vae.eval()
     mean, std = latent_statistics(vae, images[: args.statistics_images])
     vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
-    out = Path(args.output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
-    vae.save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(staging), out)
-    print(f"saved {out} (shift_factor {mean:.4f}, scaling_factor {1 / std:.4f})")
-    return out
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mmdit_diffusers.training.autoencoder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train_data_dir", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--init_from", default=None, help="continue training this AutoencoderKL folder")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--latent_channels", type=int, default=4)
-    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--crop_size", type=int, default=32, help="train on random crops of this side (0: whole images)")
-    parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--max_train_steps", type=int, default=1500)
-    parser.add_argument("--kl_weight", type=float, default=1e-6)
-    parser.add_argument("--statistics_images", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in ("resolution", "latent_channels", "train_batch_size", "max_train_steps", "statistics_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive")
-    factor = 2 ** (len(args.block_out_channels) - 1)
-    if args.crop_size and (args.crop_size > args.resolution or args.crop_size % factor):
-        parser.error(f"--crop_size {args.crop_size} must be at most --resolution and divisible by {factor}")
-    if args.resolution % 2 ** (len(args.block_out_channels) - 1):
-        parser.error(f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor "
-                     f"{2 ** (len(args.block_out_channels) - 1)}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        train_autoencoder(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with atomic_directory(args.output_dir) as staging:
+        vae.save_pretrained(staging)
+    print(f"saved {args.output_dir} (shift_factor {mean:.4f}, scaling_factor {1 / std:.4f})")
+    return Path(args.output_dir)

@@ -3,7 +3,9 @@
 Each stream (AdaLN-Zero), with `attn` and `mlp` the `Modulation`s that Linear(SiLU(vec)) emits:
     x = x + attn.gate * to_out(joint_attention(attn.modulate(norm(x))))
     x = x + mlp.gate  * mlp(mlp.modulate(norm(x)))
-where `modulate(y) = y * (1 + scale) + shift`. Gates start at zero, so a fresh block is the identity.
+where `modulate(y) = y * (1 + scale) + shift`. Gates start at zero, so a fresh block is the identity. A dual-attention
+image stream (SD3.5 Medium) adds `x = x + attn2.gate * self_attention(attn2.modulate(norm(x_in)))` between the two,
+on the same normed input as the joint attention.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ A case is CONFIG:DTYPE:PASS:MODE with
             is reported separately
 
 The SD3 model gets random N(0, 0.02) weights (every tensor, so no gate is zero); ours is converted from it with
-`MMDiTTransformer2DModel.from_sd3`. Each case is timed as interleaved rounds (see `common.interleave`) and
+`MMDiTTransformer2DModel.from_sd3`. On a CPU without bfloat16 instructions ours runs with
+`mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` applied, as training applies it (`--native-bf16`: without;
+`--fp32-kernels-for-bf16`: with, on any CPU); SD3 always runs PyTorch's own kernels. Each case is timed as interleaved rounds (see `common.interleave`) and
 reported as the median over rounds of the ratio ours / SD3 within a round, with its quartiles as the noise.
 Throughput is the analytic FLOP count (`transformer_flops`) over the median time, as a share of the matmul peak
 of the same dtype: the best square F.linear size found at the start (`common.measure_peaks`) is timed again in
@@ -83,6 +85,7 @@ CONFIGS = {
     "sd3-medium": Config(hidden=1536, depth=24, heads=24, side=128, patch=2, txt=333, batch=2),  # GPU only
 }
 LATENT_CHANNELS, TXT_DIM, POOLED_DIM = 16, 4096, 2048
+FP32_KERNELS_FOR_BF16 = False  # ours with mmdit_diffusers.cpu_bf16 on the CPU; set by `setup`
 DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "autocast": (torch.float32, True)}
 PASSES = ("forward", "train")
 MODES = ("eager", "compile", "regional")
@@ -174,9 +177,14 @@ def cpu_pair(name: str):
 
 def build_pair(name: str, device, dtype):
     """Fresh copies of (ours, SD3) on `device` in `dtype`."""
+    from mmdit_diffusers.cpu_bf16 import use_fp32_kernels_for_bf16
+
     ours, sd3 = cpu_pair(name)
     with quiet_diffusers():
-        return tuple(copy.deepcopy(m).to(device=device, dtype=dtype) for m in (ours, sd3))
+        ours, sd3 = (copy.deepcopy(m).to(device=device, dtype=dtype) for m in (ours, sd3))
+    if FP32_KERNELS_FOR_BF16 and device.type == "cpu":
+        use_fp32_kernels_for_bf16(ours)
+    return ours, sd3
 
 
 def make_inputs(name: str, device, dtype, txt_tokens: int | None = None) -> dict:
@@ -517,8 +525,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                         help="auto: CPU time of the process on a CPU with one thread, else wall time")
     parser.add_argument("--target-s", type=float, default=5.0, help="cheap cases get more rounds, up to this long")
-    parser.add_argument("--native-bf16", action="store_true",
-                        help="ours with PyTorch's own bf16 matmul kernel on the CPU (models/cpu_bf16.py off)")
+    kernels = parser.add_mutually_exclusive_group()
+    kernels.add_argument("--native-bf16", action="store_true",
+                         help="ours with PyTorch's own bf16 kernels on the CPU (no mmdit_diffusers.cpu_bf16)")
+    kernels.add_argument("--fp32-kernels-for-bf16", action="store_true",
+                         help="ours with mmdit_diffusers.cpu_bf16 on the CPU even where it has bf16 instructions")
     parser.add_argument("--memory", nargs="*", default=None, help="configs for the memory section")
     parser.add_argument("--padding", nargs="*", default=None, help="configs for the text-padding section")
 
@@ -528,10 +539,12 @@ def setup(args) -> torch.device:
     if args.repeats < 5:
         raise SystemExit("--repeats must be at least 5 (medians of fewer runs are noise)")
     args.malloc_keeps_freed_memory = keep_freed_memory()
-    if args.native_bf16:
-        from mmdit_diffusers.models import cpu_bf16
+    global FP32_KERNELS_FOR_BF16
+    from mmdit_diffusers.cpu_bf16 import cpu_has_bf16_instructions
 
-        cpu_bf16.FP32_KERNEL_FOR_CPU_BF16 = False
+    FP32_KERNELS_FOR_BF16 = args.fp32_kernels_for_bf16 or (
+        not args.native_bf16 and not cpu_has_bf16_instructions()
+    )
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     clock = args.clock
@@ -557,9 +570,7 @@ def run(args, device, log=print) -> dict:
     result = dict(environment=environment(device))
     result["clock"] = clock_name()
     result["environment"]["malloc_keeps_freed_memory"] = getattr(args, "malloc_keeps_freed_memory", False)
-    from mmdit_diffusers.models import cpu_bf16
-
-    result["environment"]["fp32_kernel_for_cpu_bf16"] = cpu_bf16.FP32_KERNEL_FOR_CPU_BF16
+    result["environment"]["fp32_kernel_for_cpu_bf16"] = FP32_KERNELS_FOR_BF16 and device.type == "cpu"
     log(f"device {result['environment'].get('gpu', result['environment']['cpu'])}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock_name()}; load average {result['environment']['load_average']}")
     peaks = measure_peaks(device)

@@ -200,11 +200,27 @@ def test_to_sd3_keeps_the_dtype():
     assert_state_dicts_equal(actual, expected)
 
 
+def test_module_names_map_both_ways_and_sd3_only_names_are_recognised():
+    pairs = [("transformer_blocks.3.attn.add_q_proj", "transformer_blocks.3.txt.qkv.to_q"),
+             ("transformer_blocks.0.attn2.to_out.0", "transformer_blocks.0.img.attn2.to_out"),
+             ("transformer_blocks.1.norm1_context.linear.bias", "transformer_blocks.1.txt.modulation.linear.bias"),
+             ("pos_embed.proj", "x_embedder"), ("proj_out", "proj_out")]
+    for sd3_name, ours in pairs:
+        assert conversion.sd3_module_name_to_mmdit(sd3_name) == ours
+        assert conversion.mmdit_module_name_to_sd3(ours) == sd3_name
+    assert conversion.sd3_module_name_to_mmdit("transformer_blocks.0.attn.bogus") is None
+    assert conversion.sd3_module_name_to_mmdit("pos_embed.proj_extra") is None
+    assert conversion.is_sd3_module_name("transformer_blocks.0.ff.net.2")
+    assert conversion.is_sd3_module_name("time_text_embed.text_embedder.linear_1")
+    for name in ("proj_out", "norm_out.linear", "context_embedder", "transformer_blocks.0.img.attn2.qkv.to_q"):
+        assert not conversion.is_sd3_module_name(name)
+
+
 def test_conversion_refuses_an_unmapped_key():
     state = {k: v for k, v in make_sd3().state_dict().items() if k != "pos_embed.pos_embed"}
     state["transformer_blocks.0.attn.bogus_proj.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"no counterpart: \['transformer_blocks\.0\.attn\.bogus_proj\.weight'\]"):
-        conversion._convert_state_dict(state, depth=2, patch_size=2, to_ours=True)
+        conversion.sd3_state_dict_to_mmdit(state, conversion.sd3_config_to_mmdit(make_sd3().config))
 
 
 def test_conversion_refuses_an_unmapped_mmdit_key():
@@ -212,7 +228,7 @@ def test_conversion_refuses_an_unmapped_mmdit_key():
     state = dict(mmdit.state_dict())
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"Cannot convert MMDiT tensors with no counterpart: \['extra\.weight'\]"):
-        conversion._convert_state_dict(state, depth=1, patch_size=2, to_ours=False)
+        conversion.mmdit_state_dict_to_sd3(state, mmdit.config)
 
 
 def test_from_sd3_refuses_a_missing_tensor(monkeypatch):

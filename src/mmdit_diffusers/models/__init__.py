@@ -1,3 +1,6 @@
+"""The MMDiT transformer (`MMDiTTransformer2DModel`) and its named sizes. Imports only torch, diffusers and
+`mmdit_diffusers.conversion`."""
+
 from .presets import PRESETS, paper_preset
 from .transformer_mmdit import MMDiTTransformer2DModel
 

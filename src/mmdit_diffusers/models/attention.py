@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-from .cpu_bf16 import Linear, scaled_dot_product_attention
+import torch.nn.functional as F
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
 
@@ -30,10 +29,10 @@ class QKVProjection(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
         super().__init__()
         self.num_heads = num_heads
-        self.to_q = Linear(dim, dim)
-        self.to_k = Linear(dim, dim)
-        self.to_v = Linear(dim, dim)
-        self.to_qkv: Linear | None = None
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_qkv: nn.Linear | None = None
         self.norm_q = make_qk_norm(qk_norm, dim // num_heads)
         self.norm_k = make_qk_norm(qk_norm, dim // num_heads)
         self._register_state_dict_hook(_split_fused_state)
@@ -48,9 +47,11 @@ class QKVProjection(nn.Module):
         if self.is_fused:
             return
         parts = [self.to_q, self.to_k, self.to_v]
-        if any(type(p) is not Linear for p in parts):
+        if not all(isinstance(p, nn.Linear) for p in parts):  # PEFT wraps a Linear in a layer that is not one
             raise ValueError("Cannot fuse QKV projections that carry LoRA adapters: fuse or unload the LoRA first.")
-        fused = Linear(parts[0].in_features, 3 * parts[0].out_features, device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        linear = type(parts[0])  # keeps a Linear subclass (mmdit_diffusers.cpu_bf16)
+        fused = linear(parts[0].in_features, 3 * parts[0].out_features, device=parts[0].weight.device,
+                       dtype=parts[0].weight.dtype)
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
         fused.bias.copy_(torch.cat([p.bias for p in parts]))
         fused.requires_grad_(parts[0].weight.requires_grad)
@@ -64,7 +65,7 @@ class QKVProjection(nn.Module):
         fused = self.to_qkv
         dim = fused.in_features
         for name, weight, bias in zip(("to_q", "to_k", "to_v"), fused.weight.chunk(3), fused.bias.chunk(3)):
-            linear = Linear(dim, dim, device=weight.device, dtype=weight.dtype)
+            linear = type(fused)(dim, dim, device=weight.device, dtype=weight.dtype)
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)
             linear.requires_grad_(fused.weight.requires_grad)
@@ -99,15 +100,23 @@ def _join_unfused_state(module, state_dict, prefix, *args):
         state_dict[f"{prefix}to_qkv.{suffix}"] = torch.cat(parts)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over [B, heads, N, head_dim]; `key_mask` [B, N] (True = attend) -> [B, N, D]."""
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v over [B, heads, N, head_dim]; `key_mask` [B, N] (True = attend) -> [B, N, D].
+
+    No parameters. The kernel is `scaled_dot_product_attention`, PyTorch's, looked up on the module so that a
+    model's attention can be computed differently from outside (`mmdit_diffusers.cpu_bf16` replaces it).
+    """
+
+    scaled_dot_product_attention = staticmethod(F.scaled_dot_product_attention)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None):
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = self.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).flatten(2)
 
 
-def joint_attention(txt_qkv, img_qkv, txt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q = cat([txt_q, img_q]) along the sequence (k, v alike); one attention; split back into (txt, img).
+def joint_attention(attention: Attention, txt_qkv, img_qkv, txt_mask: torch.Tensor | None = None):
+    """q = cat([txt_q, img_q]) along the sequence (k, v alike); one `attention`; split back into (txt, img).
 
     `txt_mask` [B, L] bool: padded text tokens are masked out as keys, so no query sees them.
     """

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 
-from .cpu_bf16 import Linear
 
 TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep features, as SD3
 
@@ -66,8 +65,8 @@ class MLPEmbedder(nn.Module):
 
     def __init__(self, in_dim: int, hidden_size: int):
         super().__init__()
-        self.linear_1 = Linear(in_dim, hidden_size)
-        self.linear_2 = Linear(hidden_size, hidden_size)
+        self.linear_1 = nn.Linear(in_dim, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))

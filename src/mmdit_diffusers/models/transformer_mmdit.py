@@ -1,7 +1,13 @@
-"""MMDiTTransformer2DModel: the Multimodal Diffusion Transformer (Esser et al. 2024, arXiv 2403.03206)."""
+"""MMDiTTransformer2DModel: the Multimodal Diffusion Transformer (Esser et al. 2024, arXiv 2403.03206).
+
+Its sibling modules, bottom up: `attention` (Q/K/V projections, the attention kernel, joint attention over both
+streams), `embeddings` (patches, positions, the conditioning vector), `blocks` (named AdaLN modulation, the
+`Stream` used for image and text, the double-stream `MMDiTBlock`), `presets` (named sizes).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -12,21 +18,28 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
-from ..hub.mixin import MMDiTHubMixin
+from ..conversion.sd3 import mmdit_config_to_sd3, mmdit_state_dict_to_sd3, sd3_config_to_mmdit, sd3_state_dict_to_mmdit
 from .attention import QK_NORMS, QKVProjection
-from .blocks import AdaLNModulation, MMDiTBlock, layer_norm, modulate
-from .cpu_bf16 import Linear
+from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
 from .presets import PRESETS, RECOMMENDED
 
 POS_EMBED_TYPES = ("sincos",)
 
 
-class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
     `vec = timestep_mlp(sinusoidal(t)) + pooled_text_mlp(pooled_text)`.
+
+    Parts, in forward order: `x_embedder` + `pos_embed` (image tokens), `context_embedder` (text tokens),
+    `timestep_mlp` + `pooled_text_mlp` (`vec`), `transformer_blocks` (`MMDiTBlock`: an `img` and a `txt` `Stream`,
+    each modulated by named shift / scale / gate vectors per sub-layer, joined by one `attention`), `norm_out`
+    (shift / scale of the final norm) and `proj_out`. Plain `nn.Linear` layers and PyTorch's
+    `scaled_dot_product_attention` throughout; `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the
+    kernels from outside for bfloat16 on CPUs without bfloat16 instructions. `from_sd3` / `to_sd3` convert diffusers'
+    SD3 transformer through `mmdit_diffusers.conversion.sd3`.
 
     Parameters:
         img_dim (`int`): Feature size of one image token, a patch of the latent: `in_channels * patch_size**2`.
@@ -93,9 +106,9 @@ class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapte
         self.sample_size = sample_size or max(self.img_grid) * patch_size
         cond_dim = cond_dim or hidden_size
 
-        self.x_embedder = Linear(img_dim, hidden_size)
+        self.x_embedder = nn.Linear(img_dim, hidden_size)
         self.pos_embed = SinCosPositionEmbedding(hidden_size, self.pos_grid_size, self.sample_size // patch_size)
-        self.context_embedder = Linear(txt_dim, hidden_size)
+        self.context_embedder = nn.Linear(txt_dim, hidden_size)
         self.timestep_mlp = MLPEmbedder(256, hidden_size)
         self.pooled_text_mlp = MLPEmbedder(cond_dim, hidden_size)
         self.transformer_blocks = nn.ModuleList(
@@ -109,8 +122,8 @@ class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapte
             )
             for i in range(depth)
         )
-        self.norm_out = AdaLNModulation(hidden_size, 2)
-        self.proj_out = Linear(hidden_size, self.out_channels * patch_size**2)
+        self.norm_out = AdaLNModulation(hidden_size, ("final",), gated=False)
+        self.proj_out = nn.Linear(hidden_size, self.out_channels * patch_size**2)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
@@ -136,17 +149,33 @@ class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapte
         return self.out_channels * self.config.patch_size**2
 
     @classmethod
-    def from_sd3(cls, model_or_path, **kwargs) -> "MMDiTTransformer2DModel":
-        """Convert a diffusers `SD3Transformer2DModel` (instance or diffusers-format folder / repo id)."""
-        from ..conversion.sd3 import from_sd3
+    def from_sd3(cls, model_or_path, **from_pretrained_kwargs) -> "MMDiTTransformer2DModel":
+        """A diffusers `SD3Transformer2DModel`, or a diffusers-format folder / repo id holding one (read with
+        `from_pretrained_kwargs`), as an MMDiT with the same weights and dtype (`mmdit_diffusers.conversion.sd3`)."""
+        from diffusers import SD3Transformer2DModel
 
-        return from_sd3(model_or_path, **kwargs)
+        if isinstance(model_or_path, (str, os.PathLike)):
+            sd3 = SD3Transformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
+        elif isinstance(model_or_path, SD3Transformer2DModel):
+            sd3 = model_or_path
+        else:
+            raise TypeError(
+                f"`model_or_path` must be an SD3Transformer2DModel or a folder path; got {type(model_or_path).__name__}."
+            )
+        model = cls(**sd3_config_to_mmdit(sd3.config))
+        _load_converted(model, sd3_state_dict_to_mmdit(sd3.state_dict(), model.config), "SD3")
+        return _same_dtype(model, sd3)
 
     def to_sd3(self):
-        """The same weights as a diffusers `SD3Transformer2DModel`."""
-        from ..conversion.sd3 import to_sd3
+        """The same weights, in the same dtype, as a diffusers `SD3Transformer2DModel`."""
+        from diffusers import SD3Transformer2DModel
 
-        return to_sd3(self)
+        # the sizes a config may leave to defaults, as this model resolved them
+        config = {**self.config, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                  "sample_size": self.sample_size, "pos_embed_max_size": self.pos_grid_size}
+        sd3 = SD3Transformer2DModel(**mmdit_config_to_sd3(config))
+        _load_converted(sd3, mmdit_state_dict_to_sd3(self.state_dict(), config), "MMDiT")
+        return _same_dtype(sd3, self)
 
     def fuse_qkv_projections(self) -> None:
         """Compute each stream's Q, K and V with one matmul (QK-norm and dual attention stay exact)."""
@@ -212,8 +241,8 @@ class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapte
             else:
                 img, txt = block(img, txt, vec, txt_mask)
 
-        shift, scale = self.norm_out(vec)
-        out = self.proj_out(modulate(layer_norm(img), shift, scale))
+        final = self.norm_out(vec)["final"]
+        out = self.proj_out(final.modulate(layer_norm(img)))
         if latent_input:
             out = unpatchify(out, p, height, width)
 
@@ -284,6 +313,19 @@ class MMDiTTransformer2DModel(MMDiTHubMixin, ModelMixin, ConfigMixin, PeftAdapte
                 )
             mask = mask.to(device=hidden_states.device) > 0
         return timestep, mask
+
+
+def _load_converted(model: nn.Module, state_dict: dict, source: str) -> None:
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"Converted {source} weights do not fit: missing {missing}, unexpected {unexpected}.")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _same_dtype(model: nn.Module, like: nn.Module) -> nn.Module:
+    dtype = next(like.parameters()).dtype
+    return model if next(model.parameters()).dtype == dtype else model.to(dtype)
 
 
 def _drop_shared_padding(txt: torch.Tensor, txt_mask: torch.Tensor | None):

@@ -17,13 +17,12 @@ import torch
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
 from diffusers.utils import logging
 
-from ..conversion.sd3 import _permute_out_rows, _rename, _swap_halves
+from ..conversion.sd3 import is_sd3_module_name, sd3_module_name_to_mmdit, sd3_tensor_to_mmdit
 
 logger = logging.get_logger(__name__)
 
 TRANSFORMER_NAME = "transformer"
 _LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?P<rest>(\.[^.]+)*)$")
-_SD3_ONLY_MODULES = (".attn.", ".attn2.", ".norm1.", ".norm1_context.", ".ff.", ".ff_context.")
 
 
 class MMDiTLoraLoaderMixin(LoraBaseMixin):
@@ -186,29 +185,24 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
 
 def convert_sd3_lora_state_dict(state_dict: dict[str, torch.Tensor], transformer, metadata: dict | None = None):
     """Rename a LoRA trained on diffusers' `SD3Transformer2DModel` to the modules of `transformer` (an
-    `MMDiTTransformer2DModel` converted from it), with the weight conversion's reorderings of output rows.
+    `MMDiTTransformer2DModel` converted from it), with the weight conversion's layout changes
+    (`mmdit_diffusers.conversion.sd3`: names by `sd3_module_name_to_mmdit`, tensors by `sd3_tensor_to_mmdit`).
 
     Returns `(state_dict, metadata)`; the adapter metadata (LoraConfig kwargs) gets the converted module names.
     A LoRA already in our naming is returned unchanged. (A LoRA on nothing but the modules both namings share,
     `context_embedder`, `norm_out.linear`, `proj_out`, is read as ours.)"""
     prefix = f"{TRANSFORMER_NAME}."
-    if not any(_is_sd3_module(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
+    if not any(is_sd3_module_name(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
         return state_dict, metadata
-    cfg = transformer.config
-    pre_only_txt = f"transformer_blocks.{cfg.depth - 1}.norm1_context.linear" if cfg.txt_pre_only_last_block else None
     converted, modules = {}, set()
     for key, tensor in state_dict.items():
         has_prefix = key.startswith(prefix)
         module, part, rest = _split_lora_key(key.removeprefix(prefix))
-        ours = _rename_module(module) if part is not None else None
+        ours = sd3_module_name_to_mmdit(module) if part is not None else None
         if ours is None:
             raise ValueError(f"LoRA key {key!r} targets SD3 module {module!r}, which has no MMDiT counterpart.")
-        if module == "pos_embed.proj" and part in ("lora_A", "lora_B"):
-            tensor = tensor.reshape(tensor.shape[0], -1)  # conv patch embedding -> linear on flattened patches
-        elif part != "lora_A" and module == "proj_out":  # lora_B (and DoRA magnitudes) are per output row
-            tensor = _permute_out_rows(tensor, cfg.patch_size, to_ours=True)
-        elif part != "lora_A" and module in ("norm_out.linear", pre_only_txt):
-            tensor = _swap_halves(tensor)  # SD3's (scale, shift) -> our (shift, scale)
+        # lora_B (and a DoRA magnitude) is per output row of the module; lora_A's rows are the rank
+        tensor = sd3_tensor_to_mmdit(module, tensor, transformer.config, output_rows=part != "lora_A")
         converted[(prefix if has_prefix else "") + f"{ours}.{part}{rest}"] = tensor
         modules.add(ours)
     if metadata:
@@ -218,21 +212,11 @@ def convert_sd3_lora_state_dict(state_dict: dict[str, torch.Tensor], transformer
             if name == "target_modules":
                 metadata[key] = sorted(modules)
             elif name in ("rank_pattern", "alpha_pattern") and isinstance(metadata[key], dict):
-                metadata[key] = {_rename_module(k) or k: v for k, v in metadata[key].items()}
+                metadata[key] = {sd3_module_name_to_mmdit(k) or k: v for k, v in metadata[key].items()}
     logger.info("Converted an SD3-format LoRA to MMDiT module names.")
     return converted, metadata
-
-
-def _rename_module(module: str) -> str | None:
-    renamed = _rename(module + ".weight", to_ours=True)
-    return renamed.removesuffix(".weight") if renamed else None
 
 
 def _split_lora_key(key: str):
     match = _LORA_KEY.match(key)
     return (match["module"], match["part"], match["rest"]) if match else (key, None, "")
-
-
-def _is_sd3_module(module: str) -> bool:
-    sd3_only = any(marker in f".{module}." for marker in _SD3_ONLY_MODULES)
-    return sd3_only or module.startswith(("pos_embed.proj", "time_text_embed."))

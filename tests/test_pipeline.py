@@ -458,7 +458,7 @@ def test_diffusers_loader_learns_our_package_only_when_a_hub_repo_is_loaded(save
     never from importing, nor from loading a local folder (which does not need it)."""
     from diffusers.pipelines import pipeline_loading_utils
 
-    code = ("import mmdit_diffusers.pipelines, mmdit_diffusers.training.loop, mmdit_diffusers.training.text; "
+    code = ("from mmdit_diffusers.pipelines import MMDiTPipeline; import mmdit_diffusers.training.loop; "
             "from diffusers.pipelines import pipeline_loading_utils as u; print('mmdit_diffusers' in u.LOADABLE_CLASSES)")
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"

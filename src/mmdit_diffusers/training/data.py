@@ -83,7 +83,7 @@ class FolderSource(ImageCaptionSource):
         return self.captions[index]
 
     def image(self, index: int) -> Image.Image:
-        path = os.path.join(self.root, self.files[index])
+        path = self.path(index)
         try:
             with Image.open(path) as img:
                 img.load()

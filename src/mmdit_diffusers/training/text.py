@@ -72,14 +72,14 @@ class PromptEncoder:
     @torch.no_grad()
     def _encode_each(self, prompts: dict[str, list[str]], length: int | None = None) -> dict[str, EncoderOutput]:
         try:
-            return encode_each(self.pipe, prompts, length or self.max_sequence_length, self.device)
+            return encode_each(self.pipe, prompts, self.max_sequence_length if length is None else length, self.device)
         except ValueError as e:
             raise InputError(f"cannot encode captions: {e}") from None
 
     def _join(self, outputs: dict[str, EncoderOutput], length: int | None = None):
         try:
             settings = self._join_settings or join_settings(self.pipe)
-            return join(outputs, length or self.max_sequence_length, *settings)
+            return join(outputs, self.max_sequence_length if length is None else length, *settings)
         except ValueError as e:
             raise InputError(f"cannot encode captions: {e}") from None
 

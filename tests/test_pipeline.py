@@ -453,6 +453,25 @@ def test_generic_diffusion_pipeline_loading(pipe, saved_dir):
         DiffusionPipeline.from_pretrained(saved_dir, custom_pipeline="pipeline")
 
 
+def test_diffusers_loader_learns_our_package_only_when_a_hub_repo_is_loaded(saved_dir, monkeypatch):
+    """`LOADABLE_CLASSES` (diffusers' global registry) gets "mmdit_diffusers" from `from_pretrained` of a repo id,
+    never from importing, nor from loading a local folder (which does not need it)."""
+    from diffusers.pipelines import pipeline_loading_utils
+
+    code = ("from mmdit_diffusers.pipelines import MMDiTPipeline; import mmdit_diffusers.training.loop; "
+            "from diffusers.pipelines import pipeline_loading_utils as u; print('mmdit_diffusers' in u.LOADABLE_CLASSES)")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+
+    monkeypatch.delitem(pipeline_loading_utils.LOADABLE_CLASSES, "mmdit_diffusers", raising=False)
+    MMDiTPipeline.from_pretrained(saved_dir)
+    assert "mmdit_diffusers" not in pipeline_loading_utils.LOADABLE_CLASSES
+    with pytest.raises(OSError):  # offline: the repo cannot be fetched, but the loader was prepared for it
+        MMDiTPipeline.from_pretrained("someone/not-downloaded-mmdit", local_files_only=True)
+    assert pipeline_loading_utils.LOADABLE_CLASSES["mmdit_diffusers"] == {
+        "ModelMixin": ["save_pretrained", "from_pretrained"]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Local tokenizers (mmdit_diffusers.text_tokenizers)
 # ---------------------------------------------------------------------------------------------------------------

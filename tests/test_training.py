@@ -1,7 +1,8 @@
 """End-to-end training (`mmdit_diffusers.train`) on a tiny pipeline and tiny datasets, on CPU.
 
 In-process runs (`train(parse_args(argv))`) cover the overfit, checkpoint rotation, validation/logging, LoRA and
-from-scratch paths; subprocesses cover what needs real processes: a kill -9 in the middle of a run followed by
+from-scratch paths; the model card and the Hub push, which the command line adds after `train`, run through
+`mmdit_diffusers.cli.train.main`; subprocesses cover what needs real processes: a kill -9 in the middle of a run followed by
 `--resume_from_checkpoint latest`, and a 2-process DDP run under `accelerate launch`.
 """
 
@@ -25,9 +26,8 @@ from hub_fixtures import hub_repo_id, hub_server  # noqa: F401
 from tiny_pipeline import tiny_mmdit_pipeline
 
 from mmdit_diffusers import MMDiTPipeline
-from mmdit_diffusers.training import parse_args
+from mmdit_diffusers.training import TrainResult, parse_args, train
 from mmdit_diffusers.training.data import ResumableBatchSampler
-from mmdit_diffusers.training.loop import train
 
 CAPTIONS = [
     "a red circle", "a blue square", "two green triangles", "a yellow circle left of a cat",
@@ -77,8 +77,15 @@ def common(base: str, data: str, out, *extra: str) -> list[str]:
     ]
 
 
-def run(argv: list[str]) -> dict:
+def run(argv: list[str]) -> TrainResult:
     return train(parse_args(argv))
+
+
+def run_command(argv: list[str]) -> None:
+    """`mmdit-diffusers train ...` in process: training, then the model card and (with --push_to_hub) the push."""
+    from mmdit_diffusers.cli.train import main
+
+    assert main(argv) == 0
 
 
 def subprocess_env(**extra) -> dict:
@@ -141,12 +148,19 @@ def test_shipped_configs(base_dir, data_dir, tmp_path):
     """configs/train_tiny.yaml runs as shipped (shortened); configs/accelerate_fsdp.yaml is FULL_SHARD over MMDiTBlock."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "tiny"
-    summary = run(["--config", os.path.join(root, "configs", "train_tiny.yaml"), "--pretrained_model_name_or_path",
-                   base_dir, "--train_data_dir", data_dir, "--output_dir", str(out), "--max_train_steps", "2",
-                   "--validation_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none"])
-    assert summary["global_step"] == 2 and (out / "model_index.json").exists()
+    result = run(["--config", os.path.join(root, "configs", "train_tiny.yaml"), "--pretrained_model_name_or_path",
+                  base_dir, "--train_data_dir", data_dir, "--output_dir", str(out), "--max_train_steps", "2",
+                  "--validation_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none"])
+    assert result.global_step == 2 and (out / "model_index.json").exists()
     assert (out / "validation" / "final.png").exists()
+    # training writes no card: it returns what the card says, and the final grid as the card's sample
+    assert not (out / "README.md").exists()
+    assert result.output_dir == str(out) and result.card_data["training"]["optimizer steps"] == 2
+    assert "trained with rectified flow" in result.card_data["description"]
     import yaml
+
+    prompts = yaml.safe_load(open(os.path.join(root, "configs", "train_tiny.yaml")))["validation_prompt"]
+    assert result.sample_images == [(" | ".join(prompts), str(out / "validation" / "final.png"))]
 
     fsdp = yaml.safe_load(open(os.path.join(root, "configs", "accelerate_fsdp.yaml")))
     assert fsdp["distributed_type"] == "FSDP"
@@ -212,11 +226,11 @@ def test_the_text_cache_encodes_each_distinct_caption_once():
 # ----------------------------------------------------------------------------------------------------------
 def test_overfits_four_image_caption_pairs(base_dir, tmp_path):
     data = write_dataset(tmp_path / "four", n=4, solid=True)
-    summary = run(common(base_dir, data, tmp_path / "out", "--train_batch_size", "4", "--max_train_steps", "100",
+    result = run(common(base_dir, data, tmp_path / "out", "--train_batch_size", "4", "--max_train_steps", "100",
                          "--learning_rate", "1e-2", "--cache_latents", "--cache_text_embeddings",
                          "--vae_latent", "mode", "--validation_prompt", "a red square", "--num_validation_images", "1",
                          "--validation_inference_steps", "2"))
-    losses = summary["losses"]
+    losses = result.losses
     assert len(losses) == 100 and all(np.isfinite(losses))
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
     assert last < 0.5 * first, (first, last)
@@ -228,7 +242,7 @@ def test_overfits_four_image_caption_pairs(base_dir, tmp_path):
 
 def test_checkpoint_limit_validation_grid_and_tensorboard(base_dir, data_dir, tmp_path):
     out = tmp_path / "out"
-    run(common(base_dir, data_dir, out, "--max_train_steps", "5", "--checkpointing_steps", "1",
+    run_command(common(base_dir, data_dir, out, "--max_train_steps", "5", "--checkpointing_steps", "1",
                "--checkpoints_total_limit", "2", "--report_to", "tensorboard", "--validation_prompt", "a red circle",
                "a cat", "--validation_steps", "2", "--num_validation_images", "2", "--validation_inference_steps", "2",
                "--cache_latents"))
@@ -238,7 +252,7 @@ def test_checkpoint_limit_validation_grid_and_tensorboard(base_dir, data_dir, tm
     assert state["global_step"] == 5 and state["micro_batch"] == 5 and state["seed"] == 0
     assert sorted(os.listdir(out / "validation")) == ["final.png", "step-000002.png", "step-000004.png"]
     grid = Image.open(out / "validation" / "final.png")
-    assert grid.size == (2 * 32 + 2, 2 * 32 + 2)  # 2 prompts (rows) x 2 images, 2 px apart
+    assert grid.size == (2 * 32, 2 * 32)  # 2 prompts (rows) x 2 images
     events = [f for _, _, files in os.walk(out / "logs") for f in files if f.startswith("events.out.tfevents")]
     assert events
     card = (out / "README.md").read_text()
@@ -251,8 +265,9 @@ def test_lora_weights_load_into_the_base_pipeline_and_push(base_dir, data_dir, t
     from peft import LoraConfig, set_peft_model_state_dict
 
     out = tmp_path / "lora"
-    run(common(base_dir, data_dir, out, "--rank", "4", "--max_train_steps", "4", "--learning_rate", "1e-2",
-               "--checkpointing_steps", "4", "--cache_text_embeddings", "--push_to_hub", "--hub_model_id", hub_repo_id))
+    run_command(common(base_dir, data_dir, out, "--rank", "4", "--max_train_steps", "4", "--learning_rate", "1e-2",
+                       "--checkpointing_steps", "4", "--cache_text_embeddings", "--push_to_hub", "--hub_model_id",
+                       hub_repo_id))
     files = sorted(os.listdir(out))
     assert "pytorch_lora_weights.safetensors" in files and "model_index.json" not in files
     # the checkpoint holds the adapter only, not the frozen base weights
@@ -284,11 +299,18 @@ def test_lora_weights_load_into_the_base_pipeline_and_push(base_dir, data_dir, t
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's rms_norm under CPU bf16 autocast
-def test_from_scratch_with_a_model_config(base_dir, data_dir, tmp_path):
+def test_from_scratch_with_a_model_config(base_dir, data_dir, tmp_path, monkeypatch):
+    from mmdit_diffusers import cpu_bf16
+
+    applied = []  # bf16 on a CPU without bf16 instructions: training applies the float32-kernel path itself
+    monkeypatch.setattr(cpu_bf16, "cpu_has_bf16_instructions", lambda: False)
+    monkeypatch.setattr(cpu_bf16, "use_fp32_kernels_for_bf16",
+                        lambda model, apply=cpu_bf16.use_fp32_kernels_for_bf16: applied.append(model) or apply(model))
     out = tmp_path / "scratch"
     run(common(base_dir, data_dir, out, "--model_config", '{"preset": "tiny", "depth": 1, "qk_norm": "rms_norm"}',
                "--max_train_steps", "2", "--learning_rate", "1e-3", "--gradient_checkpointing", "--mixed_precision",
                "bf16", "--dataloader_num_workers", "1"))
+    assert len(applied) == 1
     config = json.load(open(out / "transformer" / "config.json"))
     # I/O sizes from the pipeline's VAE (4 latent channels) and text encoders (T5 width 64, two CLIP pools 2 x 32)
     assert (config["depth"], config["hidden_size"], config["in_channels"]) == (1, 32, 4)

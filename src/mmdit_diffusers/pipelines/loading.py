@@ -1,5 +1,6 @@
 """Saving and loading helpers of `MMDiTPipeline`: the `pipeline.py` shim, package-root class names in
-`model_index.json`, and diffusers-format SD3 / SD3.5 folders."""
+`model_index.json`, diffusers' registry of loadable libraries (for Hub repos), and diffusers-format SD3 / SD3.5
+folders."""
 
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ from mmdit_diffusers import {class_name}
 
 __all__ = ["{class_name}"]
 '''
+
+
+def register_with_diffusers() -> None:
+    """Let diffusers download pipelines whose model_index.json names our package root (`["mmdit_diffusers",
+    "MMDiTTransformer2DModel"]`) from the Hub.
+
+    `DiffusionPipeline.download` accepts a component library only when it is in diffusers' `LOADABLE_CLASSES`
+    (or is a diffusers pipeline module, or ships `<component>/<library>.py` as remote code); otherwise it raises
+    "transformer/mmdit_diffusers.py ... does not exist". Local folders skip that check, so only Hub repos need it:
+    `MMDiTPipeline.from_pretrained` calls this before loading one (importing registers nothing). Idempotent.
+    """
+    from diffusers.pipelines import pipeline_loading_utils
+
+    pipeline_loading_utils.LOADABLE_CLASSES.setdefault(PACKAGE, {"ModelMixin": ["save_pretrained", "from_pretrained"]})
 
 
 def write_shim(save_directory: str | os.PathLike, class_name: str) -> None:

@@ -23,12 +23,12 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ..hub.mixin import MMDiTHubMixin
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from . import loading
 from .execution_device import execution_device
+from .latents import denormalize_latents, vae_scale_factor
 from .lora import MMDiTLoraLoaderMixin
-from .text_encoding import TextConditioning, encode_clip, encode_t5, join_clip_and_t5
+from .text_encoding import TextConditioning, encode_text, uses_text_mask
 
 logger = logging.get_logger(__name__)
 
@@ -58,7 +58,7 @@ class MMDiTPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
+class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
     r"""
     Text-to-image with the MMDiT (Esser et al. 2024): SD3's text conditioning and flow-matching Euler sampler.
 
@@ -79,6 +79,7 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
     Loading: `MMDiTPipeline.from_pretrained(folder_or_repo)` reads our own folders and diffusers-format SD3 / SD3.5
     folders (the `SD3Transformer2DModel` is converted on load). `save_pretrained` also writes `pipeline.py`, so that
     `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)` works too.
+    Sharing on the Hub (model card, typed Hub errors) is `mmdit_diffusers.hub`'s `push_to_hub` / `from_pretrained`.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
@@ -115,7 +116,7 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
             text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else CLIP_TOKENS
         self.default_sample_size = getattr(transformer, "sample_size", None) or 128
@@ -152,8 +153,11 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """diffusers' `from_pretrained`, also for diffusers-format SD3 / SD3.5 folders and repos: their
         `SD3Transformer2DModel` is loaded with the same options (`dtype`, `variant`, ...) and converted to
-        `MMDiTTransformer2DModel`; their IP-Adapter image encoder and feature extractor are not loaded."""
+        `MMDiTTransformer2DModel`; their IP-Adapter image encoder and feature extractor are not loaded. Before a
+        Hub repo is loaded our package is registered with diffusers' loader (`loading.register_with_diffusers`)."""
         path = pretrained_model_name_or_path
+        if not os.path.isdir(path):
+            loading.register_with_diffusers()
         expected, _ = cls._get_signature_keys(cls)
         loading.check_local_components(path, sorted(expected), cls._optional_components, kwargs)
         if "transformer" not in kwargs and loading.transformer_class_name(path, kwargs) == loading.SD3_TRANSFORMER_CLASS:
@@ -172,14 +176,8 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
     # Text
     # ----------------------------------------------------------------------------------------------------------
     @property
-    def _clip_encoders(self) -> list[tuple[str, Any, Any]]:
-        pairs = [("tokenizer", self.tokenizer, self.text_encoder), ("tokenizer_2", self.tokenizer_2, self.text_encoder_2)]
-        return [(name, tok, enc) for name, tok, enc in pairs if enc is not None]
-
-    @property
     def _uses_text_mask(self) -> bool:
-        transformer = getattr(self, "transformer", None)
-        return bool(transformer is not None and transformer.config.use_text_attention_mask)
+        return uses_text_mask(self)
 
     def _text_prefix_length(self) -> int:
         return self.tokenizer_max_length if self.text_encoder is not None else 0
@@ -204,21 +202,8 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
 
     def _encode_text(self, prompts, prompts_2, prompts_3, device, clip_skip, max_sequence_length) -> TextConditioning:
         """SD3's text conditioning of one batch of prompts (see `text_encoding`)."""
-        if self.text_encoder is None:
-            raise ValueError("This pipeline has no `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
-        clip_parts = [
-            encode_clip(tok, enc, texts, self.tokenizer_max_length, device, clip_skip, name)
-            for (name, tok, enc), texts in zip(self._clip_encoders, (prompts, prompts_2))
-        ]
-        t5_part = None
-        if self.text_encoder_3 is not None:
-            t5_part = encode_t5(
-                self.tokenizer_3, self.text_encoder_3, prompts_3, max_sequence_length, device,
-                attend_to_padding=not self._uses_text_mask,
-            )
-        transformer = getattr(self, "transformer", None)
-        txt_dim = transformer.config.txt_dim if transformer is not None else clip_parts[0][0].shape[-1]
-        return join_clip_and_t5(clip_parts, t5_part, max_sequence_length, txt_dim, self.text_encoder.dtype)
+        per_encoder = {"text_encoder": prompts, "text_encoder_2": prompts_2, "text_encoder_3": prompts_3}
+        return encode_text(self, per_encoder, max_sequence_length, device, clip_skip)
 
     def encode_prompt(
         self,
@@ -454,8 +439,7 @@ class MMDiTPipeline(MMDiTHubMixin, DiffusionPipeline, MMDiTLoraLoaderMixin):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """Denormalised latents through the VAE decoder, post-processed to `output_type` ("pil", "np" or "pt")."""
-        shift = self.vae.config.shift_factor or 0.0
-        latents = latents / self.vae.config.scaling_factor + shift
+        latents = denormalize_latents(latents, self.vae)
         image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type)
 

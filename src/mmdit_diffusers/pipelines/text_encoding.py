@@ -6,6 +6,15 @@ pooled outputs concatenated. Without T5 the T5 part is zeros, as diffusers' `Sta
 
 Alongside, a token mask in the same layout: 1 for real tokens, 0 for padding (and for the zeros that stand in for a
 missing T5). Models trained with padding masked out (`use_text_attention_mask`) receive it; SD3 weights do not.
+
+The one implementation, in two steps that both `MMDiTPipeline` and training use:
+
+    outputs = encode_each(pipe, prompts, max_sequence_length, device)    # each text encoder on its own prompts
+    conditioning = join(outputs, max_sequence_length, *join_settings(pipe))  # SD3's layout
+
+`encode_text` is the two together (the pipeline's `encode_prompt`). Training's caption dropout gives each encoder its
+own prompts ("" where dropped), or, with cached outputs, swaps rows for the empty caption's (`drop_captions`) before
+the same `join`: cached and uncached conditioning are the same numbers by construction.
 """
 
 from __future__ import annotations
@@ -17,6 +26,10 @@ import torch.nn.functional as F
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+# text encoder -> its tokenizer, in the order of the text sequence (the CLIPs, then T5)
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+T5_ENCODER = "text_encoder_3"
 
 
 @dataclass
@@ -112,3 +125,90 @@ def join_clip_and_t5(
         pooled=pooled,
         mask=torch.cat([clip_mask, t5_mask.to(clip_mask.dtype)], dim=-1).long(),
     )
+
+
+@dataclass
+class EncoderOutput:
+    """One text encoder's output for a batch: `hidden` [B, L, D], `mask` [B, L] and, for a CLIP, `pooled` [B, P]."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def where(self, rows: torch.Tensor, other: "EncoderOutput") -> "EncoderOutput":
+        """`other`'s values in the rows where `rows` [B] is True (`other` may hold a single row, broadcast)."""
+
+        def pick(mine, theirs):
+            if mine is None:
+                return None
+            select = rows.to(mine.device).reshape(-1, *([1] * (mine.ndim - 1)))
+            return torch.where(select, theirs.to(mine.device).expand_as(mine), mine)
+
+        return EncoderOutput(pick(self.hidden, other.hidden), pick(self.mask, other.mask), pick(self.pooled, other.pooled))
+
+
+def text_encoder_names(pipe) -> list[str]:
+    """The text encoders `pipe` has, in sequence order (a subset of `TEXT_ENCODERS`)."""
+    return [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
+
+
+def uses_text_mask(pipe) -> bool:
+    """Whether `pipe.transformer` was built to mask text padding (`use_text_attention_mask`)."""
+    transformer = getattr(pipe, "transformer", None)
+    return bool(transformer is not None and transformer.config.use_text_attention_mask)
+
+
+def encode_each(pipe, prompts: dict[str, list[str]], max_sequence_length: int, device,
+                clip_skip: int | None = None) -> dict[str, EncoderOutput]:
+    """Run each text encoder of `pipe` on its prompts (`prompts[name]` for encoder `name`, equally many).
+
+    CLIP: penultimate hidden states (or `clip_skip` layers further back), projected pooled output, mask over
+    `pipe.tokenizer_max_length` tokens. T5: last hidden states over `max_sequence_length` tokens, run over the padding
+    unmasked as SD3 unless the transformer masks text padding."""
+    outputs = {}
+    for name in text_encoder_names(pipe):
+        tokenizer_name = TEXT_ENCODERS[name]
+        tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, name)
+        if name == T5_ENCODER:
+            hidden, mask = encode_t5(tokenizer, encoder, prompts[name], max_sequence_length, device,
+                                     attend_to_padding=not uses_text_mask(pipe), name=tokenizer_name)
+            outputs[name] = EncoderOutput(hidden, mask)
+        else:
+            hidden, pooled, mask = encode_clip(tokenizer, encoder, prompts[name], pipe.tokenizer_max_length, device,
+                                               clip_skip, name=tokenizer_name)
+            outputs[name] = EncoderOutput(hidden, mask, pooled)
+    return outputs
+
+
+def join_settings(pipe) -> tuple[int | None, torch.dtype]:
+    """`(txt_dim, dtype)` for `join`: the transformer's text width (None without a transformer: the CLIP width) and
+    the first CLIP's dtype. Read them before the text encoders are freed."""
+    if getattr(pipe, "text_encoder", None) is None:
+        raise ValueError("This pipeline has no `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
+    transformer = getattr(pipe, "transformer", None)
+    return (transformer.config.txt_dim if transformer is not None else None), pipe.text_encoder.dtype
+
+
+def join(outputs: dict[str, EncoderOutput], t5_length: int, txt_dim: int | None, dtype: torch.dtype) -> TextConditioning:
+    """SD3's layout from `encode_each`'s outputs (see `join_clip_and_t5`)."""
+    clip_parts = [(out.hidden, out.pooled, out.mask) for name, out in outputs.items() if name != T5_ENCODER]
+    if not clip_parts:
+        raise ValueError("This pipeline has no CLIP `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
+    t5 = outputs.get(T5_ENCODER)
+    t5_part = None if t5 is None else (t5.hidden, t5.mask)
+    txt_dim = clip_parts[0][0].shape[-1] if txt_dim is None else txt_dim
+    return join_clip_and_t5(clip_parts, t5_part, t5_length, txt_dim, dtype)
+
+
+def drop_captions(outputs: dict[str, EncoderOutput], empty: dict[str, EncoderOutput],
+                  drop: torch.Tensor) -> dict[str, EncoderOutput]:
+    """Caption dropout on encoded prompts: encoder k's row b becomes `empty`'s (the encoding of "") where
+    `drop[b, k]`; k counts the encoders of `outputs` in order."""
+    return {name: out.where(drop[:, k], empty[name]) for k, (name, out) in enumerate(outputs.items())}
+
+
+def encode_text(pipe, prompts: dict[str, list[str]], max_sequence_length: int, device,
+                clip_skip: int | None = None) -> TextConditioning:
+    """Prompts (one list per text encoder, keyed as `TEXT_ENCODERS`) -> `pipe`'s text conditioning."""
+    settings = join_settings(pipe)
+    return join(encode_each(pipe, prompts, max_sequence_length, device, clip_skip), max_sequence_length, *settings)

@@ -4,42 +4,68 @@ One concept per module:
 
 - `args`: the command line and the YAML config (`--config`; the command line wins), with validation.
 - `flow_matching`: the objective (sigma sampling, x_t, target, loss weighting) as small pure functions.
-- `data`: image-caption datasets (folder with `metadata.jsonl`, or a `datasets` dataset), transforms,
-  the deterministic resumable batch sampler and the latent cache.
-- `text`: captions -> text conditioning, per-encoder caption dropout and the text-embedding cache.
-- `loop`: the accelerate training loop.
+- `data`: image-caption datasets (`load_image_folder`: a folder with `metadata.jsonl`; or a `datasets` dataset),
+  transforms, the deterministic resumable batch sampler and the latent cache.
+- `text`: captions -> text conditioning (the pipeline's own `pipelines.text_encoding`), per-encoder caption
+  dropout and the text-embedding cache.
+- `loop`: the accelerate training loop: `train(args) -> TrainResult`; `TrainingDivergedError` (non-finite loss).
 - `checkpointing`: atomic `save_state`, rotation and resume.
-- `errors`: `TrainingConfigError` (bad input, exit 2) and `TrainingDivergedError` (non-finite loss, exit 1).
 - `validation`: PNG grids of sample images, logged to the trackers.
-- `export`: the final pipeline folder (or LoRA weights), the model card and the Hub push.
+- `export`: the final pipeline folder (or LoRA weights) and the model card's fields.
 
-The entry point is `mmdit_diffusers.train` (`accelerate launch -m mmdit_diffusers.train --config ...`); see
+Bad input is `mmdit_diffusers.errors.InputError`. Training writes no model card and never talks to the Hub's
+upload API: `mmdit-diffusers train` (the command line) writes the card from the `TrainResult` and pushes. The
+command: `accelerate launch -m mmdit_diffusers.train --config ...` or `mmdit-diffusers train --config ...`; see
 docs/training.md.
+
+Names are resolved on first use (PEP 562), so the command line's parser (`args`) loads without torch.
 """
 
-from .args import build_parser, parse_args
-from .errors import TrainingConfigError, TrainingDivergedError
-from .flow_matching import (
-    flow_matching_loss,
-    loss_weighting,
-    noisy_latents,
-    sample_sigmas,
-    shift_sigmas,
-    sigmas_to_timesteps,
-    velocity_target,
-)
+from __future__ import annotations
 
-__all__ = [
-    "TrainingConfigError",
-    "TrainingDivergedError",
-    "build_parser",
-    "parse_args",
-    "flow_matching_loss",
-    "loss_weighting",
-    "noisy_latents",
-    "sample_sigmas",
-    "shift_sigmas",
-    "sigmas_to_timesteps",
-    "velocity_target",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
 
+_EXPORTS = {
+    "train": "loop",
+    "TrainResult": "loop",
+    "TrainingDivergedError": "loop",
+    "build_parser": "args",
+    "parse_args": "args",
+    "load_image_folder": "data",
+    "flow_matching_loss": "flow_matching",
+    "loss_weighting": "flow_matching",
+    "noisy_latents": "flow_matching",
+    "sample_sigmas": "flow_matching",
+    "shift_sigmas": "flow_matching",
+    "sigmas_to_timesteps": "flow_matching",
+    "velocity_target": "flow_matching",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .args import build_parser, parse_args  # noqa: F401
+    from .data import load_image_folder  # noqa: F401
+    from .flow_matching import (  # noqa: F401
+        flow_matching_loss,
+        loss_weighting,
+        noisy_latents,
+        sample_sigmas,
+        shift_sigmas,
+        sigmas_to_timesteps,
+        velocity_target,
+    )
+    from .loop import TrainingDivergedError, TrainResult, train  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmdit_diffusers.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

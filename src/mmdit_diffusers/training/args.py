@@ -1,9 +1,9 @@
-"""Command line and YAML config of `mmdit_diffusers.train`.
+"""Command line and YAML config of `mmdit-diffusers train`.
 
 Argument names follow diffusers' example training scripts. A YAML file given with `--config` holds the
 same options by their names (`learning_rate: 1.0e-4`, `use_ema: true`, `validation_prompt: [a, b]`,
 `model_config: {preset: tiny, depth: 1}`); its values are read first and the command line is read after
-them, so the command line wins. Every problem is a `TrainingConfigError` naming the option.
+them, so the command line wins. Every problem is an `InputError` naming the option.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import os
 from typing import Any
 
-from .errors import TrainingConfigError
+from ..errors import InputError
 from .flow_matching import WEIGHTING_SCHEMES
 
 DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out"
@@ -22,10 +22,10 @@ DEFAULT_LORA_RANK = 16
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises `TrainingConfigError` instead of printing usage and exiting."""
+    """argparse that raises `InputError` instead of printing usage and exiting."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        raise TrainingConfigError(message)
+        raise InputError(message)
 
 
 def _positive_int(text: str) -> int:
@@ -202,33 +202,33 @@ def _config_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
     import yaml
 
     if not os.path.isfile(path):
-        raise TrainingConfigError(f"--config {path!r}: no such file.")
+        raise InputError(f"--config {path!r}: no such file.")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise TrainingConfigError(f"--config {path!r} is not valid YAML: {e}") from None
+        raise InputError(f"--config {path!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise TrainingConfigError(f"--config {path!r} must hold a mapping of option: value.")
+        raise InputError(f"--config {path!r} must hold a mapping of option: value.")
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     tokens: list[str] = []
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in actions or dest in ("config", "help"):
-            raise TrainingConfigError(f"--config {path!r}: unknown option {key!r}.")
+            raise InputError(f"--config {path!r}: unknown option {key!r}.")
         action = actions[dest]
         flag = f"--{dest}"
         if value is None:
             continue
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
-                raise TrainingConfigError(f"--config {path!r}: {key} must be true or false, got {value!r}.")
+                raise InputError(f"--config {path!r}: {key} must be true or false, got {value!r}.")
             tokens.append(flag if value else f"--no-{dest}")
         elif isinstance(value, dict):
             tokens += [flag, json.dumps(value)]
         elif isinstance(value, (list, tuple)):
             if action.nargs not in ("+", "*"):
-                raise TrainingConfigError(f"--config {path!r}: {key} takes one value, got a list.")
+                raise InputError(f"--config {path!r}: {key} takes one value, got a list.")
             tokens += [flag, *map(str, value)]
         else:
             tokens += [flag, str(value)]
@@ -253,29 +253,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Consistency checks that need no files (those come in the loop, before any step)."""
     if not args.pretrained_model_name_or_path:
-        raise TrainingConfigError(
+        raise InputError(
             "--pretrained_model_name_or_path is required: an MMDiTPipeline folder or Hub id (its VAE and text "
             "encoders are used; add --model_config to train a new transformer from scratch)."
         )
     if bool(args.train_data_dir) == bool(args.dataset_name):
-        raise TrainingConfigError("give exactly one of --train_data_dir (a folder) or --dataset_name.")
+        raise InputError("give exactly one of --train_data_dir (a folder) or --dataset_name.")
     if args.rank is not None:
         args.use_lora = True
     if args.use_lora and args.rank is None:
         args.rank = DEFAULT_LORA_RANK
     if args.use_lora and args.model_config:
-        raise TrainingConfigError("--model_config trains a new transformer from scratch; it cannot be combined "
+        raise InputError("--model_config trains a new transformer from scratch; it cannot be combined "
                                   "with LoRA (--use_lora / --rank).")
     if args.lora_alpha is None and args.rank is not None:
         args.lora_alpha = float(args.rank)
     if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
-        raise TrainingConfigError(f"--learning_rate must be a positive number, got {args.learning_rate}.")
+        raise InputError(f"--learning_rate must be a positive number, got {args.learning_rate}.")
     if args.max_grad_norm < 0:
-        raise TrainingConfigError(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
+        raise InputError(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
     if args.logit_std <= 0:
-        raise TrainingConfigError(f"--logit_std must be positive, got {args.logit_std}.")
+        raise InputError(f"--logit_std must be positive, got {args.logit_std}.")
     if not 0.0 <= args.ema_decay <= 1.0:
-        raise TrainingConfigError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
+        raise InputError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
     if args.push_to_hub and args.hub_model_id is None:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     if args.report_to == "none":

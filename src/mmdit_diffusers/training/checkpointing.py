@@ -11,6 +11,10 @@ deleting it, so a kill during deletion cannot leave a half-deleted folder that l
 `training_state.json` holds the optimizer step, the micro-batch position of the data stream and the seed, which
 is all the loop needs besides what `load_state` restores (weights, optimizer, LR scheduler, gradient scaler,
 the accelerate step counter, RNG states and the registered objects: EMA and the training generator).
+
+Why not `files.atomic_directory`: every process writes its part of the folder (`save_state`), so the staging
+folder must have a name all processes know, and resume and clean-up must recognise leftovers by name
+(`.tmp-checkpoint-N`, `.deleting-checkpoint-N`); the durability steps (fsync, then one rename) are the same.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import os
 import re
 import shutil
 
-from .errors import TrainingConfigError
+from ..errors import InputError
+from ..files import fsync_directory
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -64,11 +69,11 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
             return os.path.abspath(path)
     for path in candidates:
         if os.path.isdir(path):
-            raise TrainingConfigError(
+            raise InputError(
                 f"--resume_from_checkpoint {value!r}: {path} is not a complete checkpoint (no {STATE_FILE}); "
                 f"complete ones in {output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(output_dir)] or 'none'}."
             )
-    raise TrainingConfigError(
+    raise InputError(
         f"--resume_from_checkpoint {value!r}: no such checkpoint (looked for {', '.join(candidates)}); use a "
         f"checkpoint-N folder or 'latest'."
     )
@@ -79,7 +84,7 @@ def read_state(path: str) -> dict:
         with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise TrainingConfigError(f"cannot read {os.path.join(path, STATE_FILE)}: {e}") from None
+        raise InputError(f"cannot read {os.path.join(path, STATE_FILE)}: {e}") from None
 
 
 def _fsync_tree(path: str) -> None:
@@ -90,20 +95,7 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fsync_directory(dirpath)
 
 
 def _remove(path: str) -> None:
@@ -153,7 +145,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
         if os.path.exists(final):
             _remove(final)
         os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        fsync_directory(output_dir)
         rotate(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final

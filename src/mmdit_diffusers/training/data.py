@@ -5,6 +5,7 @@ Sources
       `metadata.jsonl` with one `{"file_name": "a.png", "text": "a caption"}` per line (the caption column is
       `--caption_column`, default "text"; `metadata.csv` with the same columns works too). Every image in the
       folder must have a caption and every line an image; all images are checked to be readable up front.
+      `load_image_folder` is the library's reader of such folders, for training and for any other use.
     - A dataset by name (`--dataset_name`) through `datasets`, imported only then.
 
 Transform
@@ -40,7 +41,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import TrainingConfigError
+from ..errors import InputError
+from ..pipelines.latents import normalize_latents
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -66,6 +68,10 @@ class ImageCaptionSource(Sequence):
 
 @dataclass
 class FolderSource(ImageCaptionSource):
+    """An image folder read by `load_image_folder`: `files[i]` (relative to `root`) is captioned `captions[i]`.
+    `source[i]` is `(PIL image, caption)`, `source.path(i)` the image's path, `source.rows()` every
+    `(image path, caption)`."""
+
     root: str
     files: list[str]
     captions: list[str]
@@ -77,16 +83,23 @@ class FolderSource(ImageCaptionSource):
         return self.captions[index]
 
     def image(self, index: int) -> Image.Image:
-        path = os.path.join(self.root, self.files[index])
+        path = self.path(index)
         try:
             with Image.open(path) as img:
                 img.load()
                 return img.copy()
         except Exception as e:  # PIL raises several types
-            raise TrainingConfigError(f"unreadable image {path}: {e}") from None
+            raise InputError(f"unreadable image {path}: {e}") from None
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.files[index])
 
     def describe(self, index: int) -> str:
-        return os.path.join(self.root, self.files[index])
+        return self.path(index)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """`(image path, caption)` of every image, in the metadata's order."""
+        return [(self.path(i), caption) for i, caption in enumerate(self.captions)]
 
     def verify(self) -> None:
         """Open every image and check it (PIL `verify`); the first bad one is an error naming it."""
@@ -96,14 +109,14 @@ class FolderSource(ImageCaptionSource):
                 with Image.open(path) as img:
                     img.verify()
             except Exception as e:
-                raise TrainingConfigError(f"unreadable image {path}: {e}") from None
+                raise InputError(f"unreadable image {path}: {e}") from None
 
 
 def _caption_text(value, where: str, column: str) -> str:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return value[0]  # several captions: the first one
     if not isinstance(value, str):
-        raise TrainingConfigError(f"{where}: caption column {column!r} must hold text, got {value!r}.")
+        raise InputError(f"{where}: caption column {column!r} must hold text, got {value!r}.")
     return value
 
 
@@ -118,9 +131,9 @@ def _read_metadata(root: str) -> tuple[str, list[dict]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise TrainingConfigError(f"{jsonl} line {line_no} is not valid JSON: {e}") from None
+                    raise InputError(f"{jsonl} line {line_no} is not valid JSON: {e}") from None
                 if not isinstance(row, dict):
-                    raise TrainingConfigError(f"{jsonl} line {line_no} must be a JSON object.")
+                    raise InputError(f"{jsonl} line {line_no} must be a JSON object.")
                 rows.append(row)
         return jsonl, rows
     if os.path.isfile(csv_path):
@@ -139,39 +152,52 @@ def _list_images(root: str) -> list[str]:
     return out
 
 
-def load_image_folder(root: str, caption_column: str = "text", max_samples: int | None = None,
+def load_image_folder(root: str | os.PathLike, caption_column: str = "text", max_samples: int | None = None,
                       verify: bool = True) -> FolderSource:
-    """Read an imagefolder-style folder; every problem is a `TrainingConfigError` naming the file."""
+    """Read an image folder in the `datasets` "imagefolder" layout: images (in subfolders too) and a
+    `metadata.jsonl` (or `metadata.csv`) with one `{"file_name": ..., caption_column: ...}` row per image.
+
+    Args:
+        root: The folder.
+        caption_column: The metadata column holding the captions (a list of captions: the first one).
+        max_samples: Keep only the first rows.
+        verify: Open every image once and check it (PIL `verify`).
+
+    Returns a `FolderSource`: `source[i]` -> `(PIL image, caption)`, `source.rows()` -> `[(image path, caption)]`.
+    Raises `InputError` naming the file for every problem: no folder, no metadata, a row without an image or a
+    caption, an image without a row, an unreadable image.
+    """
+    root = os.fspath(root)
     if not os.path.isdir(root):
-        raise TrainingConfigError(f"--train_data_dir {root!r}: no such folder.")
+        raise InputError(f"image folder {root!r}: no such folder.")
     images = _list_images(root)
     meta_path, rows = _read_metadata(root)
     if not meta_path:
         hint = f"{len(images)} image(s) without captions" if images else "no images"
-        raise TrainingConfigError(
-            f"--train_data_dir {root!r} has no metadata.jsonl ({hint}). Write one JSON line per image: "
+        raise InputError(
+            f"image folder {root!r} has no metadata.jsonl ({hint}). Write one JSON line per image: "
             f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}.'
         )
     if not rows:
-        raise TrainingConfigError(f"{meta_path} lists no images.")
+        raise InputError(f"{meta_path} lists no images.")
     files, captions = [], []
     for line_no, row in enumerate(rows, 1):
         if "file_name" not in row:
-            raise TrainingConfigError(f"{meta_path} entry {line_no} has no 'file_name'.")
+            raise InputError(f"{meta_path} entry {line_no} has no 'file_name'.")
         if caption_column not in row:
-            raise TrainingConfigError(
+            raise InputError(
                 f"caption column {caption_column!r} not found in {meta_path} (entry {line_no} has columns "
-                f"{', '.join(map(repr, row))}); set --caption_column."
+                f"{', '.join(map(repr, row))}); choose the caption column (--caption_column)."
             )
         name = str(row["file_name"]).replace("\\", "/")
         if not os.path.isfile(os.path.join(root, name)):
-            raise TrainingConfigError(f"{meta_path} entry {line_no}: image {os.path.join(root, name)} does not exist.")
+            raise InputError(f"{meta_path} entry {line_no}: image {os.path.join(root, name)} does not exist.")
         files.append(os.path.normpath(name).replace(os.sep, "/"))
         captions.append(_caption_text(row[caption_column], f"{meta_path} entry {line_no}", caption_column))
     missing = sorted(set(images) - set(files))
     if missing:
         shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise TrainingConfigError(f"images without captions in {root}: {shown}; add them to {meta_path}.")
+        raise InputError(f"images without captions in {root}: {shown}; add them to {meta_path}.")
     if max_samples is not None:
         files, captions = files[:max_samples], captions[:max_samples]
     source = FolderSource(root, files, captions)
@@ -204,8 +230,8 @@ class HubDatasetSource(ImageCaptionSource):
             if isinstance(value, str):
                 return Image.open(value)
         except Exception as e:
-            raise TrainingConfigError(f"unreadable image in {self.describe(index)}: {e}") from None
-        raise TrainingConfigError(f"{self.describe(index)}: column {self.image_column!r} holds no image ({type(value).__name__}).")
+            raise InputError(f"unreadable image in {self.describe(index)}: {e}") from None
+        raise InputError(f"{self.describe(index)}: column {self.image_column!r} holds no image ({type(value).__name__}).")
 
     def describe(self, index: int) -> str:
         return f"{self.name} row {index}"
@@ -216,28 +242,30 @@ def load_hub_dataset(name: str, config_name: str | None, split: str, image_colum
     try:
         import datasets
     except ImportError:
-        raise TrainingConfigError(
+        raise InputError(
             f"--dataset_name {name!r} needs the `datasets` package: pip install datasets "
             "(or use --train_data_dir with a folder of images and metadata.jsonl)."
         ) from None
     try:
         ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
     except Exception as e:
-        raise TrainingConfigError(f"could not load dataset {name!r} (split {split!r}): {e}") from None
+        raise InputError(f"could not load dataset {name!r} (split {split!r}): {e}") from None
     for option, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in ds.column_names:
-            raise TrainingConfigError(
+            raise InputError(
                 f"{option} {column!r} not found in dataset {name!r}; its columns are {', '.join(ds.column_names)}."
             )
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     if len(ds) == 0:
-        raise TrainingConfigError(f"dataset {name!r} split {split!r} is empty.")
+        raise InputError(f"dataset {name!r} split {split!r} is empty.")
     return HubDatasetSource(ds, image_column, caption_column, name)
 
 
 def load_source(args) -> ImageCaptionSource:
     if args.train_data_dir:
+        if not os.path.isdir(args.train_data_dir):
+            raise InputError(f"--train_data_dir {args.train_data_dir!r}: no such folder.")
         return load_image_folder(args.train_data_dir, args.caption_column, args.max_train_samples)
     return load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_split, args.image_column,
                             args.caption_column, args.cache_dir, args.max_train_samples)
@@ -317,7 +345,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         self.global_batch = batch_size * num_processes
         self.batches_per_epoch = num_examples // self.global_batch
         if self.batches_per_epoch == 0:
-            raise TrainingConfigError(
+            raise InputError(
                 f"the dataset has {num_examples} example(s), fewer than one global batch (train_batch_size "
                 f"{batch_size} x {num_processes} process(es) = {self.global_batch}); lower --train_batch_size."
             )
@@ -363,16 +391,6 @@ def make_dataloader(dataset: TrainDataset, sampler: ResumableBatchSampler, num_w
 # ----------------------------------------------------------------------------------------------------------
 # Latent cache and latent sampling
 # ----------------------------------------------------------------------------------------------------------
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
-    """(z - shift_factor) * scaling_factor, as the pipeline's inverse before decoding."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
-
-
 @torch.no_grad()
 def encode_latent_params(vae, pixel_values: torch.Tensor) -> torch.Tensor:
     """VAE encoder output as distribution parameters [B, 2C, h, w] (mean, logvar); a deterministic encoder

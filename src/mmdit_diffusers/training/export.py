@@ -1,4 +1,4 @@
-"""The end of a run: the model in `output_dir`, its model card, and the optional Hub push.
+"""The end of a run: the model in `output_dir`, and what its model card should say.
 
 - Full fine-tune / from scratch: a complete pipeline folder (`save_pretrained`: model_index.json, transformer/,
   vae/, text encoders, tokenizers, scheduler), with the EMA weights when `--use_ema`. The other components are
@@ -6,17 +6,18 @@
   caches freed them during training. `MMDiTPipeline.from_pretrained(output_dir)` loads it.
 - LoRA: `pytorch_lora_weights.safetensors` (diffusers' LoRA format, with the adapter config as metadata);
   `pipe.load_lora_weights(output_dir)` loads it into the base pipeline.
-- Both: a `README.md` model card; with `--push_to_hub`, the folder without checkpoints, temporary folders and
-  logs goes to the Hub through `mmdit_diffusers.hub.push_pipeline_folder` (one commit; the card gets the
-  project's generated section). The token comes from the usual places (HF_TOKEN, `hf auth login`) and is
-  never printed.
+- Both: `card_data`, the run's model card fields (what was trained from what, the `training` table, the first
+  validation prompt for the card's code example). Training writes no card and pushes nothing: the command line
+  (`mmdit-diffusers train`) writes the card with `mmdit_diffusers.hub.write_model_card` and, with
+  `--push_to_hub`, uploads the folder without `RUN_FILES` (checkpoints, temporary folders, logs).
 """
 
 from __future__ import annotations
 
 import os
 
-HUB_IGNORE = ["checkpoint-*", ".tmp-checkpoint-*", ".deleting-checkpoint-*", "logs/*", "*.tmp", "training_summary.json"]
+# the run's own files in output_dir, not part of the model: left out of a Hub upload
+RUN_FILES = ["checkpoint-*", ".tmp-checkpoint-*", ".deleting-checkpoint-*", "logs/*", "*.tmp", "training_summary.json"]
 
 
 def _pipeline_class():
@@ -48,72 +49,6 @@ def save_lora(transformer, output_dir: str) -> str:
     return os.path.join(output_dir, "pytorch_lora_weights.safetensors")
 
 
-def write_model_card(args, output_dir: str, global_step: int, num_examples: int, num_processes: int,
-                     validation_image: str | None = None) -> str:
-    lora = bool(args.use_lora)
-    base = args.pretrained_model_name_or_path
-    base_is_repo = not os.path.isdir(base)
-    tags = ["text-to-image", "diffusers", "diffusers-training", "mmdit", "rectified-flow"] + (["lora"] if lora else [])
-    front = ["---", "library_name: diffusers", "license: other", "pipeline_tag: text-to-image"]
-    if base_is_repo and not args.model_config:
-        front.append(f"base_model: {base}")
-    front.append("tags:")
-    front += [f"- {t}" for t in tags]
-    front.append("---")
-
-    kind = ("LoRA (rank %d, alpha %g) on the transformer of" % (args.rank, args.lora_alpha)) if lora else (
-        "A transformer trained from scratch (`%s`) with the VAE and text encoders of" % args.model_config
-        if args.model_config else "A full fine-tune of")
-    name = os.path.basename(os.path.abspath(output_dir))
-    total_batch = args.train_batch_size * args.gradient_accumulation_steps * num_processes
-    lines = front + [
-        "",
-        f"# {name}",
-        "",
-        f"{kind} `{base}`, trained with rectified flow (SD3's objective) by `mmdit_diffusers.train`.",
-        "",
-    ]
-    if validation_image:
-        rel = os.path.relpath(validation_image, output_dir).replace(os.sep, "/")
-        prompts = " | ".join(args.validation_prompt or [])
-        lines += [f"![validation samples]({rel})", "", f"Prompts (one row each): {prompts}", ""]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from mmdit_diffusers import MMDiTPipeline",
-        "",
-    ]
-    repo = args.hub_model_id or output_dir
-    if lora:
-        lines += [f'pipe = MMDiTPipeline.from_pretrained("{base}")', f'pipe.load_lora_weights("{repo}")']
-    else:
-        lines += [f'pipe = MMDiTPipeline.from_pretrained("{repo}")']
-    prompt = (args.validation_prompt or ["a photo"])[0].replace('"', "'")
-    lines += [f'image = pipe("{prompt}").images[0]', "```", ""]
-    lines += [
-        "## Training",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| optimizer steps | {global_step} |",
-        f"| examples | {num_examples} |",
-        f"| resolution | {args.resolution} |",
-        f"| batch (per process x accumulation x processes) | {args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes} = {total_batch} |",
-        f"| learning rate / schedule / warmup | {args.learning_rate:g} / {args.lr_scheduler} / {args.lr_warmup_steps} |",
-        f"| sigma sampling | {args.weighting_scheme} (logit mean {args.logit_mean:g}, std {args.logit_std:g}, mode scale {args.mode_scale:g}), shift {args.resolution_shift} |",
-        f"| caption dropout (per text encoder) | {args.caption_dropout_prob:g} |",
-        f"| mixed precision | {args.mixed_precision or 'accelerate default'} |",
-        f"| EMA | {'decay %g' % args.ema_decay if args.use_ema else 'no'} |",
-        f"| seed | {args.seed} |",
-        "",
-    ]
-    path = os.path.join(output_dir, "README.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    return path
-
-
 def training_details(args, global_step: int, num_examples: int, num_processes: int) -> dict:
     """The run's settings as the `training` table of the Hub model card."""
     return {
@@ -131,23 +66,23 @@ def training_details(args, global_step: int, num_examples: int, num_processes: i
     }
 
 
-def push_to_hub(args, output_dir: str, training: dict, validation_image: str | None = None) -> str:
-    """Upload `output_dir` (without checkpoints, temporary folders and logs) with `mmdit_diffusers.hub`'s
-    `push_pipeline_folder`: the local README.md is kept and its generated section (architecture, loading code,
-    this run's `training` table, the final validation grid as a sample) is filled in. Returns the repo id.
-    Raises `mmdit_diffusers.hub.HubError` (token-free message) when the Hub refuses or cannot be reached."""
-    from ..hub import push_pipeline_folder
-
+def card_data(args, global_step: int, num_examples: int, num_processes: int) -> dict:
+    """The run's fields for `mmdit_diffusers.hub.write_model_card`: a description, the `training` table, tags, the
+    base model (a Hub repo the run started from) and the first validation prompt (the card's code example)."""
     base = args.pretrained_model_name_or_path
-    card_data = {"training": training}
+    if args.use_lora:
+        kind = "LoRA (rank %d, alpha %g) on the transformer of" % (args.rank, args.lora_alpha)
+    elif args.model_config:
+        kind = "A transformer trained from scratch (`%s`) with the VAE and text encoders of" % args.model_config
+    else:
+        kind = "A full fine-tune of"
+    data = {
+        "description": f"{kind} `{base}`, trained with rectified flow (SD3's objective) by `mmdit-diffusers train`.",
+        "training": training_details(args, global_step, num_examples, num_processes),
+        "tags": ["diffusers-training", "rectified-flow"],
+    }
     if not args.model_config and not os.path.isdir(base):
-        card_data["base_model"] = base
+        data["base_model"] = base
     if args.validation_prompt:
-        card_data["prompt"] = args.validation_prompt[0]
-    samples = [(" | ".join(args.validation_prompt), validation_image)] if validation_image else None
-    push_pipeline_folder(
-        output_dir, args.hub_model_id, private=args.hub_private or None, ignore_patterns=HUB_IGNORE,
-        card_data=card_data, sample_images=samples,
-        commit_message=f"mmdit_diffusers.train: {'LoRA' if args.use_lora else 'pipeline'} after {training['optimizer steps']} steps",
-    )
-    return args.hub_model_id  # the canonical id: the repository was created at the start of the run
+        data["prompt"] = args.validation_prompt[0]
+    return data

@@ -24,8 +24,10 @@ Higher resolutions keep more signal at a given sigma, so SD3 shifts the noise le
 
 from __future__ import annotations
 
-import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and diffusers are imported where they run: the training CLI's parser reads this module
+    import torch
 
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 
@@ -43,6 +45,8 @@ def sample_sigmas(
     """`batch_size` noise levels sigma in [0, 1] from the scheme's density, then shifted by `shift`."""
     if weighting_scheme not in WEIGHTING_SCHEMES:
         raise ValueError(f"Unknown weighting_scheme {weighting_scheme!r}; expected one of {WEIGHTING_SCHEMES}.")
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
     sigmas = compute_density_for_timestep_sampling(
         weighting_scheme=weighting_scheme,
         batch_size=batch_size,
@@ -84,6 +88,8 @@ def sigmas_to_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
 
 def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     """Per-example loss weight w(sigma) (diffusers' `compute_loss_weighting_for_sd3`)."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
     return compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
 
 

@@ -9,7 +9,8 @@ Order of work (every check that can fail comes before the first step):
        `load_state` when resuming;
     5. steps: accumulate -> loss -> finite check -> backward -> clip -> optimizer/scheduler step; on each
        optimizer step: EMA, logs, checkpoint every `--checkpointing_steps`, validation every `--validation_steps`;
-    6. export (pipeline folder or LoRA weights), final validation grid, model card, Hub push.
+    6. export (pipeline folder or LoRA weights), final validation grid; `train` returns a `TrainResult` whose
+       card data and sample images the command line writes into the model card (and pushes, if asked).
 
 Randomness: everything random in a step (the VAE latent sample, the noise, sigma, caption dropout) comes from
 one `torch.Generator` (`TrainingRNG`) drawn for the *global* batch on every process, each process keeping its
@@ -29,11 +30,14 @@ import random
 import re
 import time
 from argparse import Namespace
+from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InputError
+from ..files import write_text_atomically
+from ..pipelines.latents import vae_scale_factor
 from . import checkpointing, data
-from .errors import TrainingConfigError, TrainingDivergedError
 from .flow_matching import (
     flow_matching_loss,
     loss_weighting,
@@ -45,6 +49,33 @@ from .flow_matching import (
 from .text import PromptEncoder
 
 logger = logging.getLogger("mmdit_diffusers.train")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm stopped being finite. The run stops before the optimizer applies the
+    step, saves nothing more, and the latest checkpoint (the last good state) stays as it was. The CLI
+    prints `error: <message>` and exits with status 1."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves (on the main process; the other processes get the same numbers).
+
+    `output_dir`: the trained pipeline folder or LoRA weights; `card_data`: the model card fields of the run
+    (`mmdit_diffusers.hub.write_model_card(output_dir, card_data=..., sample_images=...)`); `sample_images`:
+    `(prompts, png path)` of the final validation grid, if any; `ignore_patterns`: the run's own files in
+    `output_dir` (checkpoints, logs) to leave out of an upload; `global_step`, `max_train_steps`, `seed`, `losses`
+    (one per optimizer step of this process's run) and, for LoRA, `lora_weights`."""
+
+    output_dir: str
+    card_data: dict
+    sample_images: list[tuple[str, str]] = field(default_factory=list)
+    ignore_patterns: list[str] = field(default_factory=list)
+    global_step: int = 0
+    max_train_steps: int = 0
+    seed: int | None = None
+    losses: list[float] = field(default_factory=list)
+    lora_weights: str | None = None
 
 
 class TrainingRNG:
@@ -88,7 +119,7 @@ def _pipeline_cls():
     try:
         from ..pipelines import MMDiTPipeline
     except ImportError as e:  # pragma: no cover - the pipeline ships with the package
-        raise TrainingConfigError(f"MMDiTPipeline is not available: {e}") from None
+        raise InputError(f"MMDiTPipeline is not available: {e}") from None
     return MMDiTPipeline
 
 
@@ -97,20 +128,20 @@ def load_pipeline(args):
     path = args.pretrained_model_name_or_path
     looks_like_repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
     if not os.path.exists(path) and not looks_like_repo_id:
-        raise TrainingConfigError(f"--pretrained_model_name_or_path {path!r}: no such folder (nor a Hub repo id).")
+        raise InputError(f"--pretrained_model_name_or_path {path!r}: no such folder (nor a Hub repo id).")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise TrainingConfigError(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder (no model_index.json).")
+        raise InputError(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder (no model_index.json).")
     kwargs = {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}
     if args.model_config:
         kwargs["transformer"] = None
     try:
         pipe = _pipeline_cls().from_pretrained(path, **kwargs)
-    except TrainingConfigError:
+    except InputError:
         raise
     except Exception as e:
-        raise TrainingConfigError(f"could not load the pipeline {path!r}: {type(e).__name__}: {e}") from None
+        raise InputError(f"could not load the pipeline {path!r}: {type(e).__name__}: {e}") from None
     if pipe.vae is None:
-        raise TrainingConfigError(f"the pipeline {path!r} has no VAE.")
+        raise InputError(f"the pipeline {path!r} has no VAE.")
     return pipe
 
 
@@ -127,14 +158,14 @@ def parse_model_config(value: str) -> tuple[str | None, dict]:
     try:
         overrides = json.loads(text)
     except json.JSONDecodeError:
-        raise TrainingConfigError(
+        raise InputError(
             f"--model_config {value!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON object / .json file."
         ) from None
     if not isinstance(overrides, dict):
-        raise TrainingConfigError(f"--model_config must be a JSON object, got {type(overrides).__name__}.")
+        raise InputError(f"--model_config must be a JSON object, got {type(overrides).__name__}.")
     preset = overrides.pop("preset", None)
     if preset is not None and preset not in PRESETS:
-        raise TrainingConfigError(f"--model_config preset {preset!r} is unknown; expected one of {sorted(PRESETS)}.")
+        raise InputError(f"--model_config preset {preset!r} is unknown; expected one of {sorted(PRESETS)}.")
     return preset, overrides
 
 
@@ -155,7 +186,7 @@ def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_si
     io = dict(in_channels=channels, img_dim=channels * patch * patch, txt_dim=txt_dim, cond_dim=cond_dim)
     for key, value in io.items():
         if key in overrides and overrides[key] != value:
-            raise TrainingConfigError(
+            raise InputError(
                 f"--model_config sets {key}={overrides[key]}, but the pipeline's "
                 f"{'VAE' if key in ('in_channels', 'img_dim') else 'text encoders'} give {value}."
             )
@@ -174,22 +205,22 @@ def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_si
     try:
         return MMDiTTransformer2DModel(**config)
     except (TypeError, ValueError) as e:
-        raise TrainingConfigError(f"--model_config: {e}") from None
+        raise InputError(f"--model_config: {e}") from None
 
 
 def check_resolution(resolution: int, vae, transformer) -> int:
     """Resolution must give a whole number of patches and fit the position grid; returns the latent side."""
-    scale = data.vae_scale_factor(vae)
+    scale = vae_scale_factor(vae)
     patch = transformer.config.patch_size
     if resolution % (scale * patch):
-        raise TrainingConfigError(
+        raise InputError(
             f"--resolution {resolution} is not divisible by the VAE scale factor x patch size = {scale} x {patch} = "
             f"{scale * patch}; try {max(scale * patch, resolution // (scale * patch) * scale * patch)}."
         )
     side = resolution // scale
     limit = transformer.pos_grid_size * patch
     if side > limit:
-        raise TrainingConfigError(
+        raise InputError(
             f"--resolution {resolution} gives {side}x{side} latents, larger than the transformer's position grid "
             f"({transformer.pos_grid_size} patches of {patch} = {limit} latent pixels, {limit * scale} image pixels)."
         )
@@ -200,13 +231,13 @@ def check_text(transformer, text_shape) -> None:
     seq_len, txt_dim, cond_dim = text_shape
     cfg = transformer.config
     if txt_dim != cfg.txt_dim:
-        raise TrainingConfigError(f"the text encoders give {txt_dim}-wide tokens; the transformer expects txt_dim={cfg.txt_dim}.")
+        raise InputError(f"the text encoders give {txt_dim}-wide tokens; the transformer expects txt_dim={cfg.txt_dim}.")
     if cond_dim != (cfg.cond_dim or cfg.hidden_size):
-        raise TrainingConfigError(
+        raise InputError(
             f"the pooled text is {cond_dim} wide; the transformer expects cond_dim={cfg.cond_dim or cfg.hidden_size}."
         )
     if seq_len > cfg.txt_tokens:
-        raise TrainingConfigError(
+        raise InputError(
             f"captions encode to {seq_len} text tokens, more than the transformer's txt_tokens={cfg.txt_tokens}; "
             f"lower --max_sequence_length."
         )
@@ -219,7 +250,7 @@ def add_lora(transformer, args) -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()}
     unknown = [t for t in targets if t not in names]
     if unknown or not targets:
-        raise TrainingConfigError(f"--lora_layers {unknown or targets} match no module of the transformer.")
+        raise InputError(f"--lora_layers {unknown or targets} match no module of the transformer.")
     transformer.requires_grad_(False)
     transformer.add_adapter(
         LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
@@ -288,8 +319,11 @@ def _to(module, device, dtype=None):
     return module.to(device, dtype=dtype)
 
 
-def train(args: Namespace) -> dict:
-    """Run the training described by `args` (from `args.parse_args`). Returns a summary dict."""
+def train(args: Namespace) -> TrainResult:
+    """Run the training described by `args` (from `args.parse_args`): the model in `args.output_dir`.
+
+    Writes no model card and pushes nothing; the returned `TrainResult` holds what the card should say.
+    Raises `InputError` for bad input (before any step) and `TrainingDivergedError` for a non-finite loss."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -301,7 +335,7 @@ def train(args: Namespace) -> dict:
     if resume_state:
         for key in ("use_lora", "use_ema"):
             if key in resume_state and bool(resume_state[key]) != bool(getattr(args, key)):
-                raise TrainingConfigError(
+                raise InputError(
                     f"checkpoint {resume_path} does not match this run: it was saved with --{key} "
                     f"{'on' if resume_state[key] else 'off'}, and this run has it {'on' if getattr(args, key) else 'off'}."
                 )
@@ -331,14 +365,14 @@ def _check_all_processes_joined(accelerator) -> None:
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
-        raise TrainingConfigError(
+        raise InputError(
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate runs each on its own "
             "(no GPU found). To train on CPUs with torch.distributed (gloo), set ACCELERATE_USE_CPU=1 for "
             "`accelerate launch --multi_gpu`."
         )
 
 
-def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source) -> dict:
+def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source) -> TrainResult:
     from accelerate.utils import DistributedType
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -356,7 +390,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         logger.info(f"No checkpoint in {output_dir}; starting a new run.")
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and (args.use_ema or args.use_lora):
-        raise TrainingConfigError("FSDP runs support full fine-tuning and training from scratch; --use_ema and LoRA "
+        raise InputError("FSDP runs support full fine-tuning and training from scratch; --use_ema and LoRA "
                                   "need DDP (accelerate launch --multi_gpu).")
     sampler = data.ResumableBatchSampler(len(source), args.train_batch_size, seed, world, rank, args.random_flip)
     micro_per_epoch = sampler.batches_per_epoch
@@ -374,18 +408,17 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
 
     torch.manual_seed(seed)  # initialisation of a new transformer / LoRA weights
     if args.model_config:
-        latent_side = args.resolution // data.vae_scale_factor(vae)
+        latent_side = args.resolution // vae_scale_factor(vae)
         transformer = build_new_transformer(args, vae, text_shape, latent_side)
         pipe.transformer = transformer
     else:
         transformer = pipe.transformer
         if transformer is None:
-            raise TrainingConfigError(f"{args.pretrained_model_name_or_path!r} has no transformer; pass --model_config "
+            raise InputError(f"{args.pretrained_model_name_or_path!r} has no transformer; pass --model_config "
                                       "to train one from scratch.")
     latent_side = check_resolution(args.resolution, vae, transformer)
     check_text(transformer, text_shape)
     use_mask = bool(getattr(transformer.config, "use_text_attention_mask", False))
-    prompt_encoder.use_mask = use_mask
     prompt_encoder.resolve_length()
     ddp_kwargs.find_unused_parameters = not transformer.config.txt_pre_only_last_block
 
@@ -393,6 +426,12 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     vae.requires_grad_(False)
     _to(vae, device, torch.float32)  # the VAE stays in float32 (cheap; fp16 VAEs overflow)
     prompt_encoder.prepare(device, weight_dtype)
+    if device.type == "cpu" and torch.bfloat16 in (weight_dtype, transformer.dtype):
+        from ..cpu_bf16 import cpu_has_bf16_instructions, use_fp32_kernels_for_bf16
+
+        if not cpu_has_bf16_instructions():  # PyTorch's generic bfloat16 kernels are ~8x slower there
+            transformer = use_fp32_kernels_for_bf16(transformer)
+            pipe.transformer = transformer
     if args.use_lora:
         add_lora(transformer, args)
         _to(transformer, device, weight_dtype)
@@ -453,7 +492,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         try:
             accelerator.load_state(resume_path)
         except Exception as e:
-            raise TrainingConfigError(
+            raise InputError(
                 f"checkpoint {resume_path} does not match this run ({type(e).__name__}: {e}); resume with the same "
                 "model, LoRA and EMA options it was saved with."
             ) from None
@@ -487,7 +526,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
             return None
         if not (accelerator.is_main_process or fsdp):
             return None
-        from .validation import generate_rows, log_grid, make_grid, save_grid
+        from .validation import generate_rows, grid_of_rows, log_grid, save_grid
 
         if ema is not None:
             ema.store(params)
@@ -505,7 +544,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                 ema.restore(params)
         if not accelerator.is_main_process:
             return None
-        grid = make_grid(rows)
+        grid = grid_of_rows(rows)
         path = save_grid(grid, output_dir, name)
         log_grid(accelerator, grid, step, args.validation_prompt)
         logger.info(f"Validation images: {path}")
@@ -586,9 +625,14 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
 
     # 6. export ---------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    summary = {"global_step": global_step, "max_train_steps": max_train_steps, "losses": losses,
-               "output_dir": output_dir, "seed": seed}
+    from . import export
+
+    result = TrainResult(output_dir=output_dir, card_data=export.card_data(args, global_step, len(source), world),
+                         ignore_patterns=list(export.RUN_FILES), global_step=global_step,
+                         max_train_steps=max_train_steps, seed=seed, losses=losses)
     final_grid = validate("final", global_step)
+    if final_grid:
+        result.sample_images = [(" | ".join(args.validation_prompt), final_grid)]
     if ema is not None:
         ema.copy_to(params)
     final_model = model
@@ -600,38 +644,31 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
             final_model = MMDiTTransformer2DModel.from_config(model.config)
             final_model.load_state_dict(state)
     if accelerator.is_main_process:
-        from . import export
-
         if args.use_lora:
-            summary["lora_weights"] = export.save_lora(final_model, output_dir)
+            result.lora_weights = export.save_lora(final_model, output_dir)
         else:
             export.save_full_pipeline(args, final_model, output_dir)
-        export.write_model_card(args, output_dir, global_step, len(source), world, final_grid)
-        with open(os.path.join(output_dir, "training_summary.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in summary.items() if k != "losses"} | {"final_loss": losses[-1] if losses else None},
-                      f, indent=2)
-        if args.push_to_hub:
-            training = export.training_details(args, global_step, len(source), world)
-            summary["hub_repo_id"] = export.push_to_hub(args, output_dir, training, final_grid)
-            logger.info(f"Pushed {output_dir} to the Hub as {summary['hub_repo_id']}.")
+        summary = {"global_step": global_step, "max_train_steps": max_train_steps, "output_dir": output_dir,
+                   "seed": seed, "lora_weights": result.lora_weights, "final_loss": losses[-1] if losses else None}
+        write_text_atomically(os.path.join(output_dir, "training_summary.json"), json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
-    return summary
+    return result
 
 
 def _on_main_or_raise(accelerator, check) -> None:
-    """Run `check` on the main process only; a `TrainingConfigError` it raises is raised on every process."""
+    """Run `check` on the main process only; a `InputError` it raises is raised on every process."""
     from accelerate.utils import broadcast_object_list
 
     message = [None]
     if accelerator.is_main_process:
         try:
             check()
-        except TrainingConfigError as e:
+        except InputError as e:
             message = [str(e)]
     if accelerator.num_processes > 1:
         broadcast_object_list(message)
     if message[0] is not None:
-        raise TrainingConfigError(message[0])
+        raise InputError(message[0])
 
 
 def _create_hub_repo(args) -> None:
@@ -641,7 +678,7 @@ def _create_hub_repo(args) -> None:
     try:
         args.hub_model_id = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private or None).repo_id
     except Exception as e:
-        raise TrainingConfigError(
+        raise InputError(
             f"--push_to_hub: cannot create or reach the repository {args.hub_model_id!r} ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); log in with `hf auth login` or set HF_TOKEN."
         ) from None

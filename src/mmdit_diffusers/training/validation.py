@@ -8,18 +8,15 @@ import os
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image
 
+from ..files import atomic_file
 
-def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
-    """Paste rows of equally sized images into one image with `pad` pixels of white between them."""
-    w, h = rows[0][0].size
-    cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, len(rows) * h + (len(rows) - 1) * pad), "white")
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (j * (w + pad), i * (h + pad)))
-    return grid
+
+def grid_of_rows(rows: list[list[Image.Image]]) -> Image.Image:
+    """One image: a row per prompt, its images side by side (diffusers' `make_image_grid`)."""
+    return make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
 
 
 @torch.no_grad()
@@ -47,12 +44,9 @@ def generate_rows(pipe, prompts: list[str], num_images: int, resolution: int, nu
 
 
 def save_grid(grid: Image.Image, output_dir: str, name: str) -> str:
-    folder = os.path.join(output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}.png")
-    tmp = path + ".tmp"
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    path = os.path.join(output_dir, "validation", f"{name}.png")
+    with atomic_file(path) as f:
+        grid.save(f, format="PNG")
     return path
 
 

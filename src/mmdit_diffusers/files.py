@@ -55,7 +55,8 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and folder below `root` (before a rename makes it visible)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             try:
@@ -84,7 +85,7 @@ def atomic_directory(path: str | os.PathLike, replace: bool = True) -> Iterator[
     try:
         yield staging
         staging.chmod(0o755)  # mkdtemp makes it private
-        _fsync_tree(staging)
+        fsync_tree(staging)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) / path.name
             os.replace(path, old)

@@ -18,8 +18,6 @@ import sys
 from ..errors import InputError
 
 HELP = "train or fine-tune with rectified flow (accelerate launch -m mmdit_diffusers.train for several processes)"
-# What a training output folder holds besides the model: not pushed.
-HUB_IGNORE = ["checkpoint-*", ".tmp-checkpoint-*", ".deleting-checkpoint-*", "logs/*", "*.tmp", "training_summary.json"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -59,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         steps = result.card_data.get("training", {}).get("optimizer steps")
         try:
             push_folder(
-                result.output_dir, args.hub_model_id, private=args.hub_private or None, ignore_patterns=HUB_IGNORE,
+                result.output_dir, args.hub_model_id, private=args.hub_private or None, ignore_patterns=result.ignore_patterns,
                 card_data=result.card_data, sample_images=result.sample_images,
                 commit_message=f"mmdit_diffusers.train: {'LoRA' if args.use_lora else 'pipeline'} after {steps} steps",
             )

@@ -25,7 +25,7 @@ import re
 import shutil
 
 from ..errors import InputError
-from ..files import fsync_directory
+from ..files import fsync_directory, fsync_tree
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -87,17 +87,6 @@ def read_state(path: str) -> dict:
         raise InputError(f"cannot read {os.path.join(path, STATE_FILE)}: {e}") from None
 
 
-def _fsync_tree(path: str) -> None:
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_directory(dirpath)
-
-
 def _remove(path: str) -> None:
     """Rename out of the `checkpoint-N` namespace first, then delete."""
     parent, name = os.path.split(path)
@@ -141,7 +130,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump({**state, "global_step": step}, f, indent=2)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if os.path.exists(final):
             _remove(final)
         os.replace(tmp, final)

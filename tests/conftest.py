@@ -10,13 +10,14 @@ import socket
 import tempfile
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-HUB_PORT = _free_port()
+HUB_PORT = free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mmdit-test-hf-home-")
 os.environ["HF_TOKEN"] = "hf_test_token_not_secret"
@@ -43,3 +44,13 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny SD3-layout MMDiTPipeline with a text mask (tests/tiny_pipeline.py), one per test module."""
+    from tiny_pipeline import tiny_mmdit_pipeline
+
+    pipe = tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

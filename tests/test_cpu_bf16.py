@@ -7,7 +7,6 @@ bfloat16 kernel and with diffusers' SD3 in bfloat16."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -25,7 +25,7 @@ from mmdit_diffusers import MMDiTTransformer2DModel, hub
 from mmdit_diffusers.hub import HubError, push_folder, translate_hub_error
 from mmdit_diffusers.hub.model_card import GENERATED_END, GENERATED_START
 from mmdit_diffusers.pipelines import MMDiTPipeline
-from tiny_pipeline import tiny_mmdit_pipeline, tiny_mmdit_transformer
+from tiny_pipeline import tiny_mmdit_transformer
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 2
@@ -38,13 +38,6 @@ def test_importing_the_hub_changes_nothing_in_diffusers():
             "before = copy.deepcopy(L); import mmdit_diffusers.hub; assert L == before, 'changed'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's package, as in this process
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 PACKAGE = "mmdit_diffusers"
 
 # The layer order, bottom first: a unit (a subpackage, or a module at the package root) imports only units of
 # lower layers. Units of the same layer do not import each other, except as SAME_LAYER_ALLOWED says.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "files", "cpu_bf16"),  # root leaves: import nothing of the package
+    ("errors", "files", "lazy"),  # root leaves: import nothing of the package
     ("models", "conversion"),  # models imports conversion; conversion imports no other subpackage
-    ("pipelines",),
+    ("pipelines", "cpu_bf16"),  # cpu_bf16: an opt-in applied to a model from outside models/
     ("training",),
     ("hub",),
     ("cli", "train"),  # the dispatcher; `python -m mmdit_diffusers.train` is an alias of `mmdit-diffusers train`
@@ -84,7 +83,8 @@ def root_exports() -> dict[str, str]:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in targets):
-                return ast.literal_eval(node.value)
+                exports = ast.literal_eval(node.value)  # ".models" is relative to the package
+                return {name: PACKAGE + module if module.startswith(".") else module for name, module in exports.items()}
     return {}
 
 

@@ -473,12 +473,12 @@ def test_diffusers_loader_learns_our_package_only_when_a_hub_repo_is_loaded(save
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Local tokenizers (mmdit_diffusers.text_tokenizers)
+# Local tokenizers (mmdit_diffusers.shapes.tokenizers)
 # ---------------------------------------------------------------------------------------------------------------
 def test_local_tokenizers_load_with_transformers(tmp_path):
     from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
 
-    from mmdit_diffusers.text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
+    from mmdit_diffusers.shapes.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
     words = ["red", "circle", "left", "of", "a", "café"]
     build_clip_tokenizer(words, tmp_path / "clip")
@@ -503,7 +503,7 @@ def test_local_tokenizers_load_with_transformers(tmp_path):
 
 
 def test_clip_merges_take_the_most_frequent_pair_and_break_ties_by_the_smallest(tmp_path):
-    from mmdit_diffusers.text_tokenizers import build_clip_tokenizer
+    from mmdit_diffusers.shapes.tokenizers import build_clip_tokenizer
 
     words = ["circle", "circles", "triangle", "triangles", "square", "squares", "red", "green", "left", "right"]
     build_clip_tokenizer(words, tmp_path / "clip")
@@ -523,7 +523,7 @@ def test_clip_merges_take_the_most_frequent_pair_and_break_ties_by_the_smallest(
 
 def test_clip_tokenizer_is_the_same_in_every_process(tmp_path):
     # the `tokenizers` BPE trainer broke ties in hash order: merges (and so token ids) changed between runs
-    code = "import sys; from mmdit_diffusers.text_tokenizers import build_clip_tokenizer as b; b({}, sys.argv[1])"
+    code = "import sys; from mmdit_diffusers.shapes.tokenizers import build_clip_tokenizer as b; b({}, sys.argv[1])"
     words = ["circle", "circles", "triangle", "triangles", "square", "squares", "purple", "yellow", "above", "below"]
     for run in range(3):
         subprocess.run([sys.executable, "-c", code.format(words), str(tmp_path / str(run))], check=True)

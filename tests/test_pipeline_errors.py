@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from mmdit_diffusers.pipelines import MMDiTPipeline
-from tiny_pipeline import T5_TOKENS, tiny_mmdit_pipeline
+from tiny_pipeline import T5_TOKENS
 
 PROMPT = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

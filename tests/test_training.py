@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,36 +19,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 from hub_fixtures import hub_repo_id, hub_server  # noqa: F401
-from tiny_pipeline import tiny_mmdit_pipeline
+from conftest import free_port
+from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
 
 from mmdit_diffusers import MMDiTPipeline
 from mmdit_diffusers.training import TrainResult, parse_args, train
 from mmdit_diffusers.training.data import ResumableBatchSampler
 
-CAPTIONS = [
-    "a red circle", "a blue square", "two green triangles", "a yellow circle left of a cat",
-    "a photo of a dog", "three black squares", "a white triangle above a square", "an orange cat",
-]
-COLORS = [(220, 30, 30), (40, 60, 220), (30, 200, 60), (230, 220, 40), (120, 80, 40), (20, 20, 20), (250, 250, 250),
-          (250, 140, 20)]
-
-
-def write_dataset(root, n: int = 8, size: int = 32, solid: bool = False) -> str:
-    """n images with captions in the imagefolder layout (metadata.jsonl)."""
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "metadata.jsonl"), "w", encoding="utf-8") as f:
-        for i in range(n):
-            color = COLORS[i % len(COLORS)]
-            image = Image.new("RGB", (size, size), color if solid else (255, 255, 255))
-            if not solid:
-                ImageDraw.Draw(image).ellipse([4 + i, 6, 4 + i + size // 2, 6 + size // 2], fill=color)
-            name = f"{i:04d}.png"
-            image.save(os.path.join(root, name))
-            f.write(json.dumps({"file_name": name, "text": CAPTIONS[i % len(CAPTIONS)]}) + "\n")
-    return str(root)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -367,10 +346,6 @@ def test_kill_9_mid_run_then_resume_reaches_the_same_weights(base_dir, data_dir,
     assert max_abs_diff(transformer_weights(base_dir), transformer_weights(reference_dir)) > 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -380,7 +355,7 @@ def test_ddp_two_processes_under_accelerate_launch(base_dir, data_dir, tmp_path)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "mmdit_diffusers.train",
+           "--main_process_port", str(free_port()), "-m", "mmdit_diffusers.train",
            *common(base_dir, data_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
                    "--learning_rate", "1e-3", "--caption_dropout_prob", "0.2")]
     result = subprocess.run(cmd, env=subprocess_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
@@ -407,7 +382,7 @@ def test_processes_that_accelerate_leaves_alone_are_refused(base_dir, data_dir, 
     out = tmp_path / "copies"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "mmdit_diffusers.train",
+           "--main_process_port", str(free_port()), "-m", "mmdit_diffusers.train",
            *common(base_dir, data_dir, out, "--max_train_steps", "2")]
     env = subprocess_env(CUDA_VISIBLE_DEVICES="")
     env.pop("ACCELERATE_USE_CPU", None)

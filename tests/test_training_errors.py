@@ -4,13 +4,12 @@ its latest checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 from PIL import Image
-from tiny_pipeline import tiny_mmdit_pipeline
+from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
 
 from mmdit_diffusers.train import main
 
@@ -25,18 +24,11 @@ def base_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def write_dataset(root, n: int = 4, column: str = "text") -> str:
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "metadata.jsonl"), "w", encoding="utf-8") as f:
-        for i in range(n):
-            Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(os.path.join(root, f"{i}.png"))
-            f.write(json.dumps({"file_name": f"{i}.png", column: f"a red circle {i}"}) + "\n")
-    return str(root)
 
 
 @pytest.fixture
 def data_dir(tmp_path) -> str:
-    return write_dataset(tmp_path / "data")
+    return write_dataset(tmp_path / "data", n=4, solid=True)
 
 
 
@@ -84,8 +76,8 @@ def test_images_without_captions(capsys, base_dir, tmp_path):
 
 
 def test_metadata_line_for_a_missing_image(capsys, base_dir, tmp_path, data_dir):
-    os.remove(os.path.join(data_dir, "2.png"))
-    fails(capsys, argv(base_dir, data_dir, tmp_path / "out"), "2.png", "does not exist")
+    os.remove(os.path.join(data_dir, "0002.png"))
+    fails(capsys, argv(base_dir, data_dir, tmp_path / "out"), "0002.png", "does not exist")
 
 
 def test_caption_column_that_does_not_exist(capsys, base_dir, tmp_path, data_dir):
@@ -95,9 +87,9 @@ def test_caption_column_that_does_not_exist(capsys, base_dir, tmp_path, data_dir
 
 
 def test_unreadable_image(capsys, base_dir, tmp_path, data_dir):
-    with open(os.path.join(data_dir, "1.png"), "wb") as f:
+    with open(os.path.join(data_dir, "0001.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not an image")
-    fails(capsys, argv(base_dir, data_dir, tmp_path / "out"), "unreadable image", "1.png")
+    fails(capsys, argv(base_dir, data_dir, tmp_path / "out"), "unreadable image", "0001.png")
     assert_no_training(tmp_path / "out")
 
 

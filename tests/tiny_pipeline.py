@@ -13,11 +13,13 @@ the prompt. Tokenizers are built from `WORDS` with `mmdit_diffusers.shapes.token
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 
 import torch
+from PIL import Image, ImageDraw
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import (
     CLIPTextConfig,
@@ -224,3 +226,29 @@ def tiny_mmdit_pipeline(seed: int = 0, layout: str = "sd3", masked: bool = True)
         text_encoder_3=tiny_t5(len(t5_tokenizer), seed + 4) if with_t5 else None,
         tokenizer_3=t5_tokenizer if with_t5 else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny image folder for training
+# ---------------------------------------------------------------------------------------------------------------
+CAPTIONS = [
+    "a red circle", "a blue square", "two green triangles", "a yellow circle left of a cat",
+    "a photo of a dog", "three black squares", "a white triangle above a square", "an orange cat",
+]
+COLORS = [(220, 30, 30), (40, 60, 220), (30, 200, 60), (230, 220, 40), (120, 80, 40), (20, 20, 20), (250, 250, 250),
+          (250, 140, 20)]
+
+
+def write_dataset(root, n: int = 8, size: int = 32, solid: bool = False, column: str = "text") -> str:
+    """n images with captions in the imagefolder layout (metadata.jsonl; captions in `column`)."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(n):
+            color = COLORS[i % len(COLORS)]
+            image = Image.new("RGB", (size, size), color if solid else (255, 255, 255))
+            if not solid:
+                ImageDraw.Draw(image).ellipse([4 + i, 6, 4 + i + size // 2, 6 + size // 2], fill=color)
+            name = f"{i:04d}.png"
+            image.save(os.path.join(root, name))
+            f.write(json.dumps({"file_name": name, column: CAPTIONS[i % len(CAPTIONS)]}) + "\n")
+    return str(root)

@@ -10,19 +10,20 @@ command line's argument errors answer without importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "MMDiTTransformer2DModel": "mmdit_diffusers.models",
-    "PRESETS": "mmdit_diffusers.models",
-    "paper_preset": "mmdit_diffusers.models",
-    "MMDiTPipeline": "mmdit_diffusers.pipelines",
-    "MMDiTPipelineOutput": "mmdit_diffusers.pipelines",
-    "InputError": "mmdit_diffusers.errors",
+    "MMDiTTransformer2DModel": ".models",
+    "PRESETS": ".models",
+    "paper_preset": ".models",
+    "MMDiTPipeline": ".pipelines",
+    "MMDiTPipelineOutput": ".pipelines",
+    "InputError": ".errors",
     # diffusers' pipeline loader looks up, in the library that model_index.json names, both the component's class
     # and its loadable base class by name ("ModelMixin"); re-exporting it makes "mmdit_diffusers" itself the
     # stable library name.
@@ -38,14 +39,4 @@ if TYPE_CHECKING:
     from .models import PRESETS, MMDiTTransformer2DModel, paper_preset  # noqa: F401
     from .pipelines import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmdit_diffusers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

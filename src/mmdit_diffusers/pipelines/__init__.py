@@ -6,13 +6,14 @@ Names are resolved on first use (PEP 562), so that `pipelines.latents` or `pipel
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "MMDiTLoraLoaderMixin": "lora",
-    "MMDiTPipeline": "pipeline_mmdit",
-    "MMDiTPipelineOutput": "pipeline_mmdit",
+    "MMDiTLoraLoaderMixin": ".lora",
+    "MMDiTPipeline": ".pipeline_mmdit",
+    "MMDiTPipelineOutput": ".pipeline_mmdit",
 }
 
 __all__ = list(_EXPORTS)
@@ -21,14 +22,4 @@ if TYPE_CHECKING:
     from .lora import MMDiTLoraLoaderMixin  # noqa: F401
     from .pipeline_mmdit import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmdit_diffusers.pipelines' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

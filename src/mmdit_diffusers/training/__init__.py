@@ -23,23 +23,24 @@ Names are resolved on first use (PEP 562), so the command line's parser (`args`)
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "train": "loop",
-    "TrainResult": "loop",
-    "TrainingDivergedError": "loop",
-    "build_parser": "args",
-    "parse_args": "args",
-    "load_image_folder": "data",
-    "flow_matching_loss": "flow_matching",
-    "loss_weighting": "flow_matching",
-    "noisy_latents": "flow_matching",
-    "sample_sigmas": "flow_matching",
-    "shift_sigmas": "flow_matching",
-    "sigmas_to_timesteps": "flow_matching",
-    "velocity_target": "flow_matching",
+    "train": ".loop",
+    "TrainResult": ".loop",
+    "TrainingDivergedError": ".loop",
+    "build_parser": ".args",
+    "parse_args": ".args",
+    "load_image_folder": ".data",
+    "flow_matching_loss": ".flow_matching",
+    "loss_weighting": ".flow_matching",
+    "noisy_latents": ".flow_matching",
+    "sample_sigmas": ".flow_matching",
+    "shift_sigmas": ".flow_matching",
+    "sigmas_to_timesteps": ".flow_matching",
+    "velocity_target": ".flow_matching",
 }
 
 __all__ = list(_EXPORTS)
@@ -58,14 +59,4 @@ if TYPE_CHECKING:
     )
     from .loop import TrainingDivergedError, TrainResult, train  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmdit_diffusers.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

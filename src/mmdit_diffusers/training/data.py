@@ -153,7 +153,7 @@ def _list_images(root: str) -> list[str]:
 
 
 def load_image_folder(root: str | os.PathLike, caption_column: str = "text", max_samples: int | None = None,
-                      verify: bool = True) -> FolderSource:
+                      verify: bool = True, argument: str = "--train_data_dir") -> FolderSource:
     """Read an image folder in the `datasets` "imagefolder" layout: images (in subfolders too) and a
     `metadata.jsonl` (or `metadata.csv`) with one `{"file_name": ..., caption_column: ...}` row per image.
 
@@ -162,6 +162,7 @@ def load_image_folder(root: str | os.PathLike, caption_column: str = "text", max
         caption_column: The metadata column holding the captions (a list of captions: the first one).
         max_samples: Keep only the first rows.
         verify: Open every image once and check it (PIL `verify`).
+        argument: How the caller's user named the folder (an option name), for the messages.
 
     Returns a `FolderSource`: `source[i]` -> `(PIL image, caption)`, `source.rows()` -> `[(image path, caption)]`.
     Raises `InputError` naming the file for every problem: no folder, no metadata, a row without an image or a
@@ -169,13 +170,13 @@ def load_image_folder(root: str | os.PathLike, caption_column: str = "text", max
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise InputError(f"image folder {root!r}: no such folder.")
+        raise InputError(f"{argument} {root!r}: no such folder.")
     images = _list_images(root)
     meta_path, rows = _read_metadata(root)
     if not meta_path:
         hint = f"{len(images)} image(s) without captions" if images else "no images"
         raise InputError(
-            f"image folder {root!r} has no metadata.jsonl ({hint}). Write one JSON line per image: "
+            f"{argument} {root!r} has no metadata.jsonl ({hint}). Write one JSON line per image: "
             f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}.'
         )
     if not rows:

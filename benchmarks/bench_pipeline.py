@@ -11,7 +11,7 @@ the pipeline's overhead, reported as a share of the total. Median of `--repeats`
 Pipelines: the tiny test pipeline (tests/tiny_pipeline.py, 16 x 16 px, two CLIPs + T5, 28 steps, guidance 7);
 the same pipeline with a medium-sized transformer (the transformer benchmark's "medium": width 512, depth 8,
 64 x 64 px -> 256 image tokens; 8 steps); and the shipped `pipelines/mmdit-shapes` when that folder exists
-(at its `mmdit-diffusers generate` settings, `shapes.shipped.SAMPLER_SETTINGS`).
+(at the sampler settings stored in its folder, as `mmdit-diffusers generate` runs it).
 """
 
 from __future__ import annotations
@@ -152,9 +152,7 @@ def run(device, steps: int, repeats: int, log=print) -> dict:
             dtype = torch.float32 if d.type == "cpu" else torch.bfloat16
             return MMDiTPipeline.from_pretrained(shipped, dtype=dtype).to(d)
 
-        from mmdit_diffusers.shapes.shipped import SAMPLER_SETTINGS  # its own generate settings
-
-        specs.append(("pipelines/mmdit-shapes", shipped_pipeline, dict(SAMPLER_SETTINGS)))
+        specs.append(("pipelines/mmdit-shapes", shipped_pipeline, {}))  # the folder's own sampler_defaults
     else:
         log(f"pipeline {shipped.relative_to(ROOT)}: not present, skipped")
     for label, build, kwargs in specs:

@@ -100,11 +100,11 @@ def test_evaluate_refuses_a_grid_that_is_not_a_png(tmp_path, capsys):
     assert "expected a .png" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-def test_sampler_settings_use_the_shipped_defaults_only_for_the_shipped_pipeline():
-    assert shipped.sampler_settings(None, None, None) == shipped.SAMPLER_SETTINGS
-    assert shipped.sampler_settings(None, 7, None)["num_inference_steps"] == 7
-    assert shipped.sampler_settings("some/folder", None, None) == {}
-    assert shipped.sampler_settings("some/folder", None, 2.5) == {"guidance_scale": 2.5}
+def test_commands_pass_only_the_sampler_settings_given_on_the_command_line():
+    """The rest come from the pipeline folder (its `sampler_defaults`), for the shipped pipeline as for any other."""
+    assert shipped.call_arguments(None, None) == {}
+    assert shipped.call_arguments(7, None) == {"num_inference_steps": 7}
+    assert shipped.call_arguments(None, 2.5) == {"guidance_scale": 2.5}
 
 
 # ----------------------------------------------------------------------------------------------------------

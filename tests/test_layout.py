@@ -27,7 +27,7 @@ PACKAGE = "mmdit_diffusers"
 # The layer order, bottom first: a unit (a subpackage, or a module at the package root) imports only units of
 # lower layers. Units of the same layer do not import each other, except as SAME_LAYER_ALLOWED says.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "files", "lazy"),  # root leaves: import nothing of the package
+    ("errors", "files", "lazy", "arguments"),  # root leaves: import nothing of the package
     ("models", "conversion"),  # models imports conversion; conversion imports no other subpackage
     ("pipelines", "cpu_bf16"),  # cpu_bf16: an opt-in applied to a model from outside models/
     ("training",),

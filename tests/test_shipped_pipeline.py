@@ -10,7 +10,7 @@ from transformers import CLIPTokenizer, T5TokenizerFast
 
 from mmdit_diffusers import MMDiTPipeline
 from mmdit_diffusers.shapes import evaluate
-from mmdit_diffusers.shapes.shipped import SAMPLER_SETTINGS, SHIPPED_PIPELINE
+from mmdit_diffusers.shapes.shipped import SHIPPED_PIPELINE
 from mmdit_diffusers.shapes.text_encoders import caption_vocabulary
 
 FOLDER = Path(__file__).resolve().parents[1] / "pipelines" / "mmdit-shapes"
@@ -50,6 +50,6 @@ def test_generation_for_fixed_prompts_passes_the_scorer():
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square",
                "a blue triangle", "a green circle", "a red square"]
-    images = pipe(prompts, generator=torch.Generator().manual_seed(0), **SAMPLER_SETTINGS).images
+    images = pipe(prompts, generator=torch.Generator().manual_seed(0)).images  # the folder's sampler_defaults
     assert all(image.size == (64, 64) for image in images)
     assert evaluate(images, prompts)["single"] >= MIN_SINGLE_ACCURACY

@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..arguments import positive_int
 from ..errors import InputError
 from ..files import atomic_file
-from ..shapes.commands import positive_int
-from ..shapes.shipped import SAMPLER_SETTINGS
+from ..shapes.shipped import add_pipeline_arguments
 
 HELP = "generate images from a prompt (default: the shipped Shapes pipeline)"
 
@@ -19,17 +19,10 @@ HELP = "generate images from a prompt (default: the shipped Shapes pipeline)"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdit-diffusers generate", description=__doc__)
     parser.add_argument("prompt")
-    parser.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: the shipped Shapes pipeline)")
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    add_pipeline_arguments(parser)
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--num_images", type=positive_int, default=1, help="more than one writes a grid")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help=f"default: {SAMPLER_SETTINGS['num_inference_steps']} for the shipped pipeline, "
-                        "else the pipeline's own")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help=f"default: {SAMPLER_SETTINGS['guidance_scale']} for the shipped pipeline, "
-                        "else the pipeline's own")
     parser.add_argument("--height", type=positive_int, default=None)
     parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--output", default=None, help="PNG path (default: outputs/<prompt>.png)")
@@ -65,7 +58,7 @@ def save_png(image, path: str | Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..shapes.shipped import load_pipeline, resolve_model, sampler_settings
+    from ..shapes.shipped import call_arguments, load_pipeline, resolve_model
 
     start = time.perf_counter()
     output = Path(args.output or default_output(args.prompt))
@@ -75,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     call = dict(num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
                 negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                **sampler_settings(args.model, args.steps, args.guidance_scale))
+                **call_arguments(args.steps, args.guidance_scale))
     try:
         images = pipe(args.prompt, **call).images
     except ValueError as err:  # the pipeline's checks of the call (sizes, prompt lengths)

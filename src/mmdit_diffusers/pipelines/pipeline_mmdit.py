@@ -50,6 +50,10 @@ EXAMPLE = """
 """
 
 
+# `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Pipeline's.
+SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0}
+
+
 @dataclass
 class MMDiTPipelineOutput(BaseOutput):
     """`images`: a list of PIL images, a numpy array [B, H, W, 3] or a tensor [B, 3, H, W] in [0, 1]; latents
@@ -97,6 +101,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         tokenizer_2: CLIPTokenizer | None = None,
         text_encoder_3: T5EncoderModel | None = None,
         tokenizer_3: T5TokenizerFast | None = None,
+        sampler_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
         for encoder, tokenizer_, names in (
@@ -116,11 +121,28 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
         )
+        self.register_sampler_defaults(**(sampler_defaults or {}))
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else CLIP_TOKENS
         self.default_sample_size = getattr(transformer, "sample_size", None) or 128
         self.patch_size = transformer.config.patch_size if transformer is not None else 2
+
+    def register_sampler_defaults(self, **defaults) -> None:
+        """Store the sampler settings this pipeline samples well with (`num_inference_steps`, `guidance_scale`) in
+        its config: `save_pretrained` writes them to `model_index.json` (so a Hub push carries them), `from_pretrained`
+        reads them back, and `__call__` uses them for the arguments its caller leaves out. The scheduler's own
+        settings (shift, `stochastic_sampling`) already travel in `scheduler/scheduler_config.json`."""
+        unknown = sorted(set(defaults) - set(SD3_CALL_DEFAULTS))
+        if unknown:
+            raise ValueError(f"`sampler_defaults` has unknown keys {unknown}; expected some of {sorted(SD3_CALL_DEFAULTS)}.")
+        self.register_to_config(sampler_defaults=dict(defaults) or None)
+
+    def _call_default(self, name: str, value):
+        """`value` when the caller passed one, else the folder's stored default, else SD3's."""
+        if value is not None:
+            return value
+        return (self.config.get("sampler_defaults") or {}).get(name, SD3_CALL_DEFAULTS[name])
 
     def register_modules(self, **kwargs):
         """As diffusers, but our own classes are recorded by the package root (see `_name_components_by_package_root`)."""
@@ -482,9 +504,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         prompt_3: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 28,
+        num_inference_steps: int | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         negative_prompt_3: str | list[str] | None = None,
@@ -514,9 +536,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             prompt_2, prompt_3: Prompt(s) for the second CLIP and for T5 (default: `prompt`).
             height, width: Image size in pixels, multiples of `vae_scale_factor * patch_size` (default: the
                 transformer's `sample_size * vae_scale_factor`).
-            num_inference_steps: Sampler steps (ignored with `sigmas`).
+            num_inference_steps: Sampler steps (ignored with `sigmas`). Default: the folder's `sampler_defaults`
+                (`register_sampler_defaults`), else SD3's 28.
             sigmas: Custom decreasing noise levels for the scheduler.
             guidance_scale: Classifier-free guidance weight; `<= 1` disables guidance (one model call per step).
+                Default: the folder's `sampler_defaults`, else SD3's 7.0.
             negative_prompt, negative_prompt_2, negative_prompt_3: What to guide away from (default `""`).
             num_images_per_prompt: Images per prompt.
             generator: A `torch.Generator`, or one per image (batch * num_images_per_prompt), for reproducibility.
@@ -537,6 +561,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
 
         Examples:
         """
+        num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
+        guidance_scale = self._call_default("guidance_scale", guidance_scale)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

@@ -18,22 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..arguments import positive_float, positive_int
 from ..errors import InputError
-from .shipped import SAMPLER_SETTINGS, SHIPPED_PIPELINE
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+from .shipped import SHIPPED_PIPELINE, add_pipeline_arguments
 
 
 def _parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -51,16 +38,9 @@ def _png(path: str | None, option: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 def build_evaluate_parser() -> argparse.ArgumentParser:
     parser = _parser("evaluate", "Generate for the Shapes prompt set and score prompt adherence per category.")
-    parser.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: the shipped Shapes pipeline)")
-    parser.add_argument("--revision", default=None)
+    add_pipeline_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompt set and the generation")
     parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N prompts")
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help=f"default: {SAMPLER_SETTINGS['num_inference_steps']} for the shipped pipeline, "
-                        "else the pipeline's own")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help=f"default: {SAMPLER_SETTINGS['guidance_scale']} for the shipped pipeline, "
-                        "else the pipeline's own")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--grid", default="outputs/evaluate-grid.png",
                         help="PNG of 4 samples per category, each with its prompt and the scorer's verdict")

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..files import atomic_file, write_text_atomically
 from .prompts import EvalPrompt, evaluation_prompts
 from .scorer import evaluate, format_table, judge
-from .shipped import load_pipeline, resolve_model, sampler_settings
+from .shipped import call_arguments, load_pipeline, resolve_model
 
 
 def grid_sample(prompts: list[EvalPrompt], per_category: int = 4) -> list[int]:
@@ -53,10 +53,10 @@ def evaluate_pipeline(model: str | None = None, revision: str | None = None, see
                       steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 16,
                       grid: str | Path | None = "outputs/evaluate-grid.png", json_path: str | Path | None = None) -> dict:
     """Generate for the seeded prompt set (the first `limit` prompts), print the table per category and return
-    the scores; `model` None is the shipped pipeline at its sampler settings."""
+    the scores; `model` None is the shipped pipeline. Sampler settings not given come from the folder."""
     pipe = load_pipeline(resolve_model(model), revision=revision)
     prompts = evaluation_prompts(seed=seed)[:limit]
-    call = sampler_settings(model, steps, guidance_scale)
+    call = call_arguments(steps, guidance_scale)
     generator = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     images, start = [], time.perf_counter()

@@ -2,7 +2,7 @@
 
     mmdit-diffusers export TRAINED_DIR pipelines/mmdit-shapes [--card CARD.md] [--samples SAMPLES.png]
 
-The destination's model card (README.md) and sample pictures (*.png) are carried over to the new folder (the
+The folder stores the sampler settings the recipe evaluates with (`SAMPLER_DEFAULTS`). The destination's model card (README.md) and sample pictures (*.png) are carried over to the new folder (the
 card is written by hand: it reports the scores and the recipe), unless `card` / `samples` are given. The copy is
 written beside the destination and renamed over it at the end, so the destination is never half written.
 """
@@ -19,6 +19,10 @@ from ..errors import InputError
 from ..files import atomic_directory
 
 MAX_WEIGHT_BYTES = 40 * 2**20  # the shipped pipeline's budget for all weights together
+# The sampler the recipe evaluates the model with (its card's scores are at these): stored in the folder, where
+# `MMDiTPipeline.__call__` and every command read them. The scheduler's shift and stochastic sampling travel in
+# scheduler_config.json from the base pipeline.
+SAMPLER_DEFAULTS = dict(num_inference_steps=40, guidance_scale=2.0)
 CARD = "README.md"
 
 
@@ -36,6 +40,7 @@ def export_pipeline(trained: str | Path, destination: str | Path, dtype: torch.d
     pictures = sorted(destination.glob("*.png")) if samples is None else [Path(samples)]
     keep = [(Path(card) if card is not None else destination / CARD, CARD)] + [(p, p.name) for p in pictures]
     pipe = MMDiTPipeline.from_pretrained(trained, dtype=torch.float32).to(dtype)
+    pipe.register_sampler_defaults(**SAMPLER_DEFAULTS)
     with atomic_directory(destination) as staging:
         pipe.save_pretrained(staging)
         _drop_loading_flags(staging)

@@ -1,20 +1,22 @@
-"""The shipped Shapes pipeline: where it is, the sampler settings it was evaluated with, and how the commands
-(`generate`, `evaluate`, `probe`) load a pipeline.
+"""The shipped Shapes pipeline: where it is, and how the commands (`generate`, `evaluate`, `probe`) choose and load a
+pipeline.
 
 The folder ships inside the package as package data (`mmdit_diffusers/shapes/mmdit-shapes`; in the source checkout
-a link to `pipelines/mmdit-shapes/`), so an installed wheel finds it exactly as the checkout does. Its model card
-(README.md) reports the scores at `SAMPLER_SETTINGS`, the settings used when no --model is given.
+a link to `pipelines/mmdit-shapes/`), so an installed wheel finds it exactly as the checkout does. Its sampler
+settings are stored in the folder itself (`sampler_defaults` in model_index.json, used by `MMDiTPipeline.__call__`
+for the arguments a caller leaves out), like any pipeline folder's: no command treats it specially.
 """
 
 from __future__ import annotations
 
+import argparse
 from importlib import resources
 from pathlib import Path
 
+from ..arguments import positive_int
 from ..errors import InputError
 
 SHIPPED_PIPELINE = Path(str(resources.files(__package__).joinpath("mmdit-shapes")))
-SAMPLER_SETTINGS = dict(num_inference_steps=40, guidance_scale=2.0)
 
 
 def resolve_model(model: str | None) -> str:
@@ -27,15 +29,21 @@ def resolve_model(model: str | None) -> str:
     return str(SHIPPED_PIPELINE)
 
 
-def sampler_settings(model: str | None, steps: int | None = None, guidance_scale: float | None = None) -> dict:
-    """Pipeline call arguments: what the command line says, else the shipped pipeline's settings when it is the
-    model (`model` is None), else nothing (the pipeline's own defaults)."""
-    call = dict(SAMPLER_SETTINGS) if model is None else {}
-    if steps is not None:
-        call["num_inference_steps"] = steps
-    if guidance_scale is not None:
-        call["guidance_scale"] = guidance_scale
-    return call
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --revision, --steps and --guidance_scale, as `generate` and `evaluate` take them."""
+    parser.add_argument("--model", default=None,
+                        help="pipeline folder or Hub repo id (default: the shipped Shapes pipeline)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="sampler steps (default: the folder's sampler_defaults, else 28)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance (default: the folder's sampler_defaults, else 7.0)")
+
+
+def call_arguments(steps: int | None, guidance_scale: float | None) -> dict:
+    """The pipeline call's sampler arguments that the command line sets; the rest come from the pipeline folder."""
+    given = dict(num_inference_steps=steps, guidance_scale=guidance_scale)
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def load_pipeline(model: str, revision: str | None = None):

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any
 
+from ..arguments import non_negative_int, positive_int, probability
 from ..errors import InputError
 from .flow_matching import WEIGHTING_SCHEMES
 
@@ -28,25 +29,7 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
 
 
 def _shift(text: str) -> float | str:
@@ -58,9 +41,6 @@ def _shift(text: str) -> float | str:
     return value
 
 
-_positive_int.__name__ = "positive int"
-_non_negative_int.__name__ = "non-negative int"
-_probability.__name__ = "probability"
 _shift.__name__ = "shift"
 
 
@@ -86,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "img_dim/txt_dim/cond_dim/in_channels come from the pipeline's VAE and text encoders.")
     g.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=False,
                    help=f"Train LoRA adapters instead of all weights (rank {DEFAULT_LORA_RANK} unless --rank).")
-    g.add_argument("--rank", type=_positive_int, default=None,
+    g.add_argument("--rank", type=positive_int, default=None,
                    help="LoRA rank; giving it turns LoRA training on (same as --use_lora).")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1).")
     g.add_argument("--lora_layers", default=DEFAULT_LORA_LAYERS,
@@ -103,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_column", default="image",
                    help="Image column of --dataset_name (a folder always uses metadata `file_name`).")
     g.add_argument("--caption_column", default="text", help="Caption column (default: text).")
-    g.add_argument("--max_train_samples", type=_positive_int, default=None,
+    g.add_argument("--max_train_samples", type=positive_int, default=None,
                    help="Use only the first N examples.")
-    g.add_argument("--resolution", type=_positive_int, default=512,
+    g.add_argument("--resolution", type=positive_int, default=512,
                    help="Square training size: resize the short side, then centre-crop.")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
                    help="Flip images horizontally with probability 1/2 (decided per epoch and example).")
-    g.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
+    g.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
     g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
                    help="Encode every image with the VAE once before training and keep the latent "
                    "distribution (mean, logvar); a fresh latent is sampled from it at every step.")
@@ -118,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "its mode (the mean: deterministic).")
     g.add_argument("--cache_text_embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="Encode every caption once before training; the text encoders are then freed.")
-    g.add_argument("--max_sequence_length", type=_positive_int, default=None,
+    g.add_argument("--max_sequence_length", type=positive_int, default=None,
                    help="T5 tokens per caption (the pipeline's encode_prompt; default: 256 or what the "
                    "transformer's txt_tokens allows).")
-    g.add_argument("--caption_dropout_prob", type=_probability, default=0.0,
+    g.add_argument("--caption_dropout_prob", type=probability, default=0.0,
                    help="Each text encoder independently sees an empty caption with this probability "
                    "(the unconditional input of classifier-free guidance).")
 
@@ -137,18 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "pipeline scheduler's `shift`.")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--train_batch_size", type=_positive_int, default=4, help="Batch size per process.")
-    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
-    g.add_argument("--num_train_epochs", type=_positive_int, default=1,
+    g.add_argument("--train_batch_size", type=positive_int, default=4, help="Batch size per process.")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--num_train_epochs", type=positive_int, default=1,
                    help="Used only when --max_train_steps is not given.")
-    g.add_argument("--max_train_steps", type=_positive_int, default=None, help="Optimizer steps in total.")
+    g.add_argument("--max_train_steps", type=positive_int, default=None, help="Optimizer steps in total.")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
                    help="Multiply the learning rate by batch size x accumulation x processes.")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                             "constant_with_warmup"])
-    g.add_argument("--lr_warmup_steps", type=_non_negative_int, default=0)
+    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=0)
     g.add_argument("--lr_num_cycles", type=int, default=1)
     g.add_argument("--lr_power", type=float, default=1.0)
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -169,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--output_dir", default="mmdit-model")
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
-    g.add_argument("--checkpointing_steps", type=_positive_int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=None,
+    g.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
                    help="Keep only the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="A checkpoint folder, or 'latest' (the newest checkpoint-N in --output_dir; "
@@ -182,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", nargs="+", default=None,
                    help="One or more prompts rendered every --validation_steps and at the end.")
-    g.add_argument("--num_validation_images", type=_positive_int, default=4, help="Images per prompt.")
-    g.add_argument("--validation_steps", type=_positive_int, default=500)
-    g.add_argument("--validation_inference_steps", type=_positive_int, default=28)
+    g.add_argument("--num_validation_images", type=positive_int, default=4, help="Images per prompt.")
+    g.add_argument("--validation_steps", type=positive_int, default=500)
+    g.add_argument("--validation_inference_steps", type=positive_int, default=28)
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
 
     g = p.add_argument_group("hub")

@@ -122,7 +122,7 @@ def test_masked_text_padding_changes_nothing_for_real_tokens():
     mask = torch.tensor([[True] * 4 + [False] * 3] * 2)
     with torch.no_grad():
         img_ref, txt_ref = ours(img, txt, vec, image_rotary_emb=rope(4, 3, 4))
-        img_pad, txt_pad = ours(img, padded, vec, txt_mask=mask, image_rotary_emb=rope(7, 3, 4))
+        img_pad, txt_pad = ours(img, padded, vec, attention_mask=mask, image_rotary_emb=rope(7, 3, 4))
         img_unmasked, _ = ours(img, padded, vec, image_rotary_emb=rope(7, 3, 4))
     assert (img_pad - img_ref).abs().max() <= TOLERANCE
     assert (txt_pad[:, :4] - txt_ref).abs().max() <= TOLERANCE

@@ -101,7 +101,10 @@ class SingleStreamAttention(nn.Module, AttentionModuleMixin):
 
 
 class SingleStreamBlock(nn.Module):
-    """(img [B, N, D], txt [B, L, D], vec [B, D]) -> (img, txt), the two read and written as one sequence."""
+    """(img [B, N, D], txt [B, L, D], vec [B, D]) -> (img, txt), the two read and written as one sequence. The
+    arguments are those of the double-stream `MMDiTBlock`: `attention_mask` [B, L] bool over the text tokens
+    (True = attend), `image_rotary_emb` (cos, sin) over the (text, image) sequence, `joint_attention_kwargs` for
+    the attention processor."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: str | None):
         super().__init__()
@@ -113,18 +116,19 @@ class SingleStreamBlock(nn.Module):
 
     def forward(
         self,
-        img: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        txt_mask: torch.Tensor | None = None,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_txt = txt.shape[1]
-        x = torch.cat([txt, img], dim=1)
-        mod = self.norm(vec)["joint"]
+        num_txt = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        mod = self.norm(temb)["joint"]
         y = mod.modulate(layer_norm(x))
-        attn = self.attn(y, attention_mask=txt_mask, image_rotary_emb=image_rotary_emb, **(attention_kwargs or {}))
+        attn = self.attn(y, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb,
+                         **(joint_attention_kwargs or {}))
         mlp = F.gelu(self.proj_mlp(y), approximate="tanh")
         x = x + mod.gate * self.proj_out(torch.cat([attn, mlp], dim=-1))
         if x.dtype == torch.float16:  # as diffusers' FLUX: keep float16 activations finite

@@ -214,16 +214,18 @@ def test_module_names_map_both_ways_and_flux_only_names_are_recognised():
     for flux_name, ours in pairs:
         assert conversion.flux_module_name_to_mmdit(flux_name) == ours
         assert conversion.mmdit_module_name_to_flux(ours) == flux_name
-    for double in ("transformer_blocks.1.attn.add_k_proj", "transformer_blocks.0.ff_context.net.2",
-                   "transformer_blocks.0.norm1.linear.bias"):
+    for double in ("transformer_blocks.0.ff_context.net.2", "transformer_blocks.0.norm1.linear.bias"):
         ours = conversion.flux_module_name_to_mmdit(double)
         assert ours is not None and ours != double and conversion.mmdit_module_name_to_flux(ours) == double
+    for same in ("transformer_blocks.1.attn.add_k_proj", "transformer_blocks.1.attn.to_out.0.weight"):
+        assert conversion.flux_module_name_to_mmdit(same) == same == conversion.mmdit_module_name_to_flux(same)
     for unknown in ("transformer_blocks.0.attn2.to_q", "single_transformer_blocks.0.attn.to_out.0",
                     "pos_embed.proj", "time_text_embed.bogus"):
         assert conversion.flux_module_name_to_mmdit(unknown) is None
     assert conversion.is_flux_module_name("time_text_embed.timestep_embedder.linear_1")
-    assert conversion.is_flux_module_name("transformer_blocks.2.attn.to_q")
-    for shared in ("single_transformer_blocks.0.attn.to_q", "x_embedder", "proj_out", "guidance_mlp.linear_2"):
+    assert conversion.is_flux_module_name("transformer_blocks.2.ff.net.0.proj")
+    for shared in ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.2.attn.to_q", "x_embedder",
+                   "proj_out", "guidance_mlp.linear_2"):
         assert not conversion.is_flux_module_name(shared)
 
 

@@ -11,7 +11,8 @@ Every tensor is accounted for: a key that maps nowhere raises with its name. `MM
 and `.to_flux()` build models from these. FLUX.1 is an MMDiT with single-stream blocks after the double-stream
 ones, rotary positions and (for [dev]) a guidance embedding; the names:
 - double-stream blocks are named as SD3's (`norm1`, `attn.add_q_proj`, `ff_context`, ...): the SD3 mapping
-  (`conversion.sd3`) renames them; every block keeps its text output (no pre-only block), so no tensor changes;
+  (`conversion.sd3`) renames them (attention modules keep their names); every block keeps its text output (no
+  pre-only block), so no tensor changes;
 - single-stream blocks carry FLUX's names in MMDiT too: they map onto themselves;
 - `time_text_embed.{timestep,guidance,text}_embedder` are `timestep_mlp`, `guidance_mlp`, `pooled_text_mlp`.
 One layout difference: FLUX's final norm emits (scale, shift), ours (shift, scale). FLUX's pipeline packs 2 x 2
@@ -82,9 +83,9 @@ def _rename(name: str, to_ours: bool) -> str | None:
 
 
 def flux_module_name_to_mmdit(name: str) -> str | None:
-    """The MMDiT name of the FLUX module (or parameter) `name`, e.g. `transformer_blocks.0.attn.add_q_proj` ->
-    `transformer_blocks.0.txt.qkv.to_q`, `time_text_embed.guidance_embedder` -> `guidance_mlp`; None if MMDiT
-    has no counterpart."""
+    """The MMDiT name of the FLUX module (or parameter) `name`, e.g. `transformer_blocks.0.ff_context.net.2` ->
+    `transformer_blocks.0.txt.mlp.fc2`, `time_text_embed.guidance_embedder` -> `guidance_mlp` (attention modules
+    are named alike); None if MMDiT has no counterpart."""
     return _rename(name, to_ours=True)
 
 
@@ -95,7 +96,7 @@ def mmdit_module_name_to_flux(name: str) -> str | None:
 
 def is_flux_module_name(name: str) -> bool:
     """Whether `name` lies under a module that only FLUX's naming has (`time_text_embed`, and in double-stream
-    blocks SD3's `attn`, `norm1`, `ff`, ...). Single-stream blocks, `x_embedder`, `context_embedder`,
+    blocks SD3's `norm1`, `ff`, ...). Attention modules, single-stream blocks, `x_embedder`, `context_embedder`,
     `norm_out.linear` and `proj_out` are named alike in both, so they are not."""
     if _DOUBLE_BLOCK_NAME.match(name):
         return is_sd3_module_name(name)

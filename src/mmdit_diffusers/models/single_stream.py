@@ -10,83 +10,52 @@ diffusers' FLUX names (`norm.linear`, `attn.to_q` / `to_k` / `to_v` / `norm_q` /
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 
-from .attention import make_qk_norm
+from .attention import MMDiTAttention, MMDiTAttnProcessor, _join_unfused_state, _split_fused_state, make_qk_norm
 from .blocks import AdaLNModulation, layer_norm
 
 
-def text_key_mask(txt_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """txt_mask [B, L] (True = real token) -> the key mask [B, 1, 1, num_tokens] of a joint sequence whose first
-    L tokens are the text: padded text keys are masked out, every other key is kept."""
-    rest = txt_mask.new_ones(txt_mask.shape[0], num_tokens - txt_mask.shape[1])
-    return torch.cat([txt_mask, rest], dim=1)[:, None, None, :]
-
-
-class SingleStreamAttnProcessor:
-    """Self-attention over the joint (text, image) sequence, computed by diffusers' `dispatch_attention_fn` (so
-    `set_attention_backend` picks the kernel), with FLUX's rotary embedding and our text padding mask.
-
-    `attention_mask`: the text padding mask [B, L] (True = real token) of the first L tokens. `image_rotary_emb`:
-    the `(cos, sin)` pair over the whole sequence (`RotaryPositionEmbedding`). Diffusers' `FluxAttnProcessor` also
-    runs on the module, without a text padding mask."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __call__(
-        self,
-        attn: "SingleStreamAttention",
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))  # [B, N, heads, d]
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        mask = None if attention_mask is None else text_key_mask(attention_mask, hidden_states.shape[1])
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=mask, backend=self._attention_backend, parallel_config=self._parallel_config
-        )
-        return out.flatten(2, 3).to(query.dtype)
-
-
 class SingleStreamAttention(nn.Module, AttentionModuleMixin):
-    """Q, K, V (+ per-head QK-norm) of the single-stream block; no output projection (the block's `proj_out`).
+    """Q, K, V (+ per-head QK-norm) of the single-stream block, over the joint (text, image) sequence; no output
+    projection (`pre_only`: the block's `proj_out` follows).
 
-    A diffusers attention module: `set_processor`, `set_attention_backend`, `fuse_projections` work on it, and
-    it carries the attributes diffusers' FLUX processors read (`heads`, `head_dim`, `added_kv_proj_dim`)."""
+    A diffusers attention module as FLUX's (`AttentionModuleMixin`, not an `attention_processor.Attention`, so
+    that diffusers' PAG, which looks for those, leaves it alone): `set_processor`, `set_attention_backend`,
+    `fuse_projections` work on it. Its default processor is the double-stream blocks' `MMDiTAttnProcessor`
+    (diffusers' attention dispatch, our text padding mask as `attention_mask` over the first tokens, rotary
+    embeddings); diffusers' `FluxAttnProcessor` runs on it too (it reads `heads`, `head_dim`, `added_kv_proj_dim`).
+    Fused, the three projections are one `to_qkv` and checkpoints keep their names, as in `MMDiTAttention`."""
 
-    _default_processor_cls = SingleStreamAttnProcessor
-    _available_processors = [SingleStreamAttnProcessor]
+    _default_processor_cls = MMDiTAttnProcessor
+    _available_processors = [MMDiTAttnProcessor]
 
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
         super().__init__()
         self.heads = num_heads
         self.head_dim = dim // num_heads
         self.inner_dim = dim
-        self.use_bias = True  # read by `fuse_projections`
-        self.pre_only = True  # no `to_out`, as diffusers' FLUX single-stream attention
+        self.pre_only = True
         self.added_kv_proj_dim = None  # no separate text projections: the text is part of the sequence
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.norm_q = make_qk_norm(qk_norm, self.head_dim)
         self.norm_k = make_qk_norm(qk_norm, self.head_dim)
-        self.set_processor(SingleStreamAttnProcessor())
+        self.set_processor(MMDiTAttnProcessor())
+        self._register_state_dict_hook(_split_fused_state)
+        self._register_load_state_dict_pre_hook(_join_unfused_state, with_module=True)
+
+    # the double-stream attention's own methods: the image projections are the same layers under the same names
+    image_qkv = MMDiTAttention.image_qkv
+    fuse_projections = MMDiTAttention.fuse_projections
+    unfuse_projections = MMDiTAttention.unfuse_projections
 
     def forward(
         self,
@@ -95,9 +64,12 @@ class SingleStreamAttention(nn.Module, AttentionModuleMixin):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        return self.processor(
-            self, hidden_states, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb, **kwargs
-        )
+        """`attention_mask` [B, L] bool over the first L (text) tokens; keyword arguments a processor does not take
+        are dropped, as diffusers' FLUX attention does."""
+        if kwargs and not isinstance(self.processor, MMDiTAttnProcessor):
+            accepted = inspect.signature(self.processor.__call__).parameters
+            kwargs = {name: value for name, value in kwargs.items() if name in accepted}
+        return self.processor(self, hidden_states, None, attention_mask, image_rotary_emb, **kwargs)
 
 
 class SingleStreamBlock(nn.Module):
@@ -127,8 +99,7 @@ class SingleStreamBlock(nn.Module):
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         mod = self.norm(temb)["joint"]
         y = mod.modulate(layer_norm(x))
-        attn = self.attn(y, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb,
-                         **(joint_attention_kwargs or {}))
+        attn = self.attn(y, attention_mask, image_rotary_emb, **(joint_attention_kwargs or {}))
         mlp = F.gelu(self.proj_mlp(y), approximate="tanh")
         x = x + mod.gate * self.proj_out(torch.cat([attn, mlp], dim=-1))
         if x.dtype == torch.float16:  # as diffusers' FLUX: keep float16 activations finite

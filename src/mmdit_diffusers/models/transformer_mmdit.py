@@ -15,6 +15,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -31,7 +32,7 @@ from .presets import PRESETS, RECOMMENDED
 POS_EMBED_TYPES = ("sincos",)
 
 
-class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
@@ -75,8 +76,12 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["MMDiTBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _no_split_modules = ["MMDiTBlock"]  # as SD3's ["JointTransformerBlock"]
+    _repeated_blocks = ["MMDiTBlock"]  # compile_repeated_blocks(): one compilation serves every block
+    # Layerwise casting (e.g. float8 storage) leaves these in the compute dtype, the layers SD3 leaves: the patch
+    # embedding (SD3's pos_embed.proj, our x_embedder), the AdaLN modulations (SD3's norm1*, our *.modulation),
+    # the final norm and the QK-norms. No module is kept in float32 on load (`_keep_in_fp32_modules`), as SD3.
+    _skip_layerwise_casting_patterns = ["pos_embed", "x_embedder", "norm", "modulation"]
 
     @register_to_config
     def __init__(

@@ -16,6 +16,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -49,7 +50,7 @@ from .single_stream import SingleStreamBlock
 POS_EMBED_TYPES = ("sincos", "rope")
 
 
-class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
@@ -112,8 +113,13 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["MMDiTBlock", "SingleStreamBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _no_split_modules = ["MMDiTBlock", "SingleStreamBlock"]  # as SD3's ["JointTransformerBlock"], FLUX's two
+    _repeated_blocks = ["MMDiTBlock", "SingleStreamBlock"]  # compile_repeated_blocks(): one compilation per kind
+    # Layerwise casting (e.g. float8 storage) leaves these in the compute dtype, the layers SD3 leaves: the patch
+    # embedding (SD3's pos_embed.proj, our x_embedder), the AdaLN modulations (SD3's norm1*, our *.modulation; a
+    # single-stream block's `norm`, as FLUX's), the final norm and the QK-norms. No module is kept in float32 on
+    # load (`_keep_in_fp32_modules`), as SD3.
+    _skip_layerwise_casting_patterns = ["pos_embed", "x_embedder", "norm", "modulation"]
 
     @register_to_config
     def __init__(

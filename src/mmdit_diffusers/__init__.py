@@ -22,6 +22,7 @@ _EXPORTS = {
     "PRESETS": ".models",
     "paper_preset": ".models",
     "MMDiTPipeline": ".pipelines",
+    "MMDiTFluxPipeline": ".pipelines",
     "MMDiTPipelineOutput": ".pipelines",
     "InputError": ".errors",
     # diffusers' pipeline loader looks up, in the library that model_index.json names, both the component's class
@@ -37,6 +38,6 @@ if TYPE_CHECKING:
 
     from .errors import InputError  # noqa: F401
     from .models import PRESETS, MMDiTTransformer2DModel, paper_preset  # noqa: F401
-    from .pipelines import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
+    from .pipelines import MMDiTFluxPipeline, MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

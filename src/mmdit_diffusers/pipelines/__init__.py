@@ -1,4 +1,5 @@
-"""Inference: `MMDiTPipeline` and the pieces it is made of (text encoding, latent space, loading, LoRA).
+"""Inference: `MMDiTPipeline`, `MMDiTFluxPipeline` (FLUX.1 folders) and the pieces they are made of (text encoding,
+latent space, loading, LoRA).
 
 Names are resolved on first use (PEP 562), so that `pipelines.latents` or `pipelines.text_encoding` can be used
 (by training, by recipes) without importing the pipeline, its text-encoder classes and its LoRA loader.
@@ -13,6 +14,7 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "MMDiTLoraLoaderMixin": ".lora",
     "MMDiTPipeline": ".pipeline_mmdit",
+    "MMDiTFluxPipeline": ".pipeline_mmdit_flux",
     "MMDiTPipelineOutput": ".pipeline_mmdit",
 }
 
@@ -21,5 +23,6 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from .lora import MMDiTLoraLoaderMixin  # noqa: F401
     from .pipeline_mmdit import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
+    from .pipeline_mmdit_flux import MMDiTFluxPipeline  # noqa: F401
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

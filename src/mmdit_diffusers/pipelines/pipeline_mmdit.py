@@ -89,6 +89,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
+    _call_defaults = SD3_CALL_DEFAULTS
 
     def __init__(
         self,
@@ -133,16 +134,16 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         its config: `save_pretrained` writes them to `model_index.json` (so a Hub push carries them), `from_pretrained`
         reads them back, and `__call__` uses them for the arguments its caller leaves out. The scheduler's own
         settings (shift, `stochastic_sampling`) already travel in `scheduler/scheduler_config.json`."""
-        unknown = sorted(set(defaults) - set(SD3_CALL_DEFAULTS))
+        unknown = sorted(set(defaults) - set(self._call_defaults))
         if unknown:
-            raise ValueError(f"`sampler_defaults` has unknown keys {unknown}; expected some of {sorted(SD3_CALL_DEFAULTS)}.")
+            raise ValueError(f"`sampler_defaults` has unknown keys {unknown}; expected some of {sorted(self._call_defaults)}.")
         self.register_to_config(sampler_defaults=dict(defaults) or None)
 
     def _call_default(self, name: str, value):
-        """`value` when the caller passed one, else the folder's stored default, else SD3's."""
+        """`value` when the caller passed one, else the folder's stored default, else SD3's (FLUX.1's for FLUX)."""
         if value is not None:
             return value
-        return (self.config.get("sampler_defaults") or {}).get(name, SD3_CALL_DEFAULTS[name])
+        return (self.config.get("sampler_defaults") or {}).get(name, self._call_defaults[name])
 
     def register_modules(self, **kwargs):
         """As diffusers, but our own classes are recorded by the package root (see `_name_components_by_package_root`)."""
@@ -176,10 +177,16 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         """diffusers' `from_pretrained`, also for diffusers-format SD3 / SD3.5 folders and repos: their
         `SD3Transformer2DModel` is loaded with the same options (`dtype`, `variant`, ...) and converted to
         `MMDiTTransformer2DModel`; their IP-Adapter image encoder and feature extractor are not loaded. Before a
-        Hub repo is loaded our package is registered with diffusers' loader (`loading.register_with_diffusers`)."""
+        Hub repo is loaded our package is registered with diffusers' loader (`loading.register_with_diffusers`).
+        A FLUX.1 folder (diffusers' `FluxPipeline`, or one saved by `MMDiTFluxPipeline`) gives an
+        `MMDiTFluxPipeline` (see there)."""
         path = pretrained_model_name_or_path
         if not os.path.isdir(path):
             loading.register_with_diffusers()
+        if cls is MMDiTPipeline and loading.is_flux_folder(path, kwargs):
+            from .pipeline_mmdit_flux import MMDiTFluxPipeline
+
+            return MMDiTFluxPipeline.from_pretrained(path, **kwargs)
         expected, _ = cls._get_signature_keys(cls)
         loading.check_local_components(path, sorted(expected), cls._optional_components, kwargs)
         if "transformer" not in kwargs and loading.transformer_class_name(path, kwargs) == loading.SD3_TRANSFORMER_CLASS:

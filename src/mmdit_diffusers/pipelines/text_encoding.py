@@ -1,8 +1,10 @@
-"""Prompt -> MMDiT text conditioning, in SD3's layout.
+"""Prompt -> MMDiT text conditioning, in SD3's layout or FLUX.1's (`TextLayout`).
 
-The text sequence is the CLIP hidden states (one or two CLIP text encoders, their penultimate layer concatenated on
-channels and zero-padded to the T5 width) followed by the T5 hidden states; the pooled vector is the CLIP projected
+SD3: the text sequence is the CLIP hidden states (one or two CLIP text encoders, their penultimate layer concatenated
+on channels and zero-padded to the T5 width) followed by the T5 hidden states; the pooled vector is the CLIP projected
 pooled outputs concatenated. Without T5 the T5 part is zeros, as diffusers' `StableDiffusion3Pipeline`.
+FLUX.1: the text sequence is T5's alone and the pooled vector CLIP's pooled output, as diffusers' `FluxPipeline`.
+A pipeline names its layout in `text_layout` (SD3's when it has none).
 
 Alongside, a token mask in the same layout: 1 for real tokens, 0 for padding (and for the zeros that stand in for a
 missing T5). Models trained with padding masked out (`use_text_attention_mask`) receive it; SD3 weights do not.
@@ -27,9 +29,30 @@ from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# text encoder -> its tokenizer, in the order of the text sequence (the CLIPs, then T5)
-TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
-T5_ENCODER = "text_encoder_3"
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """Which text encoder of a pipeline does what. `encoders`: text encoder -> its tokenizer, CLIPs first, then T5;
+    `t5`: the T5 encoder's name; `clip_in_sequence`: the CLIP hidden states open the text sequence (SD3), or CLIP
+    gives the pooled vector only (FLUX.1)."""
+
+    encoders: tuple[tuple[str, str], ...]
+    t5: str
+    clip_in_sequence: bool
+
+
+SD3_TEXT = TextLayout(
+    (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")),
+    t5="text_encoder_3",
+    clip_in_sequence=True,
+)
+FLUX_TEXT = TextLayout((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")), t5="text_encoder_2",
+                       clip_in_sequence=False)
+
+
+def text_layout(pipe) -> TextLayout:
+    return getattr(pipe, "text_layout", SD3_TEXT)
 
 
 @dataclass
@@ -79,11 +102,13 @@ def _warn_if_truncated(tokenizer, prompts: list[str], max_length: int, name: str
 
 
 def encode_clip(tokenizer, text_encoder, prompts, max_length, device, clip_skip=None, name="tokenizer"):
-    """CLIP's penultimate hidden states (or `clip_skip` layers further back), projected pooled output, token mask."""
+    """CLIP's penultimate hidden states (or `clip_skip` layers further back), pooled output (projected by a
+    `CLIPTextModelWithProjection`, as SD3; a `CLIPTextModel`'s `pooler_output`, as FLUX.1), token mask."""
     ids, mask = tokenize(tokenizer, prompts, max_length, name)
     output = text_encoder(ids.to(device), output_hidden_states=True)
     hidden = output.hidden_states[-((clip_skip or 0) + 2)]
-    return hidden, output.text_embeds, mask.to(device)
+    pooled = output.text_embeds if "text_embeds" in output else output.pooler_output
+    return hidden, pooled, mask.to(device)
 
 
 def encode_t5(tokenizer, text_encoder, prompts, max_length, device, attend_to_padding=True, name="tokenizer_3"):
@@ -148,8 +173,8 @@ class EncoderOutput:
 
 
 def text_encoder_names(pipe) -> list[str]:
-    """The text encoders `pipe` has, in sequence order (a subset of `TEXT_ENCODERS`)."""
-    return [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
+    """The text encoders `pipe` has, in its layout's order."""
+    return [name for name, _ in text_layout(pipe).encoders if getattr(pipe, name, None) is not None]
 
 
 def uses_text_mask(pipe) -> bool:
@@ -164,12 +189,14 @@ def encode_each(pipe, prompts: dict[str, list[str]], max_sequence_length: int, d
 
     CLIP: penultimate hidden states (or `clip_skip` layers further back), projected pooled output, mask over
     `pipe.tokenizer_max_length` tokens. T5: last hidden states over `max_sequence_length` tokens, run over the padding
-    unmasked as SD3 unless the transformer masks text padding."""
+    unmasked as SD3 and FLUX.1 unless the transformer masks text padding."""
+    layout = text_layout(pipe)
+    tokenizers = dict(layout.encoders)
     outputs = {}
     for name in text_encoder_names(pipe):
-        tokenizer_name = TEXT_ENCODERS[name]
+        tokenizer_name = tokenizers[name]
         tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, name)
-        if name == T5_ENCODER:
+        if name == layout.t5:
             hidden, mask = encode_t5(tokenizer, encoder, prompts[name], max_sequence_length, device,
                                      attend_to_padding=not uses_text_mask(pipe), name=tokenizer_name)
             outputs[name] = EncoderOutput(hidden, mask)
@@ -180,21 +207,27 @@ def encode_each(pipe, prompts: dict[str, list[str]], max_sequence_length: int, d
     return outputs
 
 
-def join_settings(pipe) -> tuple[int | None, torch.dtype]:
-    """`(txt_dim, dtype)` for `join`: the transformer's text width (None without a transformer: the CLIP width) and
-    the first CLIP's dtype. Read them before the text encoders are freed."""
+def join_settings(pipe) -> tuple[int | None, torch.dtype, TextLayout]:
+    """`(txt_dim, dtype, layout)` for `join`: the transformer's text width (None without a transformer: the CLIP
+    width), the first CLIP's dtype and the pipeline's `TextLayout`. Read them before the text encoders are freed."""
     if getattr(pipe, "text_encoder", None) is None:
         raise ValueError("This pipeline has no `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
     transformer = getattr(pipe, "transformer", None)
-    return (transformer.config.txt_dim if transformer is not None else None), pipe.text_encoder.dtype
+    return (transformer.config.txt_dim if transformer is not None else None), pipe.text_encoder.dtype, text_layout(pipe)
 
 
-def join(outputs: dict[str, EncoderOutput], t5_length: int, txt_dim: int | None, dtype: torch.dtype) -> TextConditioning:
-    """SD3's layout from `encode_each`'s outputs (see `join_clip_and_t5`)."""
-    clip_parts = [(out.hidden, out.pooled, out.mask) for name, out in outputs.items() if name != T5_ENCODER]
+def join(outputs: dict[str, EncoderOutput], t5_length: int, txt_dim: int | None, dtype: torch.dtype,
+         layout: TextLayout = SD3_TEXT) -> TextConditioning:
+    """The layout's conditioning from `encode_each`'s outputs (SD3: see `join_clip_and_t5`; FLUX.1: T5's states and
+    mask, the CLIP pooled output)."""
+    clip_parts = [(out.hidden, out.pooled, out.mask) for name, out in outputs.items() if name != layout.t5]
     if not clip_parts:
         raise ValueError("This pipeline has no CLIP `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
-    t5 = outputs.get(T5_ENCODER)
+    t5 = outputs.get(layout.t5)
+    if not layout.clip_in_sequence:
+        if t5 is None:
+            raise ValueError(f"This pipeline has no T5 `{layout.t5}`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
+        return TextConditioning(t5.hidden, clip_parts[0][1], t5.mask.long())
     t5_part = None if t5 is None else (t5.hidden, t5.mask)
     txt_dim = clip_parts[0][0].shape[-1] if txt_dim is None else txt_dim
     return join_clip_and_t5(clip_parts, t5_part, t5_length, txt_dim, dtype)
@@ -209,6 +242,6 @@ def drop_captions(outputs: dict[str, EncoderOutput], empty: dict[str, EncoderOut
 
 def encode_text(pipe, prompts: dict[str, list[str]], max_sequence_length: int, device,
                 clip_skip: int | None = None) -> TextConditioning:
-    """Prompts (one list per text encoder, keyed as `TEXT_ENCODERS`) -> `pipe`'s text conditioning."""
+    """Prompts (one list per text encoder, keyed by the encoders' names) -> `pipe`'s text conditioning."""
     settings = join_settings(pipe)
     return join(encode_each(pipe, prompts, max_sequence_length, device, clip_skip), max_sequence_length, *settings)

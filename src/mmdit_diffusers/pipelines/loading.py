@@ -11,6 +11,8 @@ from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
+from ..errors import InputError
+
 logger = logging.get_logger(__name__)
 
 PACKAGE = "mmdit_diffusers"
@@ -19,6 +21,8 @@ SHIM_MODULE = "pipeline"  # `custom_pipeline="pipeline"`: diffusers looks for `<
 SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
 FLUX_TRANSFORMER_CLASS = "FluxTransformer2DModel"
 FLUX_PIPELINE_CLASSES = ("FluxPipeline", "MMDiTFluxPipeline")  # diffusers' and ours (`_class_name`)
+# pipelines whose folders have MMDiTPipeline's components (a missing one is a broken folder, not another kind)
+SD3_LAYOUT_PIPELINES = ("MMDiTPipeline", "StableDiffusion3Pipeline")
 UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's and FLUX.1's IP-Adapter parts
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
@@ -150,6 +154,16 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
     if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):
         return
     config = DiffusionPipeline.load_config(folder)
+    folder_class = config.get("_class_name")
+    missing = [name for name in expected if name not in passed and name not in optional and config.get(name) is None]
+    if missing and folder_class not in (*SD3_LAYOUT_PIPELINES, *FLUX_PIPELINE_CLASSES):
+        components = sorted(name for name, entry in config.items() if isinstance(entry, (list, tuple)) and entry[0])
+        raise InputError(
+            f"Cannot load {folder} as an MMDiTPipeline: it is a {folder_class} folder (components: "
+            f"{', '.join(components) or 'none'}), not an SD3 / SD3.5 / FLUX.1 / MMDiT pipeline, which has "
+            f"{', '.join(name for name in expected if name not in optional)}. Load it with diffusers' "
+            f"DiffusionPipeline.from_pretrained."
+        )
     for name in expected:
         if name in passed:
             continue

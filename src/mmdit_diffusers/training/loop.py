@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..files import write_text_atomically
+from ..files import folder_problem, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
 from . import checkpointing, data
 from .flow_matching import (
@@ -330,6 +330,10 @@ def train(args: Namespace) -> TrainResult:
     output_dir = os.path.abspath(args.output_dir)
 
     # 1. cheap checks --------------------------------------------------------------------------------------
+    for option, folder in (("--output_dir", output_dir), ("--logging_dir", os.path.join(output_dir, args.logging_dir))):
+        problem = folder_problem(folder)
+        if problem:
+            raise InputError(f"{option} {folder}: {problem}.")
     resume_path = checkpointing.resolve_resume(args.resume_from_checkpoint, output_dir)
     resume_state = checkpointing.read_state(resume_path) if resume_path else None
     if resume_state:
@@ -342,13 +346,17 @@ def train(args: Namespace) -> TrainResult:
     source = data.load_source(args)
 
     ddp_kwargs = DistributedDataParallelKwargs()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, args.logging_dir)),
-        kwargs_handlers=[ddp_kwargs],
-    )
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=args.report_to,
+            project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, args.logging_dir)),
+            kwargs_handlers=[ddp_kwargs],
+        )
+    except ValueError as e:  # accelerate's refusals of the options (e.g. fp16 without a GPU)
+        raise InputError(f"accelerate cannot run with --mixed_precision {args.mixed_precision} / --report_to "
+                         f"{args.report_to}: {e}") from None
     _check_all_processes_joined(accelerator)
     with _quiet_logging(accelerator.is_local_main_process):
         try:
@@ -492,6 +500,12 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         try:
             accelerator.load_state(resume_path)
         except Exception as e:
+            damage = checkpointing.damaged_files(resume_path)
+            if damage:
+                raise InputError(
+                    f"checkpoint {resume_path} is damaged: {'; '.join(damage)}. Resume from an earlier checkpoint "
+                    f"({', '.join(os.path.basename(p) for _, p in checkpointing.list_checkpoints(output_dir)) or 'none'})."
+                ) from None
             raise InputError(
                 f"checkpoint {resume_path} does not match this run ({type(e).__name__}: {e}); resume with the same "
                 "model, LoRA and EMA options it was saved with."

@@ -427,6 +427,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     latent_side = check_resolution(args.resolution, vae, transformer)
     check_text(transformer, text_shape)
     use_mask = bool(getattr(transformer.config, "use_text_attention_mask", False))
+    # FLUX.1 [dev]-style guidance embedding: fed a constant (--guidance_scale), as diffusers' FLUX scripts
+    guidance_value = args.guidance_scale if transformer.config.get("guidance_embeds", False) else None
     prompt_encoder.resolve_length()
     ddp_kwargs.find_unused_parameters = not transformer.config.txt_pre_only_last_block
 
@@ -540,6 +542,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
             return None
         if not (accelerator.is_main_process or fsdp):
             return None
+        from ..pipelines import MMDiTFluxPipeline
         from .validation import generate_rows, grid_of_rows, log_grid, save_grid
 
         if ema is not None:
@@ -548,10 +551,14 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         was_training = model.training
         model.eval()
         pipe.transformer = transformer if fsdp else model
+        # FLUX pipelines: `guidance_scale` is the distilled guidance (the value trained with), CFG is `true_cfg_scale`
+        flux = isinstance(pipe, MMDiTFluxPipeline)
+        guidance_scale = args.guidance_scale if flux else args.validation_guidance_scale
         try:
             rows = generate_rows(pipe, args.validation_prompt, args.num_validation_images, args.resolution,
-                                 args.validation_inference_steps, args.validation_guidance_scale, seed, device,
-                                 validation_embeddings, prompt_encoder.max_sequence_length)
+                                 args.validation_inference_steps, guidance_scale, seed, device,
+                                 validation_embeddings, prompt_encoder.max_sequence_length,
+                                 true_cfg_scale=args.validation_guidance_scale if flux else None)
         finally:
             model.train(was_training)
             if ema is not None:
@@ -583,7 +590,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         loader = data.make_dataloader(dataset, sampler, args.dataloader_num_workers)
         for batch in loader:
             with accelerator.accumulate(transformer):
-                loss = _compute_loss(batch, transformer, vae, prompt_encoder, rng, args, shift, use_mask, device)
+                loss = _compute_loss(batch, transformer, vae, prompt_encoder, rng, args, shift, use_mask, device,
+                                     guidance_value)
                 reduced = accelerator.reduce(loss.detach().float(), reduction="mean")
                 if not torch.isfinite(reduced):
                     raise TrainingDivergedError(
@@ -706,7 +714,8 @@ def _last_good(path: str | None) -> str:
             "diverges again).")
 
 
-def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, args, shift, use_mask, device):
+def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, args, shift, use_mask, device,
+                  guidance_value: float | None = None):
     with torch.no_grad():
         if "latent_params" in batch:
             params = batch["latent_params"].to(device)
@@ -729,6 +738,7 @@ def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, arg
         timestep=sigmas_to_timesteps(sigmas),
         encoder_attention_mask=text.mask if use_mask else None,
         return_dict=False,
+        **({} if guidance_value is None else {"guidance": torch.full((bsz,), guidance_value, device=device)}),
     )[0]
     return flow_matching_loss(pred, target, loss_weighting(args.weighting_scheme, sigmas))
 

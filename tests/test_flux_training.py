@@ -22,15 +22,16 @@ from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from mmdit_diffusers import MMDiTFluxPipeline, MMDiTPipeline, MMDiTTransformer2DModel
+from mmdit_diffusers.training.args import DEFAULT_LORA_LAYERS
 from tiny_flux import save_tiny_flux_pipeline
 from tiny_pipeline import write_dataset
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
-# a tiny FLUX-style transformer: one double-stream and one single-stream block, rotary positions (head dim 16 =
-# 4 + 6 + 6), FLUX.1 [dev]'s guidance embedding
-FLUX_STYLE = {"preset": "tiny", "depth": 1, "num_single_layers": 1, "pos_embed_type": "rope",
-              "axes_dims_rope": [4, 6, 6], "guidance_embeds": True}
+# a tiny FLUX-style transformer: one double-stream and one single-stream block (which reads the double-stream block's
+# text output), rotary positions (head dim 16 = 4 + 6 + 6), FLUX.1 [dev]'s guidance embedding
+FLUX_STYLE = {"preset": "tiny", "depth": 1, "num_single_layers": 1, "txt_pre_only_last_block": False,
+              "pos_embed_type": "rope", "axes_dims_rope": [4, 6, 6], "guidance_embeds": True}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_lora_on_a_flux_folder(flux_dir, data_dir, tmp_path, guidance_seen):
 
     # the trained model, rebuilt independently: base transformer + the adapter state of the last checkpoint
     reference = MMDiTPipeline.from_pretrained(flux_dir)
-    reference.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out"]))
+    reference.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=DEFAULT_LORA_LAYERS.split(",")))
     set_peft_model_state_dict(reference.transformer, load_file(out / "checkpoint-2" / "transformer_lora.safetensors"))
     np.testing.assert_allclose(after, generate(reference), atol=1e-5)
 

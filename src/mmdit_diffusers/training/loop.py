@@ -200,7 +200,7 @@ def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_si
         config["txt_tokens"] = max(int(config.get("txt_tokens", 0)), seq_len)
     if "sample_size" not in overrides:
         config["sample_size"] = latent_side
-    if "pos_embed_max_size" not in overrides:
+    if "pos_embed_max_size" not in overrides and config.get("pos_embed_type") != "rope":  # RoPE has no grid limit
         config["pos_embed_max_size"] = max(int(config.get("pos_embed_max_size") or 0), grid)
     try:
         return MMDiTTransformer2DModel(**config)
@@ -218,6 +218,8 @@ def check_resolution(resolution: int, vae, transformer) -> int:
             f"{scale * patch}; try {max(scale * patch, resolution // (scale * patch) * scale * patch)}."
         )
     side = resolution // scale
+    if transformer.pos_grid_size is None:  # rotary positions: any size
+        return side
     limit = transformer.pos_grid_size * patch
     if side > limit:
         raise InputError(

@@ -28,7 +28,7 @@ from . import loading
 from .execution_device import execution_device
 from .latents import denormalize_latents, vae_scale_factor
 from .lora import MMDiTLoraLoaderMixin
-from .text_encoding import TextConditioning, encode_text, uses_text_mask
+from .text_encoding import TextConditioning, encode_text, needs_second_clip, uses_text_mask
 
 logger = logging.get_logger(__name__)
 
@@ -52,6 +52,24 @@ EXAMPLE = """
 
 # `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Pipeline's.
 SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0}
+SECOND_CLIP = ("text_encoder_2", "tokenizer_2")
+T5 = ("text_encoder_3", "tokenizer_3")
+
+
+class OptionalComponents:
+    """`_optional_components`, which diffusers reads in two senses, answered in each.
+
+    On the class (`from_pretrained`, `from_pipe`): the components a saved folder may leave out: T5, and the second
+    CLIP, which transformers trained on one CLIP's pooled text (e.g. the Shapes pipeline) have none of. On a pipeline
+    (`save_pretrained`, diffusers' optional-component tests): what this pipeline runs without: T5 always (its part of
+    the sequence becomes zeros, as SD3 without T5), the second CLIP only where the transformer does not take its
+    pooled output (an SD3-layout transformer cannot run without it).
+    """
+
+    def __get__(self, pipe, owner=None) -> list[str]:
+        if pipe is None:
+            return [*SECOND_CLIP, *T5]
+        return [*T5] if needs_second_clip(pipe) else [*SECOND_CLIP, *T5]
 
 
 @dataclass
@@ -72,7 +90,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         vae ([`AutoencoderKL`]): Latents <-> images; latents are normalised by the config's `scaling_factor` and
             `shift_factor`: `z = (encode(x) - shift_factor) * scaling_factor`.
         text_encoder ([`CLIPTextModelWithProjection`]) and tokenizer ([`CLIPTokenizer`]): The first CLIP.
-        text_encoder_2, tokenizer_2 (*optional*): A second CLIP (SD3's OpenCLIP bigG), concatenated on channels.
+        text_encoder_2, tokenizer_2: A second CLIP (SD3's OpenCLIP bigG), concatenated on channels. Needed where the
+            transformer takes both CLIPs' pooled outputs (SD3's layout); `None` for one-CLIP transformers.
         text_encoder_3 ([`T5EncoderModel`], *optional*) and tokenizer_3 ([`T5TokenizerFast`], *optional*): T5, whose
             states follow the CLIP states in the sequence. Without it the T5 part is zeros, as SD3 without T5.
 
@@ -87,7 +106,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    _optional_components = OptionalComponents()
     _callback_tensor_inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
 
     def __init__(

@@ -77,7 +77,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     _optional_components = []
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
-    _call_defaults = FLUX_CALL_DEFAULTS
+    _sd3_call_defaults = FLUX_CALL_DEFAULTS  # the diffusers pipeline whose defaults this class follows: FluxPipeline
 
     def __init__(
         self,
@@ -219,14 +219,14 @@ class MMDiTFluxPipeline(MMDiTPipeline):
             )
         return latents
 
-    def _timesteps(self, num_inference_steps, sigmas, mu, latents, device):
+    def _timesteps(self, num_inference_steps, sigmas, mu, height, width, device):
         """FluxPipeline's schedule: `sigmas = linspace(1, 1/n, n)` unless given (or unless the scheduler makes its own,
         `use_flow_sigmas`), shifted by `mu` from the image token count when the scheduler shifts dynamically."""
         if self.scheduler.config.get("use_flow_sigmas", False):
             sigmas = None
         elif sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        return super()._timesteps(num_inference_steps, sigmas, mu, latents, device)
+        return super()._timesteps(num_inference_steps, sigmas, mu, height, width, device)
 
     # ----------------------------------------------------------------------------------------------------------
     # Properties read by callbacks (as FluxPipeline)
@@ -392,7 +392,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
         latents = self.prepare_latents(
             batch_size, self.transformer.in_channels, height, width, dtype, device, generator, latents
         )
-        timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, latents, device)
+        timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, height, width, device)
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         self._num_timesteps = len(timesteps)
         calls = batch_size * (2 if self._do_true_cfg else 1)

@@ -16,7 +16,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from mmdit_diffusers import MMDiTFluxPipeline, MMDiTPipeline, MMDiTTransformer2DModel
+from mmdit_diffusers import InputError, MMDiTFluxPipeline, MMDiTPipeline, MMDiTTransformer2DModel
 from mmdit_diffusers.models.embeddings import patchify, unpatchify
 from tiny_flux import save_tiny_flux_pipeline, tiny_flux_transformer
 from tiny_pipeline import save_tiny_sd3_pipeline
@@ -45,7 +45,8 @@ def _call(pipe, seed: int = 0, **kwargs):
 @pytest.fixture(scope="module")
 def flux_dirs(tmp_path_factory):
     """{guidance_embeds: a saved diffusers FLUX.1 folder}: [dev]-like (guidance embedding) and [schnell]-like."""
-    return {ge: save_tiny_flux_pipeline(tmp_path_factory.mktemp(f"tiny-flux-{ge}"), guidance_embeds=ge) for ge in (True, False)}
+    return {ge: save_tiny_flux_pipeline(tmp_path_factory.mktemp(f"tiny-flux-{ge}"), guidance_embeds=ge)
+            for ge in (True, False)}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_a_flux_folder_opens_as_flux_pipeline_with_the_transformer_converted(pip
 
 def test_an_sd3_folder_is_not_a_flux_pipeline(tmp_path):
     sd3_dir = save_tiny_sd3_pipeline(tmp_path / "sd3")
-    with pytest.raises(ValueError, match="not a FLUX.1 pipeline.*MMDiTPipeline.from_pretrained"):
+    with pytest.raises(InputError, match="not a FLUX.1 pipeline.*MMDiTPipeline.from_pretrained"):
         MMDiTFluxPipeline.from_pretrained(sd3_dir)
 
 
@@ -189,16 +190,17 @@ def test_packed_or_unpacked_initial_latents(pipelines):
     np.testing.assert_allclose(_call(ours, latents=packed, num_images_per_prompt=2), expected, atol=1e-4)
     np.testing.assert_allclose(_call(ours, latents=unpatchify(packed, 2, 8, 8), num_images_per_prompt=2), expected,
                                atol=1e-4)
-    with pytest.raises(ValueError, match=r"`latents` has shape \(4, 16, 16\); expected \[2, 4, 8, 8\], or FLUX's packed \[2, 16, 16\]"):
+    expected_shapes = r"`latents` has shape \(4, 16, 16\); expected \[2, 4, 8, 8\], or FLUX's packed \[2, 16, 16\]"
+    with pytest.raises(InputError, match=expected_shapes):
         _call(ours, latents=packed)
 
 
 def test_max_sequence_length_is_checked_against_the_transformer(pipelines):
     _, ours = pipelines[True]
     capacity = ours.transformer.config.txt_tokens
-    with pytest.raises(ValueError, match=f"`max_sequence_length`={capacity + 1} is too long.*txt_tokens={capacity}"):
+    with pytest.raises(InputError, match=f"`max_sequence_length`={capacity + 1} is too long.*txt_tokens={capacity}"):
         _call(ours, max_sequence_length=capacity + 1)
-    with pytest.raises(ValueError, match="`max_sequence_length` must be a positive integer"):
+    with pytest.raises(InputError, match="`max_sequence_length` must be a positive integer"):
         _call(ours, max_sequence_length=0)
 
 

@@ -107,8 +107,13 @@ def test_a_flux_style_model_trained_from_scratch_is_exported_loaded_and_generate
 def test_lora_on_a_flux_folder(flux_dir, data_dir, tmp_path, guidance_seen):
     out = tmp_path / "lora"
     train_command(common(flux_dir, data_dir, out, "--rank", "4", "--max_train_steps", "2", "--learning_rate", "1e-2",
-                         "--checkpointing_steps", "2", "--cache_text_embeddings"))
-    assert [tuple(g.tolist()) for g in guidance_seen] == [(3.5, 3.5)] * 2  # diffusers' default --guidance_scale
+                         "--checkpointing_steps", "2", "--cache_text_embeddings", "--validation_prompt", "a red circle",
+                         "--num_validation_images", "1", "--validation_inference_steps", "2",
+                         "--validation_guidance_scale", "1"))
+    # diffusers' default --guidance_scale, in the 2 steps and in the final validation image (drawn from the cached
+    # text embeddings, without true CFG: one call per step)
+    assert [tuple(g.tolist()) for g in guidance_seen] == [(3.5, 3.5)] * 2 + [(3.5,)] * 2
+    assert (out / "validation" / "final.png").is_file()
     assert "pytorch_lora_weights.safetensors" in os.listdir(out)
 
     pipe = MMDiTPipeline.from_pretrained(flux_dir)  # the FluxTransformer2DModel converted on load

@@ -27,6 +27,7 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import logging, replace_example_docstring
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..errors import InputError
 from ..models.embeddings import unpatchify
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from . import loading
@@ -117,7 +118,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
             loading.register_with_diffusers()
         config = loading.pipeline_config(path, kwargs)
         if config is not None and not loading.is_flux_folder(path, kwargs):
-            raise ValueError(
+            raise InputError(
                 f"{path} is not a FLUX.1 pipeline: its model_index.json names {config.get('_class_name')!r}. Open it "
                 "with `MMDiTPipeline.from_pretrained`, which picks the pipeline class for the folder."
             )
@@ -140,9 +141,9 @@ class MMDiTFluxPipeline(MMDiTPipeline):
         if max_sequence_length is None:
             return FLUX_T5_TOKENS if capacity is None else min(FLUX_T5_TOKENS, capacity)
         if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(f"`max_sequence_length` must be a positive integer; got {max_sequence_length!r}.")
+            raise InputError(f"`max_sequence_length` must be a positive integer; got {max_sequence_length!r}.")
         if capacity is not None and max_sequence_length > capacity:
-            raise ValueError(
+            raise InputError(
                 f"`max_sequence_length`={max_sequence_length} is too long: the transformer takes at most "
                 f"txt_tokens={capacity} T5 tokens."
             )
@@ -214,7 +215,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
         if tuple(latents.shape) == packed:
             return unpatchify(latents, p, h, w)
         if tuple(latents.shape) != shape:
-            raise ValueError(
+            raise InputError(
                 f"`latents` has shape {tuple(latents.shape)}; expected {list(shape)}, or FLUX's packed {list(packed)}."
             )
         return latents
@@ -339,7 +340,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
         )
         for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
+                raise InputError(f"`{name}` must be a finite number; got {value!r}.")
         batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
         latents = self._initial_latents(latents, height, width, batch_size * num_images_per_prompt)
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None

@@ -30,7 +30,6 @@ from diffusers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TextLayout:
     """Which text encoder of a pipeline does what. `encoders`: text encoder -> its tokenizer, CLIPs first, then T5;
@@ -49,6 +48,9 @@ SD3_TEXT = TextLayout(
 )
 FLUX_TEXT = TextLayout((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")), t5="text_encoder_2",
                        clip_in_sequence=False)
+
+# SD3's text encoder -> tokenizer (pipelines of either layout pair `text_encoder_<k>` with `tokenizer_<k>`)
+TEXT_ENCODERS = dict(SD3_TEXT.encoders)
 
 
 def text_layout(pipe) -> TextLayout:

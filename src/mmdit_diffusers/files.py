@@ -1,12 +1,21 @@
-"""Writing files and folders so that a reader never sees half of one: write beside, then rename.
+"""Writing files and folders so that a reader never sees half of one: write beside, then rename; and checking an
+output path before the work that fills it.
 
 `os.replace` within one folder is atomic on POSIX and Windows, so a kill at any moment leaves either the old
 complete file (or folder) or the new one, never a mix. Temporary names start with "." and are removed on failure.
+`atomic_file(path, overwrite=False)` publishes with a hard link instead, which fails rather than replace a file
+that appeared meanwhile.
+
+`output_problem(path, overwrite)` and `folder_problem(path)` say, before any work, why a file or folder could not
+be written (it exists, a file stands where a folder should, the place is read-only), or None; the callers turn
+the answer into an `InputError` naming their option. `free_path(path)` is `path`, or `name-2.png`, `name-3.png`,
+... when that exists.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -29,9 +38,11 @@ def fsync_directory(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None,
+                overwrite: bool = True) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success it is flushed, fsynced and renamed to `path`
-    (an existing file is replaced), with ordinary permissions (0o644 less the umask)."""
+    (an existing file is replaced; with `overwrite=False` a `FileExistsError` is raised instead, and the file
+    that is there is left alone), with ordinary permissions (0o644 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,11 +54,29 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates it private; the result is an ordinary file
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_without_replacing(tmp, path)
         fsync_directory(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _publish_without_replacing(tmp: str, path: Path) -> None:
+    """Give the finished temporary file its name unless that name exists (a hard link is atomic and fails on an
+    existing name); file systems without hard links get the check and the rename, not atomic together."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists") from None
+    except OSError:
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
@@ -99,3 +128,79 @@ def atomic_directory(path: str | os.PathLike, replace: bool = True) -> Iterator[
     finally:
         if old is not None:
             shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why files could not be created in folder `path` (made if missing), or None: a file stands in its place
+    or in its parents', or the place is not writable (tried with a temporary file, removed at once)."""
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+    except OSError as error:
+        return f"cannot write in {existing} ({error.strerror or error})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def output_problem(path: str | os.PathLike, overwrite: bool = False) -> str | None:
+    """Why the file `path` could not be written, or None: it exists (unless `overwrite`), it is a folder, or its
+    folder cannot be written (see `folder_problem`)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder; expected a file name"
+    if path.exists() and not overwrite:
+        return "exists; pass --overwrite to replace it, or choose another name"
+    return folder_problem(path.parent)
+
+
+def free_path(path: str | os.PathLike) -> Path:
+    """`path` if nothing is there, else the first of `stem-2.ext`, `stem-3.ext`, ... that is free."""
+    path = Path(path)
+    number = 1
+    candidate = path
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a complete safetensors file, or None. Reads the header only: 8 bytes (little-endian
+    header length), a JSON header whose `data_offsets` give each tensor's bytes, then exactly those bytes."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if size == 0:
+                return "is empty (0 bytes)"
+            if len(head) < 8:
+                return f"is {size} bytes, too short for a safetensors header"
+            header_length = int.from_bytes(head, "little")
+            if header_length > size - 8:
+                return (f"is not a complete safetensors file: its first 8 bytes announce a {header_length:,}-byte "
+                        f"header, but the file has {size:,} bytes (truncated, or not safetensors)")
+            header = json.loads(f.read(header_length).decode("utf-8"))
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    except (UnicodeDecodeError, ValueError):
+        return "is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (its header is not a JSON object)"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    expected = 8 + header_length + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: its header describes {expected:,} bytes, the file has {size:,}"
+    return None

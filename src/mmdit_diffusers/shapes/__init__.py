@@ -1,64 +1,51 @@
 """The "Shapes" synthetic world: a CPU-sized GenEval analogue for training and evaluating a tiny
-text-to-image model (dataset generator, caption grammar, evaluation prompts and scorer)."""
+text-to-image model (dataset generator, caption grammar, evaluation prompts and scorer).
 
-from .dataset import write_dataset
-from .prompts import EvalPrompt, evaluation_prompts
-from .render import Placement, draw, layout_scene, render_scene, sample_example, shape_mask
-from .scorer import DetectedObject, Judgement, detect_objects, evaluate, format_table, judge, score
-from .world import (
-    CATEGORIES,
-    COLOURS,
-    HELD_OUT_RELATION_PAIRS,
-    IMAGE_SIZE,
-    MAX_OBJECT_SIZE,
-    MIN_OBJECT_SIZE,
-    MIN_RELATION_OFFSET,
-    OBJECT_KINDS,
-    RELATIONS,
-    SHAPES,
-    TRAINING_CATEGORIES,
-    ObjectKind,
-    Scene,
-    enumerate_scenes,
-    is_heldout_pair,
-    parse_caption,
-    relation_holds,
-    sample_scene,
-)
+Names are resolved on first use, so the command line lists the recipe's commands without importing numpy or PIL.
+"""
 
-__all__ = [
-    "CATEGORIES",
-    "COLOURS",
-    "HELD_OUT_RELATION_PAIRS",
-    "IMAGE_SIZE",
-    "MAX_OBJECT_SIZE",
-    "MIN_OBJECT_SIZE",
-    "MIN_RELATION_OFFSET",
-    "OBJECT_KINDS",
-    "RELATIONS",
-    "SHAPES",
-    "TRAINING_CATEGORIES",
-    "DetectedObject",
-    "EvalPrompt",
-    "Judgement",
-    "ObjectKind",
-    "Placement",
-    "Scene",
-    "detect_objects",
-    "draw",
-    "enumerate_scenes",
-    "evaluate",
-    "evaluation_prompts",
-    "format_table",
-    "is_heldout_pair",
-    "judge",
-    "layout_scene",
-    "parse_caption",
-    "relation_holds",
-    "render_scene",
-    "sample_example",
-    "sample_scene",
-    "score",
-    "shape_mask",
-    "write_dataset",
-]
+from __future__ import annotations
+
+from ..lazy import lazy_exports
+
+# public name -> module that defines it
+_EXPORTS = {
+    "CATEGORIES": ".world",
+    "COLOURS": ".world",
+    "HELD_OUT_RELATION_PAIRS": ".world",
+    "IMAGE_SIZE": ".world",
+    "MAX_OBJECT_SIZE": ".world",
+    "MIN_OBJECT_SIZE": ".world",
+    "MIN_RELATION_OFFSET": ".world",
+    "OBJECT_KINDS": ".world",
+    "RELATIONS": ".world",
+    "SHAPES": ".world",
+    "TRAINING_CATEGORIES": ".world",
+    "DetectedObject": ".scorer",
+    "EvalPrompt": ".prompts",
+    "Judgement": ".scorer",
+    "ObjectKind": ".world",
+    "Placement": ".render",
+    "Scene": ".world",
+    "detect_objects": ".scorer",
+    "draw": ".render",
+    "enumerate_scenes": ".world",
+    "evaluate": ".scorer",
+    "evaluation_prompts": ".prompts",
+    "format_table": ".scorer",
+    "is_heldout_pair": ".world",
+    "judge": ".scorer",
+    "layout_scene": ".render",
+    "parse_caption": ".world",
+    "relation_holds": ".world",
+    "render_scene": ".render",
+    "sample_example": ".render",
+    "sample_scene": ".world",
+    "score": ".scorer",
+    "shape_mask": ".render",
+    "write_dataset": ".dataset",
+}
+
+__all__ = list(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..arguments import positive_float, positive_int
+from ..arguments import non_negative_float, non_negative_int, positive_float, positive_int, seed
 from ..errors import InputError
+from ..files import folder_problem, free_path, output_problem
 from .shipped import SHIPPED_PIPELINE, add_pipeline_arguments
+
+DEFAULT_GRID = "outputs/evaluate-grid.png"
 
 
 def _parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -33,28 +36,62 @@ def _png(path: str | None, option: str) -> None:
         raise InputError(f"{option} {path}: expected a .png file name")
 
 
+def _output(path: str, option: str, overwrite: bool) -> None:
+    problem = output_problem(path, overwrite)
+    if problem:
+        raise InputError(f"{option} {path}: {problem}")
+
+
+def _input_folder(path: str, option: str) -> None:
+    if not Path(path).is_dir():
+        raise InputError(f"{option} {path}: no such folder")
+
+
+def _output_folder(path: str, option: str, overwrite: bool) -> None:
+    """An output folder must not hold anything yet (unless --overwrite) and must be writable."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {path}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise InputError(f"{option} {path}: exists and is not empty; pass --overwrite to replace it")
+    problem = folder_problem(folder.parent)
+    if problem:
+        raise InputError(f"{option} {path}: {problem}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # evaluate
 # ----------------------------------------------------------------------------------------------------------
 def build_evaluate_parser() -> argparse.ArgumentParser:
     parser = _parser("evaluate", "Generate for the Shapes prompt set and score prompt adherence per category.")
     add_pipeline_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seeds the prompt set and the generation")
+    parser.add_argument("--seed", type=seed, default=0, help="seeds the prompt set and the generation")
     parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N prompts")
     parser.add_argument("--batch_size", type=positive_int, default=16)
-    parser.add_argument("--grid", default="outputs/evaluate-grid.png",
-                        help="PNG of 4 samples per category, each with its prompt and the scorer's verdict")
+    parser.add_argument("--grid", default=None,
+                        help=f"PNG of 4 samples per category, each with its prompt and the scorer's verdict (default: "
+                        f"{DEFAULT_GRID}, numbered -2, -3, ... when taken)")
     parser.add_argument("--json", default=None, help="write the scores here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid or --json file")
     return parser
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    # every output is checked before the minutes of generation; the JSON is written first
     _png(args.grid, "--grid")
+    grid = args.grid
+    if grid is None:
+        grid = str(DEFAULT_GRID if args.overwrite else free_path(DEFAULT_GRID))
+    _output(grid, "--grid", overwrite=args.overwrite or args.grid is None)
+    if args.json is not None:
+        _output(args.json, "--json", args.overwrite)
+        if Path(args.json).resolve() == Path(grid).resolve():
+            raise InputError(f"--json {args.json} and --grid {grid} name the same file")
     from .evaluation import evaluate_pipeline
 
     evaluate_pipeline(args.model, args.revision, seed=args.seed, limit=args.limit, steps=args.steps,
-                      guidance_scale=args.guidance_scale, batch_size=args.batch_size, grid=args.grid,
-                      json_path=args.json)
+                      guidance_scale=args.guidance_scale, batch_size=args.batch_size, grid=grid,
+                      json_path=args.json, overwrite=args.overwrite or args.grid is None)
     return 0
 
 
@@ -66,7 +103,7 @@ def build_dataset_parser() -> argparse.ArgumentParser:
                      '{"file_name", "text"} per line), deterministic for a seed; training captions only.')
     parser.add_argument("output_dir")
     parser.add_argument("--num_images", type=positive_int, default=20000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_DIR")
     return parser
 
@@ -93,13 +130,15 @@ def build_vae_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=positive_int, default=64)
     parser.add_argument("--latent_channels", type=positive_int, default=4)
     parser.add_argument("--block_out_channels", type=positive_int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--crop_size", type=int, default=32, help="train on random crops of this side (0: whole images)")
+    parser.add_argument("--crop_size", type=non_negative_int, default=32,
+                        help="train on random crops of this side (0: whole images)")
     parser.add_argument("--train_batch_size", type=positive_int, default=32)
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3)
     parser.add_argument("--max_train_steps", type=positive_int, default=1500)
-    parser.add_argument("--kl_weight", type=float, default=1e-6)
+    parser.add_argument("--kl_weight", type=non_negative_float, default=1e-6)
     parser.add_argument("--statistics_images", type=positive_int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
     return parser
 
 
@@ -109,6 +148,10 @@ def run_vae(args: argparse.Namespace) -> int:
         raise InputError(f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor}")
     if args.crop_size and (args.crop_size > args.resolution or args.crop_size % factor):
         raise InputError(f"--crop_size {args.crop_size} must be at most --resolution and divisible by {factor}")
+    if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
+        raise InputError(f"--init_from {args.init_from}: no config.json, so it is not an AutoencoderKL folder")
+    _input_folder(args.train_data_dir, "--train_data_dir")
+    _output_folder(args.output_dir, "--output_dir", args.overwrite)
     from .autoencoder import train_autoencoder
 
     train_autoencoder(args)
@@ -127,9 +170,10 @@ def build_text_encoders_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_train_steps", type=positive_int, default=1000)
     parser.add_argument("--train_batch_size", type=int, default=256, help="at least 2 (the other images are the negatives)")
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--learning_rate", type=positive_float, default=2e-3)
     parser.add_argument("--t5_distillation_steps", type=positive_int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
     return parser
 
 
@@ -137,8 +181,8 @@ def run_text_encoders(args: argparse.Namespace) -> int:
     if args.train_batch_size < 2:
         raise InputError(f"--train_batch_size must be at least 2 (the other images are the negatives), got "
                          f"{args.train_batch_size}")
-    if not args.learning_rate > 0:
-        raise InputError(f"--learning_rate must be positive, got {args.learning_rate}")
+    _input_folder(args.train_data_dir, "--train_data_dir")
+    _output_folder(args.output_dir, "--output_dir", args.overwrite)
     from .text_encoders import train_text_encoders
 
     print(train_text_encoders(args.train_data_dir, args.output_dir, args.max_train_steps, args.train_batch_size,
@@ -159,7 +203,8 @@ def build_base_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_encoders", required=True, help="folder written by `mmdit-diffusers text-encoders`")
     parser.add_argument("--vae", required=True, help="folder written by `mmdit-diffusers vae`")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
     return parser
 
 
@@ -170,6 +215,7 @@ def run_base(args: argparse.Namespace) -> int:
     if missing:
         raise InputError(f"--text_encoders {args.text_encoders}: no {', '.join(missing)}; train them first "
                          "(mmdit-diffusers text-encoders)")
+    _output_folder(args.output_dir, "--output_dir", args.overwrite)
     from .base_pipeline import build_base_pipeline
 
     print(build_base_pipeline(args.text_encoders, args.vae, args.output_dir, args.seed))
@@ -187,6 +233,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("destination")
     parser.add_argument("--card", default=None, help="a model card to ship as README.md")
     parser.add_argument("--samples", default=None, help="a sample picture (PNG) to ship beside the card")
+    parser.add_argument("--overwrite", action="store_true", help="replace the pipeline that DESTINATION holds")
     return parser
 
 
@@ -197,6 +244,17 @@ def run_export(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).is_file():
             raise InputError(f"{option} {path}: no such file")
     _png(args.samples, "--samples")
+    destination = Path(args.destination)
+    if destination.exists() and not destination.is_dir():
+        raise InputError(f"DESTINATION {destination}: exists and is not a folder")
+    if (destination / "model_index.json").exists() and not args.overwrite:
+        raise InputError(f"DESTINATION {destination} holds a pipeline; pass --overwrite to replace it (its README.md "
+                         "and *.png are kept)")
+    if destination.resolve() == Path(args.trained).resolve():
+        raise InputError(f"DESTINATION {destination} is the trained folder itself; choose another folder")
+    problem = folder_problem(destination.parent)
+    if problem:
+        raise InputError(f"DESTINATION {destination}: {problem}")
     from .export_pipeline import export_pipeline, weight_bytes
 
     out = export_pipeline(args.trained, args.destination, card=args.card, samples=args.samples)
@@ -215,7 +273,7 @@ def build_probe_parser() -> argparse.ArgumentParser:
                      "mmdit_diffusers.shapes.probe.")
     parser.add_argument("--model", default=str(SHIPPED_PIPELINE), help="pipeline folder (default: the shipped one)")
     parser.add_argument("--num_images", type=positive_int, default=160)
-    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--seed", type=seed, default=123)
     return parser
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import atomic_file, write_text_atomically
+from ..errors import InputError
+from ..files import atomic_file
 from .prompts import EvalPrompt, evaluation_prompts
 from .scorer import evaluate, format_table, judge
 from .shipped import call_arguments, load_pipeline, resolve_model
@@ -51,9 +52,12 @@ def captioned_grid(images: list[Image.Image], captions: list[str], marks: list[s
 
 def evaluate_pipeline(model: str | None = None, revision: str | None = None, seed: int = 0, limit: int | None = None,
                       steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 16,
-                      grid: str | Path | None = "outputs/evaluate-grid.png", json_path: str | Path | None = None) -> dict:
+                      grid: str | Path | None = "outputs/evaluate-grid.png", json_path: str | Path | None = None,
+                      overwrite: bool = True) -> dict:
     """Generate for the seeded prompt set (the first `limit` prompts), print the table per category and return
-    the scores; `model` None is the shipped pipeline. Sampler settings not given come from the folder."""
+    the scores; `model` None is the shipped pipeline. Sampler settings not given come from the folder. The scores
+    go to `json_path` first, then the picture to `grid`; `overwrite=False` leaves existing files alone
+    (FileExistsError)."""
     pipe = load_pipeline(resolve_model(model), revision=revision)
     prompts = evaluation_prompts(seed=seed)[:limit]
     call = call_arguments(steps, guidance_scale)
@@ -62,7 +66,10 @@ def evaluate_pipeline(model: str | None = None, revision: str | None = None, see
     images, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch = [p.caption for p in prompts[i : i + batch_size]]
-        images += pipe(batch, generator=generator, **call).images
+        try:
+            images += pipe(batch, generator=generator, **call).images
+        except ValueError as err:  # the pipeline's checks of the call (steps, guidance, sizes), before any step
+            raise InputError(str(err)) from err
         print(f"\r{len(images)}/{len(prompts)} images", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     seconds = time.perf_counter() - start
@@ -70,16 +77,17 @@ def evaluate_pipeline(model: str | None = None, revision: str | None = None, see
     print(format_table(results))
     print(f"{len(prompts)} prompts in {seconds:.1f}s")
     verdicts = [(p, judge(img, p.caption)) for p, img in zip(prompts, images)]
+    if json_path:
+        failures = [dict(prompt=p.caption, category=p.category, reason=v.reason) for p, v in verdicts if not v.passed]
+        with atomic_file(json_path, "w", encoding="utf-8", overwrite=overwrite) as f:
+            f.write(json.dumps(dict(model=model, seed=seed, prompts=len(prompts), scores=results,
+                                    failures=failures[:50]), indent=2))
+        print(f"json: {json_path}")
     if grid:
         sample = grid_sample(prompts)
         picture = captioned_grid([images[i] for i in sample], [prompts[i].caption for i in sample],
                                  ["pass" if verdicts[i][1].passed else "FAIL" for i in sample])
-        with atomic_file(grid) as f:
+        with atomic_file(grid, overwrite=overwrite) as f:
             picture.save(f, format="PNG")
         print(f"grid: {grid}")
-    if json_path:
-        failures = [dict(prompt=p.caption, category=p.category, reason=v.reason) for p, v in verdicts if not v.passed]
-        write_text_atomically(json_path, json.dumps(dict(model=model, seed=seed, prompts=len(prompts), scores=results,
-                                                         failures=failures[:50]), indent=2))
-        print(f"json: {json_path}")
     return results

@@ -13,7 +13,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from ..arguments import positive_int
+from ..arguments import non_negative_float, positive_int
 from ..errors import InputError
 
 SHIPPED_PIPELINE = Path(str(resources.files(__package__).joinpath("mmdit-shapes")))
@@ -36,8 +36,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="sampler steps (default: the folder's sampler_defaults, else 28)")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="classifier-free guidance (default: the folder's sampler_defaults, else 7.0)")
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=None,
+                        help="classifier-free guidance, > 1 to guide (default: the folder's sampler_defaults, else 7.0)")
 
 
 def call_arguments(steps: int | None, guidance_scale: float | None) -> dict:

@@ -14,11 +14,22 @@ import math
 import os
 from typing import Any
 
-from ..arguments import non_negative_int, positive_int, probability
+from ..arguments import (
+    decay_rate,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed,
+)
 from ..errors import InputError
 from .flow_matching import WEIGHTING_SCHEMES
 
 DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # both streams, SD3 names
+# the SD3 paper's mode density (eq. 20) is a density on [0, 1] for -1 <= s <= 2 / (pi - 2)
+MODE_SCALE_MIN, MODE_SCALE_MAX = -1.0, 2.0 / (math.pi - 2.0)
 DEFAULT_LORA_RANK = 16
 
 
@@ -68,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Train LoRA adapters instead of all weights (rank {DEFAULT_LORA_RANK} unless --rank).")
     g.add_argument("--rank", type=positive_int, default=None,
                    help="LoRA rank; giving it turns LoRA training on (same as --use_lora).")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1).")
+    g.add_argument("--lora_alpha", type=positive_float, default=None, help="LoRA alpha (default: the rank, scale 1).")
     g.add_argument("--lora_layers", default=DEFAULT_LORA_LAYERS,
                    help="Comma-separated module names that get LoRA adapters.")
 
@@ -109,9 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
                    help="Sigma sampling density / loss weighting (diffusers' "
                    "compute_density_for_timestep_sampling and compute_loss_weighting_for_sd3).")
-    g.add_argument("--logit_mean", type=float, default=0.0)
-    g.add_argument("--logit_std", type=float, default=1.0)
-    g.add_argument("--mode_scale", type=float, default=1.29)
+    g.add_argument("--logit_mean", type=finite_float, default=0.0)
+    g.add_argument("--logit_std", type=positive_float, default=1.0)
+    g.add_argument("--mode_scale", type=finite_float, default=1.29,
+                   help=f"Of the 'mode' density, in [-1, {MODE_SCALE_MAX:.3f}] (a density on [0, 1] only there).")
+    g.add_argument("--guidance_scale", type=finite_float, default=3.5,
+                   help="The value fed to the guidance embedding of transformers that have one (`guidance_embeds`, "
+                   "FLUX.1 [dev]), as diffusers' FLUX training scripts; validation images of FLUX pipelines are drawn "
+                   "with it too. Ignored by transformers without a guidance embedding.")
     g.add_argument("--resolution_shift", type=_shift, default=1.0,
                    help="Shift sampled sigmas: s' = shift*s / (1 + (shift-1)*s); 1 = none, 'scheduler' = the "
                    "pipeline scheduler's `shift`.")
@@ -122,28 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_train_epochs", type=positive_int, default=1,
                    help="Used only when --max_train_steps is not given.")
     g.add_argument("--max_train_steps", type=positive_int, default=None, help="Optimizer steps in total.")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=positive_float, default=1e-4)
     g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
                    help="Multiply the learning rate by batch size x accumulation x processes.")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                             "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=non_negative_int, default=0)
-    g.add_argument("--lr_num_cycles", type=int, default=1)
-    g.add_argument("--lr_power", type=float, default=1.0)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 turns it off.")
+    g.add_argument("--lr_num_cycles", type=positive_int, default=1)
+    g.add_argument("--lr_power", type=positive_float, default=1.0)
+    g.add_argument("--adam_beta1", type=decay_rate, default=0.9)
+    g.add_argument("--adam_beta2", type=decay_rate, default=0.999)
+    g.add_argument("--adam_weight_decay", type=non_negative_float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=positive_float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping; 0 turns it off.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: the accelerate config (or `accelerate launch --mixed_precision`).")
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
                    help="Keep an EMA of the weights (diffusers EMAModel); the exported model uses it.")
-    g.add_argument("--ema_decay", type=float, default=0.9999)
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--ema_decay", type=probability, default=0.9999)
+    g.add_argument("--seed", type=seed, default=None,
                    help="Seed of the data order, noise and init (default: random, stored in checkpoints).")
 
     g = p.add_argument_group("checkpoints and output")
@@ -165,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=positive_int, default=4, help="Images per prompt.")
     g.add_argument("--validation_steps", type=positive_int, default=500)
     g.add_argument("--validation_inference_steps", type=positive_int, default=28)
-    g.add_argument("--validation_guidance_scale", type=float, default=5.0)
+    g.add_argument("--validation_guidance_scale", type=non_negative_float, default=5.0,
+                   help="Classifier-free guidance of the validation images (FLUX pipelines: `true_cfg_scale`, "
+                   "against the empty prompt; 1 turns it off).")
 
     g = p.add_argument_group("hub")
     g.add_argument("--push_to_hub", action=argparse.BooleanOptionalAction, default=False,
@@ -248,14 +266,14 @@ def check_args(args: argparse.Namespace) -> None:
                                   "with LoRA (--use_lora / --rank).")
     if args.lora_alpha is None and args.rank is not None:
         args.lora_alpha = float(args.rank)
-    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
-        raise InputError(f"--learning_rate must be a positive number, got {args.learning_rate}.")
-    if args.max_grad_norm < 0:
-        raise InputError(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
-    if args.logit_std <= 0:
-        raise InputError(f"--logit_std must be positive, got {args.logit_std}.")
-    if not 0.0 <= args.ema_decay <= 1.0:
-        raise InputError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
+    if args.weighting_scheme == "mode" and not MODE_SCALE_MIN <= args.mode_scale <= MODE_SCALE_MAX:
+        raise InputError(
+            f"--mode_scale {args.mode_scale}: the 'mode' density needs a scale in [{MODE_SCALE_MIN:g}, "
+            f"{MODE_SCALE_MAX:.3f}] (outside it, sampled sigmas leave [0, 1])."
+        )
+    for option in ("output_dir", "logging_dir"):
+        if not str(getattr(args, option)).strip():
+            raise InputError(f"--{option} is empty; give a folder name.")
     if args.push_to_hub and args.hub_model_id is None:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     if args.report_to == "none":

@@ -25,7 +25,7 @@ import re
 import shutil
 
 from ..errors import InputError
-from ..files import fsync_directory, fsync_tree
+from ..files import fsync_directory, fsync_tree, safetensors_problem
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -82,9 +82,48 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 def read_state(path: str) -> dict:
     try:
         with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            state = json.load(f)
+    except OSError as e:
         raise InputError(f"cannot read {os.path.join(path, STATE_FILE)}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"checkpoint {path} is damaged: {STATE_FILE} is not valid JSON ({e}).") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise InputError(f"checkpoint {path} is damaged: {STATE_FILE} has no integer global_step.")
+    return state
+
+
+def damaged_files(path: str) -> list[str]:
+    """What is wrong with the files of checkpoint `path` ("model.safetensors is truncated: ..."), empty when each
+    file is complete: safetensors headers against their sizes, torch's zip archives (`.bin`, `.pt`, `.pkl`)
+    entry by entry, JSON files parsed."""
+    import zipfile
+
+    problems = []
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            file = os.path.join(root, name)
+            shown = os.path.relpath(file, path)
+            if name.endswith(".safetensors"):
+                problem = safetensors_problem(file)
+            elif name.endswith((".bin", ".pt", ".pth", ".pkl")):
+                try:
+                    with zipfile.ZipFile(file) as archive:
+                        bad = archive.testzip()
+                    problem = None if bad is None else f"has a damaged entry {bad}"
+                except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    problem = f"is not a complete torch archive ({e})"
+            elif name.endswith(".json"):
+                try:
+                    with open(file, encoding="utf-8") as f:
+                        json.load(f)
+                    problem = None
+                except (OSError, ValueError) as e:
+                    problem = f"is not valid JSON ({e})"
+            else:
+                continue
+            if problem:
+                problems.append(f"{shown} {problem}")
+    return problems
 
 
 def _remove(path: str) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from PIL import Image, ImageOps
 
 from ..errors import InputError
 from ..pipelines.latents import normalize_latents
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -110,6 +113,17 @@ class FolderSource(ImageCaptionSource):
                     img.verify()
             except Exception as e:
                 raise InputError(f"unreadable image {path}: {e}") from None
+
+
+def warn_empty_captions(captions: Sequence[str], describe) -> int:
+    """Warn when captions are empty (or blank): legal, they train the unconditional model as caption dropout
+    does, but more often a metadata mistake. Returns how many there are; `describe(i)` names example i."""
+    empty = [i for i, caption in enumerate(captions) if not caption.strip()]
+    if empty:
+        shown = ", ".join(describe(i) for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        logger.warning(f"{len(empty)} of {len(captions)} captions are empty ({shown}); those images train the "
+                       "unconditional model (as --caption_dropout_prob does). Fix the metadata if that is not meant.")
+    return len(empty)
 
 
 def _caption_text(value, where: str, column: str) -> str:
@@ -201,6 +215,7 @@ def load_image_folder(root: str | os.PathLike, caption_column: str = "text", max
         raise InputError(f"images without captions in {root}: {shown}; add them to {meta_path}.")
     if max_samples is not None:
         files, captions = files[:max_samples], captions[:max_samples]
+    warn_empty_captions(captions, lambda i: f"{meta_path} entry {i + 1} ({files[i]})")
     source = FolderSource(root, files, captions)
     if verify:
         source.verify()
@@ -260,6 +275,8 @@ def load_hub_dataset(name: str, config_name: str | None, split: str, image_colum
         ds = ds.select(range(min(max_samples, len(ds))))
     if len(ds) == 0:
         raise InputError(f"dataset {name!r} split {split!r} is empty.")
+    captions = [_caption_text(value, f"{name} row {i}", caption_column) for i, value in enumerate(ds[caption_column])]
+    warn_empty_captions(captions, lambda i: f"{name} row {i}")
     return HubDatasetSource(ds, image_column, caption_column, name)
 
 

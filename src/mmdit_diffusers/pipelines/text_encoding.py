@@ -2,8 +2,7 @@
 
 The text sequence is the CLIP hidden states (one or two CLIP text encoders, their penultimate layer concatenated on
 channels and zero-padded to the T5 width, or cut to it where wider, as SD3) followed by the T5 hidden states; the
-pooled vector is the CLIP projected pooled outputs concatenated. Without T5 the T5 part is zeros, as diffusers'
-`StableDiffusion3Pipeline`.
+pooled vector is the CLIP projected pooled outputs concatenated. Without T5 the T5 part is zeros, as diffusers' `StableDiffusion3Pipeline`.
 
 Alongside, a token mask in the same layout: 1 for real tokens, 0 for padding (and for the zeros that stand in for a
 missing T5). Models trained with padding masked out (`use_text_attention_mask`) receive it; SD3 weights do not.

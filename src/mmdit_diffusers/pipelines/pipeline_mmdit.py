@@ -754,9 +754,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         uncond, cond = velocity.chunk(2)
         velocity = uncond + self.guidance_scale * (cond - uncond)
         if skip_layers:
-            positive_input, positive_embeds, positive_pooled = (
-                x.chunk(2)[1] for x in (model_input, prompt_embeds, pooled_prompt_embeds)
-            )
+            positive_input, positive_embeds, positive_pooled = (x.chunk(2)[1] for x in (model_input, prompt_embeds, pooled_prompt_embeds))
             skipped = self.transformer(
                 hidden_states=positive_input,
                 encoder_hidden_states=positive_embeds,

@@ -1,8 +1,8 @@
 """Prompt -> MMDiT text conditioning, in SD3's layout.
 
 The text sequence is the CLIP hidden states (one or two CLIP text encoders, their penultimate layer concatenated on
-channels and zero-padded to the T5 width) followed by the T5 hidden states; the pooled vector is the CLIP projected
-pooled outputs concatenated. Without T5 the T5 part is zeros, as diffusers' `StableDiffusion3Pipeline`.
+channels and zero-padded to the T5 width, or cut to it where wider, as SD3) followed by the T5 hidden states; the
+pooled vector is the CLIP projected pooled outputs concatenated. Without T5 the T5 part is zeros, as diffusers' `StableDiffusion3Pipeline`.
 
 Alongside, a token mask in the same layout: 1 for real tokens, 0 for padding (and for the zeros that stand in for a
 missing T5). Models trained with padding masked out (`use_text_attention_mask`) receive it; SD3 weights do not.
@@ -96,16 +96,21 @@ def encode_t5(tokenizer, text_encoder, prompts, max_length, device, attend_to_pa
 
 
 def join_clip_and_t5(
-    clip_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    clip_parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     t5_part: tuple[torch.Tensor, torch.Tensor] | None,
     t5_length: int,
     txt_dim: int,
     dtype: torch.dtype,
 ) -> TextConditioning:
-    """SD3's layout from the encoder outputs; `t5_part=None` puts `t5_length` masked zero tokens in its place."""
-    clip_embeds = torch.cat([hidden for hidden, _, _ in clip_parts], dim=-1).to(dtype)
-    pooled = torch.cat([pooled for _, pooled, _ in clip_parts], dim=-1)
-    clip_mask = torch.stack([mask for _, _, mask in clip_parts]).amax(dim=0)  # real in any CLIP -> real
+    """SD3's layout from the encoder outputs (`clip_parts`: encoder name -> (hidden, pooled, mask), in sequence
+    order); `t5_part=None` puts `t5_length` masked zero tokens in its place.
+
+    The CLIP states are zero-padded to the T5 width (`txt_dim` without T5); CLIP states wider than that are cut to
+    it, as `StableDiffusion3Pipeline` does (diffusers' own tiny test components are laid out that way), with a
+    warning that says what was cut."""
+    clip_embeds = torch.cat([hidden for hidden, _, _ in clip_parts.values()], dim=-1).to(dtype)
+    pooled = torch.cat([pooled for _, pooled, _ in clip_parts.values()], dim=-1)
+    clip_mask = torch.stack([mask for _, _, mask in clip_parts.values()]).amax(dim=0)  # real in any CLIP -> real
     batch, device = clip_embeds.shape[0], clip_embeds.device
 
     if t5_part is None:
@@ -115,15 +120,36 @@ def join_clip_and_t5(
         t5_embeds, t5_mask = t5_part
     width = t5_embeds.shape[-1]
     if clip_embeds.shape[-1] > width:
-        raise ValueError(
-            f"The CLIP hidden states are {clip_embeds.shape[-1]} channels wide together, more than the text sequence "
-            f"width {width} (T5 width / transformer `txt_dim`); they cannot be zero-padded to it."
-        )
+        _warn_clip_cut({name: hidden.shape[-1] for name, (hidden, _, _) in clip_parts.items()}, width)
+    # F.pad with a negative amount cuts, as SD3's `encode_prompt`
     clip_embeds = F.pad(clip_embeds, (0, width - clip_embeds.shape[-1]))
     return TextConditioning(
         embeds=torch.cat([clip_embeds, t5_embeds], dim=-2),
         pooled=pooled,
         mask=torch.cat([clip_mask, t5_mask.to(clip_mask.dtype)], dim=-1).long(),
+    )
+
+
+_WARNED_CLIP_CUTS: set[tuple] = set()
+
+
+def _warn_clip_cut(widths: dict[str, int], width: int) -> None:
+    """Say once per layout which CLIP channels do not fit the text width and are cut."""
+    key = (tuple(widths.items()), width)
+    if key in _WARNED_CLIP_CUTS:
+        return
+    _WARNED_CLIP_CUTS.add(key)
+    cut, start = [], 0
+    for name, channels in widths.items():
+        lo, hi = max(start, width), start + channels
+        if hi > lo:
+            cut.append(f"all {channels} channels of `{name}`" if lo == start
+                       else f"channels {lo - start}..{channels - 1} of `{name}`")
+        start = hi
+    logger.warning(
+        f"The CLIP hidden states are {start} channels wide together ({', '.join(f'{n}: {c}' for n, c in widths.items())}), "
+        f"wider than the text sequence's {width} (T5 width / transformer `txt_dim`): {'; '.join(cut)} are cut from "
+        "the text sequence, as StableDiffusion3Pipeline does. The pooled text vector keeps every CLIP's output."
     )
 
 
@@ -180,23 +206,48 @@ def encode_each(pipe, prompts: dict[str, list[str]], max_sequence_length: int, d
     return outputs
 
 
-def join_settings(pipe) -> tuple[int | None, torch.dtype]:
-    """`(txt_dim, dtype)` for `join`: the transformer's text width (None without a transformer: the CLIP width) and
-    the first CLIP's dtype. Read them before the text encoders are freed."""
+def join_settings(pipe) -> tuple[int | None, torch.dtype, int | None]:
+    """`(txt_dim, dtype, pooled_dim)` for `join`: the transformer's text width and pooled-text width (None without
+    a transformer: the CLIP widths) and the first CLIP's dtype. Read them before the text encoders are freed."""
     if getattr(pipe, "text_encoder", None) is None:
         raise ValueError("This pipeline has no `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
     transformer = getattr(pipe, "transformer", None)
-    return (transformer.config.txt_dim if transformer is not None else None), pipe.text_encoder.dtype
+    if transformer is None:
+        return None, pipe.text_encoder.dtype, None
+    return transformer.config.txt_dim, pipe.text_encoder.dtype, pooled_text_width(transformer)
 
 
-def join(outputs: dict[str, EncoderOutput], t5_length: int, txt_dim: int | None, dtype: torch.dtype) -> TextConditioning:
-    """SD3's layout from `encode_each`'s outputs (see `join_clip_and_t5`)."""
-    clip_parts = [(out.hidden, out.pooled, out.mask) for name, out in outputs.items() if name != T5_ENCODER]
+def pooled_text_width(transformer) -> int:
+    """The width of the pooled text vector `transformer` takes (`cond_dim`, which defaults to `hidden_size`)."""
+    return transformer.config.cond_dim or transformer.config.hidden_size
+
+
+def needs_second_clip(pipe) -> bool:
+    """Whether `pipe.transformer` takes pooled text wider than the first CLIP's (SD3's layout: both CLIPs' pooled
+    outputs concatenated), so that the pipeline cannot run without `text_encoder_2`."""
+    transformer, clip = getattr(pipe, "transformer", None), getattr(pipe, "text_encoder", None)
+    if transformer is None or clip is None:
+        return False
+    return pooled_text_width(transformer) > clip.config.projection_dim
+
+
+def join(outputs: dict[str, EncoderOutput], t5_length: int, txt_dim: int | None, dtype: torch.dtype,
+         pooled_dim: int | None = None) -> TextConditioning:
+    """SD3's layout from `encode_each`'s outputs (see `join_clip_and_t5`). `pooled_dim`: the width of pooled text
+    the transformer takes (checked against the CLIPs' pooled outputs, when given)."""
+    clip_parts = {name: (out.hidden, out.pooled, out.mask) for name, out in outputs.items() if name != T5_ENCODER}
     if not clip_parts:
         raise ValueError("This pipeline has no CLIP `text_encoder`: pass `prompt_embeds` and `pooled_prompt_embeds`.")
+    pooled_width = sum(pooled.shape[-1] for _, pooled, _ in clip_parts.values())
+    if pooled_dim is not None and pooled_width != pooled_dim:
+        missing = " (an SD3-layout transformer needs `text_encoder_2` too)" if len(clip_parts) == 1 else ""
+        raise ValueError(
+            f"The CLIP pooled outputs ({', '.join(clip_parts)}) are {pooled_width} wide together, but the transformer "
+            f"takes pooled text of width {pooled_dim}{missing}."
+        )
     t5 = outputs.get(T5_ENCODER)
     t5_part = None if t5 is None else (t5.hidden, t5.mask)
-    txt_dim = clip_parts[0][0].shape[-1] if txt_dim is None else txt_dim
+    txt_dim = next(iter(clip_parts.values()))[0].shape[-1] if txt_dim is None else txt_dim
     return join_clip_and_t5(clip_parts, t5_part, t5_length, txt_dim, dtype)
 
 

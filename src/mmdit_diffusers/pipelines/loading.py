@@ -17,7 +17,6 @@ PACKAGE = "mmdit_diffusers"
 SHIM_FILE = "pipeline.py"
 SHIM_MODULE = "pipeline"  # `custom_pipeline="pipeline"`: diffusers looks for `<folder>/pipeline.py`
 SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
-UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's IP-Adapter parts
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 SHIM_SOURCE = '''"""Lets diffusers' generic loader build this folder's pipeline:
@@ -96,16 +95,6 @@ def load_converted_sd3_transformer(pretrained_model_name_or_path, kwargs: dict):
     sd3 = SD3Transformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
     logger.info("Converting the SD3 transformer to MMDiTTransformer2DModel.")
     return MMDiTTransformer2DModel.from_sd3(sd3)
-
-
-def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
-    """Components of an SD3.5 folder that MMDiTPipeline does not use and that are not empty there."""
-    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-    try:
-        config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub_kwargs)
-    except (OSError, ValueError):
-        return []
-    return [name for name in UNUSED_SD3_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
 
 
 def check_local_components(folder, expected: list[str], optional: list[str], passed: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -31,8 +32,8 @@ WIDTH, HEAD_DIM, DEPTH = 32, 8, 2  # the tiny SD3 transformer's (tiny_pipeline.t
 ENCODER_WIDTH = 16
 
 
-def save_tiny_ip_adapter(folder, depth: int = DEPTH, seed: int = 7) -> str:
-    """A tiny random SD3 IP-Adapter for a transformer of width 32 and head size 8 in `folder`:
+def save_tiny_ip_adapter(folder, depth: int = DEPTH, head_dim: int = HEAD_DIM, seed: int = 7) -> str:
+    """A tiny random SD3 IP-Adapter for a transformer of width 32 (heads of `head_dim`) in `folder`:
     `ip-adapter.safetensors` and `image_encoder/` (SiglipVisionModel + SiglipImageProcessor)."""
     with _seeded(seed):
         encoder = SiglipVisionModel(SiglipVisionConfig(
@@ -45,7 +46,7 @@ def save_tiny_ip_adapter(folder, depth: int = DEPTH, seed: int = 7) -> str:
             timestep_in_dim=16,
         )
         processors = [
-            SD3IPAdapterJointAttnProcessor2_0(hidden_size=WIDTH, ip_hidden_states_dim=WIDTH, head_dim=HEAD_DIM,
+            SD3IPAdapterJointAttnProcessor2_0(hidden_size=WIDTH, ip_hidden_states_dim=WIDTH, head_dim=head_dim,
                                               timesteps_emb_dim=32)
             for _ in range(depth)
         ]
@@ -160,7 +161,7 @@ def test_transformer_outputs_as_sd3(adapter_dir):
             outputs.append(model(**inputs, joint_attention_kwargs=kwargs).sample)
         leftovers.append(kwargs)
     assert (outputs[1] - outputs[0]).abs().max() <= 1e-5
-    assert leftovers[0].keys() == leftovers[1].keys() == {"ip_hidden_states", "temb"}  # SD3's contract
+    assert leftovers[0].keys() == leftovers[1].keys() == {"ip_adapter_image_embeds"}  # both work on a copy
 
 
 def test_unload_ip_adapter_restores_the_pipeline(sd3_dir, adapter_dir):
@@ -183,6 +184,28 @@ def test_image_encoder_saved_and_loaded_with_the_pipeline(pipelines, tmp_path):
     reloaded = MMDiTPipeline.from_pretrained(tmp_path)
     assert isinstance(reloaded.image_encoder, SiglipVisionModel)
     torch.testing.assert_close(reloaded.image_encoder.state_dict(), ours.image_encoder.state_dict())
+
+
+def test_sd35_folder_image_encoder_loaded_as_stable_diffusion_3(sd3_dir, adapter_dir, tmp_path):
+    """An SD3.5 folder that ships the IP-Adapter's image encoder and feature extractor: both pipelines load them,
+    and an adapter loaded without its own encoder (`image_encoder_folder=None`) uses them."""
+    folder = tmp_path / "sd35"
+    shutil.copytree(sd3_dir, folder)
+    shutil.copytree(os.path.join(adapter_dir, "image_encoder"), folder / "image_encoder")
+    SiglipImageProcessor.from_pretrained(os.path.join(adapter_dir, "image_encoder")).save_pretrained(
+        folder / "feature_extractor")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(image_encoder=["transformers", "SiglipVisionModel"],
+                 feature_extractor=["transformers", "SiglipImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    images = []
+    for cls in (StableDiffusion3Pipeline, MMDiTPipeline):
+        pipe = cls.from_pretrained(folder)
+        assert isinstance(pipe.image_encoder, SiglipVisionModel) and pipe.feature_extractor is not None
+        pipe.load_ip_adapter(adapter_dir, weight_name="ip-adapter.safetensors", image_encoder_folder=None)
+        pipe.set_progress_bar_config(disable=True)
+        images.append(_images(pipe, ip_adapter_image=picture(3)))
+    assert np.abs(images[1] - images[0]).max() <= 1e-4
 
 
 def test_folders_without_image_encoder_entries_still_load(tmp_path):
@@ -215,6 +238,16 @@ def test_image_and_embeds_together_are_refused(pipelines):
 def test_embeds_of_wrong_shape_are_refused(pipelines):
     with pytest.raises(InputError, match="ip_adapter_image_embeds"):
         pipelines[1](PROMPTS[0], num_inference_steps=1, ip_adapter_image_embeds=torch.zeros(1, 16, ENCODER_WIDTH))
+
+
+def test_text_mask_is_refused_not_ignored(tmp_path):
+    """A transformer trained with masked text padding: the IP-Adapter's attention cannot mask, so a batch that needs
+    a mask (guidance: "" and the prompt differ in length) is refused; one that needs none runs."""
+    pipe = tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True)  # width 32, heads of 16
+    _load_adapter(pipe, save_tiny_ip_adapter(tmp_path, head_dim=16))
+    pipe(PROMPTS[0], guidance_scale=1.0, num_inference_steps=1, ip_adapter_image=picture(0), output_type="latent")
+    with pytest.raises(InputError, match="cannot mask"):
+        pipe(PROMPTS[0], guidance_scale=5.0, num_inference_steps=1, ip_adapter_image=picture(0), output_type="latent")
 
 
 def test_adapter_for_another_depth_is_refused(sd3_dir, tmp_path):

@@ -94,18 +94,16 @@ class MMDiTIPAdapterLoadersMixin(SD3Transformer2DLoadersMixin):
             for name, processor in self.attn_processors.items()
         })
 
-    def _project_ip_adapter_image_embeds(self, joint_attention_kwargs: dict[str, Any] | None, timestep) -> None:
-        """SD3's contract with its pipelines, kept so that ours and theirs give the same images: the image-encoder
-        features under `joint_attention_kwargs["ip_adapter_image_embeds"]` are taken out of that dict and replaced by
-        the processors' inputs `ip_hidden_states` and `temb` (`image_proj` at `timestep`). A pipeline that passes the
-        same dict at every step (diffusers' SD3 pipelines, `MMDiTPipeline`) so projects the image once, at the first
-        step's timestep, and reuses it."""
-        if not joint_attention_kwargs or IMAGE_EMBEDS_KEY not in joint_attention_kwargs:
+    def _project_ip_adapter_image_embeds(self, attention_kwargs: dict[str, Any], timestep: torch.Tensor) -> None:
+        """As SD3's forward: the image-encoder features `attention_kwargs["ip_adapter_image_embeds"]` are replaced, in
+        the forward's own copy of `joint_attention_kwargs`, by the processors' inputs `ip_hidden_states` and `temb`
+        (`image_proj` at this call's `timestep`)."""
+        if IMAGE_EMBEDS_KEY not in attention_kwargs:
             return
         if getattr(self, "image_proj", None) is None:
             raise InputError(
                 f"`joint_attention_kwargs[{IMAGE_EMBEDS_KEY!r}]` needs an IP-Adapter: load one first "
                 "(`pipe.load_ip_adapter(...)`)."
             )
-        ip_hidden_states, temb = self.image_proj(joint_attention_kwargs.pop(IMAGE_EMBEDS_KEY), timestep)
-        joint_attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=temb)
+        ip_hidden_states, temb = self.image_proj(attention_kwargs.pop(IMAGE_EMBEDS_KEY), timestep)
+        attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=temb)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -26,12 +27,15 @@ from ..errors import InputError
 from .attention import QK_NORMS
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
+from .ip_adapter import MMDiTIPAdapterLoadersMixin
 from .presets import PRESETS, RECOMMENDED
 
 POS_EMBED_TYPES = ("sincos",)
 
 
-class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(
+    ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin, MMDiTIPAdapterLoadersMixin
+):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
@@ -220,7 +224,9 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             pooled_projections: pooled text [B, cond_dim].
             timestep: [B] (or a scalar) in [0, 1000], `sigma * 1000` as diffusers' SD3.
             encoder_attention_mask: [B, L], 1 for real tokens, 0 for padding; padding then takes no part in attention.
-            joint_attention_kwargs: passed to the attention processors, as SD3; `"scale"` scales LoRA layers instead.
+            joint_attention_kwargs: passed to the attention processors, as SD3; `"scale"` scales LoRA layers instead;
+                `"ip_adapter_image_embeds"` (a loaded IP-Adapter's image features) reaches them as its projection
+                `ip_hidden_states`, `temb`, as SD3 (see `models.ip_adapter`).
             block_controlnet_hidden_states: ControlNet residuals [B, image tokens, hidden_size], as SD3: after block
                 `i` (except a `context_pre_only` one), residual `int(i / (depth / len(residuals)))` is added to the
                 image tokens.
@@ -237,6 +243,7 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         skip = self._check_block_options(block_controlnet_hidden_states, skip_layers)
         attention_kwargs = dict(joint_attention_kwargs or {})
         lora_scale = attention_kwargs.pop("scale", 1.0)
+        self._project_ip_adapter_image_embeds(attention_kwargs, timestep)
         if USE_PEFT_BACKEND and lora_scale != 1.0:
             scale_lora_layers(self, lora_scale)
 

@@ -84,12 +84,21 @@ class MMDiTIPAdapterMixin(SD3IPAdapterMixin):
         batch_size: int,
         device: torch.device,
     ) -> dict[str, Any] | None:
-        """The `joint_attention_kwargs` of the denoising loop: a copy of the caller's with the image prompt's
-        features added when there is one (the transformer replaces them by their projection at the first step;
-        the caller's dict is left as it was). As SD3, an image without a loaded, active adapter is ignored."""
+        """The `joint_attention_kwargs` of the denoising loop: a copy of the caller's with the image prompt's features
+        added when there is one (the transformer projects them at every step, as SD3's). As SD3, an image is ignored
+        while the adapter's scale is 0; without a loaded adapter it is refused."""
+        if (ip_adapter_image is not None or ip_adapter_image_embeds is not None) and not self._has_ip_adapter:
+            raise InputError(
+                "`ip_adapter_image` / `ip_adapter_image_embeds` need an IP-Adapter: load one first with "
+                "`pipe.load_ip_adapter(...)`."
+            )
         if not ((ip_adapter_image is not None and self.is_ip_adapter_active) or ip_adapter_image_embeds is not None):
             return joint_attention_kwargs
         embeds = self.prepare_ip_adapter_image_embeds(
             ip_adapter_image, ip_adapter_image_embeds, device, batch_size, self.do_classifier_free_guidance
         )
         return {**(joint_attention_kwargs or {}), IMAGE_EMBEDS_KEY: embeds}
+
+    @property
+    def _has_ip_adapter(self) -> bool:
+        return getattr(self.transformer, "image_proj", None) is not None

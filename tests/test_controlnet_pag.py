@@ -23,8 +23,17 @@ from diffusers import (
 from diffusers.models import SD3MultiControlNetModel
 from PIL import Image
 
-from mmdit_diffusers import MMDiTTransformer2DModel
-from tiny_pipeline import CLIP_DIM, LATENT_CHANNELS, SAMPLE_SIZE, T5_DIM, _randomize, _seeded, tiny_sd3_components
+from mmdit_diffusers import InputError, MMDiTControlNetPipeline, MMDiTTransformer2DModel
+from tiny_pipeline import (
+    CLIP_DIM,
+    LATENT_CHANNELS,
+    SAMPLE_SIZE,
+    T5_DIM,
+    _randomize,
+    _seeded,
+    tiny_mmdit_pipeline,
+    tiny_sd3_components,
+)
 
 PROMPT = "a red circle left of a blue square"
 SIZE = SAMPLE_SIZE * 2  # pixels: the tiny VAE halves the side
@@ -131,6 +140,87 @@ def test_controlnet_inpainting_pipeline_same_images(components, transformers):
     _assert_same(expected, got)
     uncontrolled = _images(build(transformers["ours"]), **{**call, "controlnet_conditioning_scale": 0.0})
     assert np.abs(got - uncontrolled).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MMDiTControlNetPipeline
+# ---------------------------------------------------------------------------------------------------------------
+def _ours_and_sd3(components, transformers, controlnet):
+    """(StableDiffusion3ControlNetPipeline with SD3's transformer, MMDiTControlNetPipeline with ours)."""
+    reference = StableDiffusion3ControlNetPipeline(**components, controlnet=controlnet)
+    ours = MMDiTControlNetPipeline(**{**components, "transformer": transformers["ours"]}, controlnet=controlnet)
+    return reference, ours
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["no-cfg", "cfg"])
+def test_mmdit_controlnet_pipeline_as_stable_diffusion_3(components, transformers, guidance_scale):
+    reference, ours = _ours_and_sd3(components, transformers, tiny_controlnet(seed=14, num_layers=2))
+    call = dict(prompt=[PROMPT, "a cat"], num_images_per_prompt=2, control_image=picture(6),
+                controlnet_conditioning_scale=0.8, control_guidance_end=0.7, guidance_scale=guidance_scale)
+    expected, got = _images(reference, **call), _images(ours, **call)
+    _assert_same(expected, got)
+    assert np.abs(got - _images(ours, **{**call, "controlnet_conditioning_scale": 0.0})).max() > 1e-3
+
+
+def test_mmdit_multi_controlnet_pipeline_as_stable_diffusion_3(components, transformers):
+    controlnets = [tiny_controlnet(seed=15), tiny_controlnet(seed=16)]
+    reference, ours = _ours_and_sd3(components, transformers, SD3MultiControlNetModel(controlnets))
+    call = dict(control_image=[picture(1), picture(2)], controlnet_conditioning_scale=[1.0, 0.5],
+                control_guidance_start=[0.0, 0.3])
+    _assert_same(_images(reference, **call), _images(ours, **call))
+    assert isinstance(MMDiTControlNetPipeline(**{**components, "transformer": transformers["ours"]},
+                                              controlnet=controlnets).controlnet, SD3MultiControlNetModel)
+
+
+def test_sd35_controlnet_borrows_our_patch_embedding(components, transformers):
+    """SD3.5's ControlNets have no patch embedding of their own (`use_pos_embed=False`) and take no text
+    (`joint_attention_dim=None`): diffusers gives them SD3's; ours gives them the same from our transformer."""
+    def sd35_controlnet():
+        with _seeded(17):
+            return _randomize(SD3ControlNetModel(
+                sample_size=SAMPLE_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=1, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=None, caption_projection_dim=32,
+                pooled_projection_dim=2 * CLIP_DIM, out_channels=LATENT_CHANNELS, pos_embed_max_size=16,
+                use_pos_embed=False, force_zeros_for_pooled_projection=False,
+            ), 0.05)
+
+    reference = StableDiffusion3ControlNetPipeline(**components, controlnet=sd35_controlnet())
+    ours = MMDiTControlNetPipeline(**{**components, "transformer": transformers["ours"]}, controlnet=sd35_controlnet())
+    torch.testing.assert_close(ours.controlnet.pos_embed.state_dict(), reference.controlnet.pos_embed.state_dict())
+    _assert_same(_images(reference, control_image=picture(7)), _images(ours, control_image=picture(7)))
+
+
+def test_mmdit_controlnet_pipeline_runs_our_own_layouts(tmp_path):
+    """What diffusers' pipeline cannot run: a one-CLIP transformer trained with masked text, from an MMDiTPipeline
+    (`from_pipe`), with its folder's sampler settings; saved and loaded with its ControlNet."""
+    base = tiny_mmdit_pipeline(seed=0, layout="clip_t5", masked=True)
+    base.register_sampler_defaults(num_inference_steps=2, guidance_scale=3.0)
+    with _seeded(18):
+        controlnet = _randomize(SD3ControlNetModel(
+            sample_size=SAMPLE_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=32, pooled_projection_dim=CLIP_DIM,
+            out_channels=LATENT_CHANNELS, pos_embed_max_size=16,
+        ), 0.05)
+    pipe = MMDiTControlNetPipeline.from_pipe(base, controlnet=controlnet)
+    controlled = _images(pipe, num_inference_steps=None, guidance_scale=None, control_image=picture(8))
+    free = _images(pipe, num_inference_steps=None, guidance_scale=None, control_image=picture(8),
+                   controlnet_conditioning_scale=0.0)
+    np.testing.assert_allclose(free, _images(base, num_inference_steps=None, guidance_scale=None), atol=1e-6)
+    assert np.abs(controlled - free).max() > 1e-3
+    pipe.save_pretrained(tmp_path)
+    reloaded = MMDiTControlNetPipeline.from_pretrained(tmp_path)
+    np.testing.assert_allclose(_images(reloaded, num_inference_steps=None, guidance_scale=None,
+                                       control_image=picture(8)), controlled, atol=1e-6)
+
+
+def test_mmdit_controlnet_pipeline_errors(components, transformers):
+    _, ours = _ours_and_sd3(components, transformers, SD3MultiControlNetModel([tiny_controlnet(seed=19)] * 2))
+    with pytest.raises(InputError, match="control_image"):
+        ours(PROMPT, num_inference_steps=1)
+    with pytest.raises(InputError, match="list of 2 images"):
+        ours(PROMPT, num_inference_steps=1, control_image=picture(1))
+    with pytest.raises(InputError, match="controlnet_conditioning_scale"):
+        ours(PROMPT, num_inference_steps=1, control_image=[picture(1)] * 2, controlnet_conditioning_scale=[1.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

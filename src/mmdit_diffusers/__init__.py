@@ -23,6 +23,7 @@ _EXPORTS = {
     "paper_preset": ".models",
     "MMDiTPipeline": ".pipelines",
     "MMDiTPipelineOutput": ".pipelines",
+    "MMDiTControlNetPipeline": ".pipelines",
     "InputError": ".errors",
     # diffusers' pipeline loader looks up, in the library that model_index.json names, both the component's class
     # and its loadable base class by name ("ModelMixin"); re-exporting it makes "mmdit_diffusers" itself the
@@ -37,6 +38,6 @@ if TYPE_CHECKING:
 
     from .errors import InputError  # noqa: F401
     from .models import PRESETS, MMDiTTransformer2DModel, paper_preset  # noqa: F401
-    from .pipelines import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
+    from .pipelines import MMDiTControlNetPipeline, MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

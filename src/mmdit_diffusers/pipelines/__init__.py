@@ -1,4 +1,5 @@
-"""Inference: `MMDiTPipeline` and the pieces it is made of (text encoding, latent space, loading, LoRA).
+"""Inference: `MMDiTPipeline`, `MMDiTControlNetPipeline` and the pieces they are made of (text encoding, latent space,
+loading, LoRA, IP-Adapter).
 
 Names are resolved on first use (PEP 562), so that `pipelines.latents` or `pipelines.text_encoding` can be used
 (by training, by recipes) without importing the pipeline, its text-encoder classes and its LoRA loader.
@@ -12,14 +13,18 @@ from ..lazy import lazy_exports
 
 _EXPORTS = {
     "MMDiTLoraLoaderMixin": ".lora",
+    "MMDiTIPAdapterMixin": ".ip_adapter",
     "MMDiTPipeline": ".pipeline_mmdit",
     "MMDiTPipelineOutput": ".pipeline_mmdit",
+    "MMDiTControlNetPipeline": ".pipeline_mmdit_controlnet",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .ip_adapter import MMDiTIPAdapterMixin  # noqa: F401
     from .lora import MMDiTLoraLoaderMixin  # noqa: F401
     from .pipeline_mmdit import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
+    from .pipeline_mmdit_controlnet import MMDiTControlNetPipeline  # noqa: F401
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -79,8 +79,12 @@ class MMDiTTransformer2DModel(
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["MMDiTBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _no_split_modules = ["MMDiTBlock"]  # as SD3's ["JointTransformerBlock"]
+    _repeated_blocks = ["MMDiTBlock"]  # compile_repeated_blocks(): one compilation serves every block
+    # Layerwise casting (e.g. float8 storage) leaves these in the compute dtype, the layers SD3 leaves: the patch
+    # embedding (SD3's pos_embed.proj, our x_embedder), the AdaLN modulations (SD3's norm1*, our *.modulation),
+    # the final norm and the QK-norms. No module is kept in float32 on load (`_keep_in_fp32_modules`), as SD3.
+    _skip_layerwise_casting_patterns = ["pos_embed", "x_embedder", "norm", "modulation"]
 
     @register_to_config
     def __init__(

@@ -48,17 +48,6 @@ from mmdit_diffusers.shapes.scorer import evaluate  # noqa: E402
 from mmdit_diffusers.shapes.shipped import load_pipeline, resolve_model  # noqa: E402
 
 
-def _current_timestep(pipe):
-    """A callable returning the timestep of the transformer call in progress (what FasterCache and PAB ask for)."""
-    seen = {}
-
-    def record(module, args, kwargs):
-        seen["t"] = float(kwargs["timestep"].flatten()[0])
-
-    pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
-    return lambda: seen["t"]
-
-
 def first_block_cache(threshold: float):
     def apply(pipe):
         from diffusers import FirstBlockCacheConfig
@@ -80,7 +69,7 @@ def faster_cache(pipe):
         spatial_attention_block_identifiers=("transformer_blocks.*attn",),
         attention_weight_callback=lambda _: 0.5,
         tensor_format="BCHW",
-        current_timestep_callback=_current_timestep(pipe),
+        current_timestep_callback=lambda: pipe.current_timestep,
         _unconditional_conditional_input_kwargs_identifiers=(*_UNCOND_COND_INPUT_KWARGS_IDENTIFIERS, "pooled_projections"),
     ))
 
@@ -92,7 +81,7 @@ def pyramid_attention_broadcast(pipe):
         spatial_attention_block_skip_range=2,
         spatial_attention_timestep_skip_range=(100, 800),
         spatial_attention_block_identifiers=("transformer_blocks",),
-        current_timestep_callback=_current_timestep(pipe),
+        current_timestep_callback=lambda: pipe.current_timestep,
     ))
 
 

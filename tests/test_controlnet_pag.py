@@ -207,6 +207,10 @@ def test_mmdit_controlnet_pipeline_runs_our_own_layouts(tmp_path):
                    controlnet_conditioning_scale=0.0)
     np.testing.assert_allclose(free, _images(base, num_inference_steps=None, guidance_scale=None), atol=1e-6)
     assert np.abs(controlled - free).max() > 1e-3
+    # skip-layer guidance: its extra call on the positive half gets that half's control latents
+    skipped = _images(pipe, num_inference_steps=4, guidance_scale=None, control_image=picture(8),
+                      skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    assert np.abs(skipped - _images(pipe, num_inference_steps=4, guidance_scale=None, control_image=picture(8))).max() > 1e-4
     pipe.save_pretrained(tmp_path)
     reloaded = MMDiTControlNetPipeline.from_pretrained(tmp_path)
     np.testing.assert_allclose(_images(reloaded, num_inference_steps=None, guidance_scale=None,

@@ -23,6 +23,8 @@ _EXPORTS = {
     "paper_preset": ".models",
     "MMDiTPipeline": ".pipelines",
     "MMDiTPipelineOutput": ".pipelines",
+    "MMDiTImg2ImgPipeline": ".pipelines",
+    "MMDiTInpaintPipeline": ".pipelines",
     "MMDiTControlNetPipeline": ".pipelines",
     "InputError": ".errors",
     # diffusers' pipeline loader looks up, in the library that model_index.json names, both the component's class
@@ -38,6 +40,12 @@ if TYPE_CHECKING:
 
     from .errors import InputError  # noqa: F401
     from .models import PRESETS, MMDiTTransformer2DModel, paper_preset  # noqa: F401
-    from .pipelines import MMDiTControlNetPipeline, MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
+    from .pipelines import (  # noqa: F401
+        MMDiTControlNetPipeline,
+        MMDiTImg2ImgPipeline,
+        MMDiTInpaintPipeline,
+        MMDiTPipeline,
+        MMDiTPipelineOutput,
+    )
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

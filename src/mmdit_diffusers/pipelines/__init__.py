@@ -1,5 +1,6 @@
-"""Inference: `MMDiTPipeline`, `MMDiTControlNetPipeline` and the pieces they are made of (text encoding, latent space,
-loading, LoRA, IP-Adapter).
+"""Inference: `MMDiTPipeline` (text-to-image), `MMDiTImg2ImgPipeline`, `MMDiTInpaintPipeline` and
+`MMDiTControlNetPipeline`, and the pieces they are made of (text encoding, latent space, loading, LoRA,
+IP-Adapter).
 
 Names are resolved on first use (PEP 562), so that `pipelines.latents` or `pipelines.text_encoding` can be used
 (by training, by recipes) without importing the pipeline, its text-encoder classes and its LoRA loader.
@@ -16,6 +17,8 @@ _EXPORTS = {
     "MMDiTIPAdapterMixin": ".ip_adapter",
     "MMDiTPipeline": ".pipeline_mmdit",
     "MMDiTPipelineOutput": ".pipeline_mmdit",
+    "MMDiTImg2ImgPipeline": ".pipeline_mmdit_img2img",
+    "MMDiTInpaintPipeline": ".pipeline_mmdit_inpaint",
     "MMDiTControlNetPipeline": ".pipeline_mmdit_controlnet",
 }
 
@@ -26,5 +29,7 @@ if TYPE_CHECKING:
     from .lora import MMDiTLoraLoaderMixin  # noqa: F401
     from .pipeline_mmdit import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
     from .pipeline_mmdit_controlnet import MMDiTControlNetPipeline  # noqa: F401
+    from .pipeline_mmdit_img2img import MMDiTImg2ImgPipeline  # noqa: F401
+    from .pipeline_mmdit_inpaint import MMDiTInpaintPipeline  # noqa: F401
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

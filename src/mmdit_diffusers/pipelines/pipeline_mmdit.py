@@ -160,7 +160,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         )
         self.register_sampler_defaults(**(sampler_defaults or {}))
         self.vae_scale_factor = vae_scale_factor(vae)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # latent-channel tensors given as images are taken as latents (img2img, inpainting), as SD3's
+        latent_channels = vae.config.latent_channels if vae is not None else 16
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, vae_latent_channels=latent_channels)
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else CLIP_TOKENS
         self.default_sample_size = getattr(transformer, "sample_size", None) or 128
         self.patch_size = transformer.config.patch_size if transformer is not None else 2
@@ -618,8 +620,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
 
         Examples:
         """
-        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        return self._generate(NoiseStart(), **arguments)
+        return self._generate(NoiseStart(), **call_arguments(locals()))
 
     def _generate(
         self,
@@ -855,6 +856,12 @@ class NoiseStart:
 
     def images(self, pipe, latents, output_type):
         return pipe.decode_latents(latents, output_type)
+
+
+def call_arguments(call_locals: dict, *start_arguments: str) -> dict:
+    """A pipeline `__call__`'s arguments (its `locals()`, read first thing) for `_generate`: all but `self` and the
+    ones its start object takes (`start_arguments`)."""
+    return {k: v for k, v in call_locals.items() if k not in ("self", "__class__", *start_arguments)}
 
 
 def resolution_shift_mu(image_tokens: int, base_tokens: int, max_tokens: int, base_shift: float, max_shift: float) -> float:

@@ -11,10 +11,10 @@ import torch
 from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 from PIL import Image, ImageDraw
 
-from mmdit_diffusers import MMDiTImg2ImgPipeline, MMDiTInpaintPipeline, MMDiTPipeline
+from mmdit_diffusers import MMDiTImg2ImgPipeline, MMDiTInpaintPipeline, MMDiTPipeline, MMDiTTransformer2DModel
 from mmdit_diffusers.errors import InputError
 from mmdit_diffusers.pipelines.latents import encode_images
-from tiny_pipeline import save_tiny_sd3_pipeline
+from tiny_pipeline import save_tiny_sd3_pipeline, tiny_sd3_components, tiny_sd3_transformer
 
 PROMPTS = ["a red circle", "two blue squares"]
 SIZE = 16  # the tiny folders' default image side
@@ -125,6 +125,19 @@ def test_inpaint_with_padding_mask_crop_as_sd3(inpaint_dirs):
     assert [im.size for im in got] == [im.size for im in expected] == [(32, 32)] * 4
     diff = max(np.abs(np.asarray(g, dtype=int) - np.asarray(e, dtype=int)).max() for g, e in zip(got, expected))
     assert diff <= 1  # uint8 pixels: at most one rounding step apart
+
+
+def test_inpaint_with_an_inpainting_transformer_as_sd3():
+    """A transformer trained for inpainting reads the mask and the masked image's latents as input channels."""
+    components = tiny_sd3_components(seed=7, latent_channels=16, shift_factor=0.0)
+    components["transformer"] = tiny_sd3_transformer(seed=7, latent_channels=16, in_channels=33)
+    sd3 = _quiet(StableDiffusion3InpaintPipeline(**components, image_encoder=None, feature_extractor=None))
+    transformer = MMDiTTransformer2DModel.from_sd3(components["transformer"])
+    ours = _quiet(MMDiTInpaintPipeline(**{**components, "transformer": transformer}))
+    for strength in (1.0, 0.7):
+        run = dict(image=_picture(5), mask_image=_mask(), strength=strength, num_inference_steps=3, output_type="np")
+        expected, got = _run(sd3, **run), _run(ours, **run)
+        assert np.abs(got - expected).max() <= 1e-4
 
 
 def test_inpaint_keeps_the_image_outside_the_mask(inpaint_dirs):

@@ -72,3 +72,23 @@ def test_without_classifier_free_guidance_it_warns_and_does_nothing(pipe, caplog
         slg = pipe("a red circle", guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **run, **SLG).images
     assert np.array_equal(plain, slg)
     assert any("no effect without classifier-free guidance" in r.getMessage() for r in caplog.records)
+
+
+def test_img2img_and_inpainting_take_it_too(pipe):
+    from PIL import Image
+
+    from mmdit_diffusers import MMDiTImg2ImgPipeline, MMDiTInpaintPipeline
+
+    picture, mask = Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("L", (16, 16), 255)
+    for cls, extra in ((MMDiTImg2ImgPipeline, {}), (MMDiTInpaintPipeline, {"mask_image": mask})):
+        sibling = cls(**pipe.components)
+        calls = []
+        handle = sibling.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(kwargs.get("skip_layers")), with_kwargs=True
+        )
+        try:
+            sibling("a red circle", image=picture, strength=1.0, num_inference_steps=10, guidance_scale=3.0,
+                    output_type="latent", **extra, **SLG)
+        finally:
+            handle.remove()
+        assert calls.count([0]) == 4 and len(calls) == 14, cls.__name__

@@ -135,12 +135,13 @@ def tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def tiny_sd3_transformer(seed: int, pooled_dim: int = 2 * CLIP_DIM, text_dim: int = T5_DIM,
-                         latent_channels: int = LATENT_CHANNELS) -> SD3Transformer2DModel:
+                         latent_channels: int = LATENT_CHANNELS, in_channels: int | None = None) -> SD3Transformer2DModel:
+    """`in_channels` defaults to `latent_channels`; an inpainting transformer takes 2 * latent_channels + 1."""
     with _seeded(seed):
         model = SD3Transformer2DModel(
             sample_size=SAMPLE_SIZE,
             patch_size=2,
-            in_channels=latent_channels,
+            in_channels=in_channels or latent_channels,
             num_layers=2,
             attention_head_dim=8,
             num_attention_heads=4,

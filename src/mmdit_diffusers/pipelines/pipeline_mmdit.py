@@ -352,16 +352,17 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
                 )
 
         positive = positive.repeat(num_images_per_prompt)
-        negative = negative.repeat(num_images_per_prompt) if negative is not None else None
-        outputs = (
-            positive.embeds,
-            negative.embeds if negative else None,
-            positive.pooled,
-            negative.pooled if negative else None,
-        )
+        prompt_embeds, pooled_prompt_embeds, prompt_attention_mask = positive.embeds, positive.pooled, positive.mask
+        negative_prompt_embeds = negative_pooled_prompt_embeds = negative_prompt_attention_mask = None
+        if negative is not None:
+            negative = negative.repeat(num_images_per_prompt)
+            negative_prompt_embeds, negative_pooled_prompt_embeds = negative.embeds, negative.pooled
+            negative_prompt_attention_mask = negative.mask
+        # returned by name, as SD3's: diffusers' pipeline tests read `__call__` argument names off these statements
         if return_attention_mask:
-            outputs += (positive.mask, negative.mask if negative else None)
-        return outputs
+            return (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                    prompt_attention_mask, negative_prompt_attention_mask)
+        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     # ----------------------------------------------------------------------------------------------------------
     # Checks and latents

@@ -46,7 +46,9 @@ class ImageStart(NoiseStart):
         if self.image is None:
             raise InputError("`image` is required: the picture to start from (PIL image, array, tensor, or a list).")
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:
-            raise InputError(f"`strength` must be a number in [0, 1] (how much of the image to redraw); got {self.strength!r}.")
+            raise InputError(
+                f"`strength` must be a number in [0, 1] (how much of the image to redraw); got {self.strength!r}."
+            )
 
     def timesteps(self, pipe, timesteps, num_inference_steps):
         kept = min(num_inference_steps * self.strength, num_inference_steps)

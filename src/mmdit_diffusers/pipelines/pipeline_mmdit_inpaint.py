@@ -43,7 +43,8 @@ class MaskedImageStart(ImageStart):
 
     def __init__(self, image, mask_image, masked_image_latents, strength, padding_mask_crop):
         super().__init__(image, strength)
-        self.mask_image, self.masked_image_latents, self.padding_mask_crop = mask_image, masked_image_latents, padding_mask_crop
+        self.mask_image, self.masked_image_latents = mask_image, masked_image_latents
+        self.padding_mask_crop = padding_mask_crop
 
     def check(self, pipe, output_type) -> None:
         super().check(pipe, output_type)
@@ -77,12 +78,13 @@ class MaskedImageStart(ImageStart):
             self.image, height=height, width=width, crops_coords=crops_coords, resize_mode=resize
         ).to(dtype=torch.float32)
 
+        latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         self.conditioned = pipe.transformer.in_channels != pipe.vae.config.latent_channels
         self.image_latents = None
         if not self.conditioned or (latents is None and self.strength < 1):
             self.image_latents = self.to_latents(pipe, image, batch_size, dtype, device, generator)
         if latents is None:
-            shape = (batch_size, pipe.vae.config.latent_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+            shape = (batch_size, pipe.vae.config.latent_channels, *latent_size)
             self.noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if self.strength == 1:
                 latents = self.noise
@@ -94,8 +96,7 @@ class MaskedImageStart(ImageStart):
         mask = pipe.mask_processor.preprocess(
             self.mask_image, height=height, width=width, resize_mode=resize, crops_coords=crops_coords
         )
-        latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        self.mask = _fill_batch(F.interpolate(mask, size=latent_size).to(device=device, dtype=dtype), batch_size, "mask_image")
+        self.mask = _fill_batch(F.interpolate(mask, size=latent_size).to(device=device, dtype=dtype), batch_size)
         if self.conditioned:
             masked = self.masked_image_latents
             if masked is None:
@@ -219,11 +220,11 @@ class MMDiTInpaintPipeline(MMDiTPipeline):
         return self._generate(start, **arguments)
 
 
-def _fill_batch(tensor: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
-    """`tensor`'s rows repeated in turn to `batch_size` rows, as SD3 repeats masks."""
-    if batch_size % tensor.shape[0]:
+def _fill_batch(mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The masks [n, 1, h, w] repeated in turn to `batch_size` rows, as SD3 repeats them."""
+    if batch_size % mask.shape[0]:
         raise InputError(
-            f"`{name}` holds {tensor.shape[0]} masks, which do not divide the batch of {batch_size} "
+            f"`mask_image` holds {mask.shape[0]} masks, which do not divide the batch of {batch_size} "
             "(prompts x num_images_per_prompt)."
         )
-    return tensor.repeat(batch_size // tensor.shape[0], 1, 1, 1)
+    return mask.repeat(batch_size // mask.shape[0], 1, 1, 1)

@@ -70,7 +70,9 @@ def faster_cache(pipe):
         attention_weight_callback=lambda _: 0.5,
         tensor_format="BCHW",
         current_timestep_callback=lambda: pipe.current_timestep,
-        _unconditional_conditional_input_kwargs_identifiers=(*_UNCOND_COND_INPUT_KWARGS_IDENTIFIERS, "pooled_projections"),
+        _unconditional_conditional_input_kwargs_identifiers=(
+            *_UNCOND_COND_INPUT_KWARGS_IDENTIFIERS, "pooled_projections"
+        ),
     ))
 
 
@@ -173,15 +175,15 @@ def markdown(result: dict, env: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, row in rows.items():
         scores = [f"{row['scores'][c]:.1%}" for c in categories]
-        lines.append(f"| {name} | {row['s_per_image']:.3f} | {row['time_ratio']:.2f} | {row['attention_computed']:.0%} | "
-                     + " | ".join(scores) + " |")
+        cells = [name, f"{row['s_per_image']:.3f}", f"{row['time_ratio']:.2f}", f"{row['attention_computed']:.0%}"]
+        lines.append("| " + " | ".join(cells + scores) + " |")
     clock = "CPU" if env["clock"] == "cpu" else "wall"
     lines.append("")
     lines.append(
-        f"{result['prompts']} prompts (seed {result['seed']}, batches of {result['batch_size']}), `pipelines/mmdit-shapes` "
-        f"at its stored sampler settings; s / image: {clock} seconds of the process per image, {env['torch_threads']} "
-        f"intra-op thread(s); x none: median over rounds of the hook's time / the no-hook time; attention run: the "
-        f"joint attentions' computed batch rows / the no-hook run's. {env['cpu']} "
+        f"{result['prompts']} prompts (seed {result['seed']}, batches of {result['batch_size']}), "
+        f"`pipelines/mmdit-shapes` at its stored sampler settings; s / image: {clock} seconds of the process per "
+        f"image, {env['torch_threads']} intra-op thread(s); x none: median over rounds of the hook's time / the "
+        f"no-hook time; attention run: the joint attentions' computed batch rows / the no-hook run's. {env['cpu']} "
         f"({', '.join(env['cpu_flags'])}), {env['cpu_count']} cores, load average {env['load_average'][0]:.1f} at the "
         f"start; torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}."
     )
@@ -191,7 +193,7 @@ def markdown(result: dict, env: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=list(HOOKS),
-                        help="hooks to run; the first is the reference of the ratio column (default: all, 'none' first)")
+                        help="hooks to run; the first is the ratio column's reference (default: all, 'none' first)")
     parser.add_argument("--limit", type=int, default=None, help="the first N prompts only (default: all 480)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="as `mmdit-diffusers evaluate` (default 16)")

@@ -198,8 +198,8 @@ def test_mmdit_controlnet_pipeline_runs_our_own_layouts(tmp_path):
     with _seeded(18):
         controlnet = _randomize(SD3ControlNetModel(
             sample_size=SAMPLE_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=32, pooled_projection_dim=CLIP_DIM,
-            out_channels=LATENT_CHANNELS, pos_embed_max_size=16,
+            num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=32,
+            pooled_projection_dim=CLIP_DIM, out_channels=LATENT_CHANNELS, pos_embed_max_size=16,
         ), 0.05)
     pipe = MMDiTControlNetPipeline.from_pipe(base, controlnet=controlnet)
     controlled = _images(pipe, num_inference_steps=None, guidance_scale=None, control_image=picture(8))
@@ -208,9 +208,10 @@ def test_mmdit_controlnet_pipeline_runs_our_own_layouts(tmp_path):
     np.testing.assert_allclose(free, _images(base, num_inference_steps=None, guidance_scale=None), atol=1e-6)
     assert np.abs(controlled - free).max() > 1e-3
     # skip-layer guidance: its extra call on the positive half gets that half's control latents
-    skipped = _images(pipe, num_inference_steps=4, guidance_scale=None, control_image=picture(8),
-                      skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
-    assert np.abs(skipped - _images(pipe, num_inference_steps=4, guidance_scale=None, control_image=picture(8))).max() > 1e-4
+    four_steps = dict(num_inference_steps=4, guidance_scale=None, control_image=picture(8))
+    skipped = _images(pipe, **four_steps, skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+                      skip_layer_guidance_stop=1.0)
+    assert np.abs(skipped - _images(pipe, **four_steps)).max() > 1e-4
     pipe.save_pretrained(tmp_path)
     reloaded = MMDiTControlNetPipeline.from_pretrained(tmp_path)
     np.testing.assert_allclose(_images(reloaded, num_inference_steps=None, guidance_scale=None,
@@ -233,7 +234,8 @@ def test_mmdit_controlnet_pipeline_errors(components, transformers):
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["pag-only", "pag-and-cfg"])
 def test_pag_pipeline_same_images(components, transformers, guidance_scale):
     def build(transformer):
-        return StableDiffusion3PAGPipeline(**{**components, "transformer": transformer}, pag_applied_layers=["blocks.0"])
+        return StableDiffusion3PAGPipeline(**{**components, "transformer": transformer},
+                                           pag_applied_layers=["blocks.0"])
 
     expected, got = _both(transformers, build, guidance_scale=guidance_scale, pag_scale=3.0)
     _assert_same(expected, got)

@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2
 from diffusers.models.modeling_utils import _LOW_CPU_MEM_USAGE_DEFAULT
 
 from ..errors import InputError
+from .attention import MMDiTAttnProcessor
 
 IMAGE_EMBEDS_KEY = "ip_adapter_image_embeds"
 
@@ -34,9 +35,10 @@ class MMDiTIPAdapterAttnProcessor(SD3IPAdapterJointAttnProcessor2_0):
                  temb=None, **kwargs):
         if attention_mask is not None:
             raise InputError(
-                "An IP-Adapter cannot mask text padding (diffusers' SD3 IP-Adapter attention takes no mask), and this "
-                "batch needs a mask: its prompts have different text padding. Use one prompt per batch without "
-                "classifier-free guidance, prompts of equal length, or a transformer with use_text_attention_mask=False."
+                "An IP-Adapter cannot mask text padding (diffusers' SD3 IP-Adapter attention takes no mask), and "
+                "this batch needs a mask: its prompts have different text padding. Use one prompt per batch without "
+                "classifier-free guidance, prompts of equal length, or a transformer with "
+                "use_text_attention_mask=False."
             )
         return super().__call__(attn, hidden_states, encoder_hidden_states, None, ip_hidden_states, temb)
 
@@ -82,15 +84,16 @@ class MMDiTIPAdapterLoadersMixin(SD3Transformer2DLoadersMixin):
         image_proj = self._convert_ip_adapter_image_proj_to_diffusers(state_dict["image_proj"], low_cpu_mem_usage)
         unfilled = [name for name, tensor in image_proj.state_dict().items() if tensor.is_meta]
         if unfilled:  # diffusers builds a 4-layer resampler whatever the file holds
-            raise InputError(f"The IP-Adapter's `image_proj` weights do not fill diffusers' IPAdapterTimeImageProjection: "
-                             f"missing {unfilled[:6]}{' ...' if len(unfilled) > 6 else ''}.")
+            more = " ..." if len(unfilled) > 6 else ""
+            raise InputError(f"The IP-Adapter's `image_proj` weights do not fill diffusers' "
+                             f"IPAdapterTimeImageProjection: missing {unfilled[:6]}{more}.")
         self.image_proj = image_proj.to(self.device, self.dtype)
 
-    def _unload_ip_adapter_weights(self, default_processor) -> None:
-        """Remove the image projection and give each IP-Adapter attention `default_processor()`."""
+    def _unload_ip_adapter_weights(self) -> None:
+        """Remove the image projection and give each IP-Adapter attention our default processor back."""
         self.image_proj = None
         self.set_attn_processor({
-            name: default_processor() if isinstance(processor, SD3IPAdapterJointAttnProcessor2_0) else processor
+            name: MMDiTAttnProcessor() if isinstance(processor, SD3IPAdapterJointAttnProcessor2_0) else processor
             for name, processor in self.attn_processors.items()
         })
 

@@ -15,7 +15,6 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import SD3IPAdapterMixin
 
 from ..errors import InputError
-from ..models.attention import MMDiTAttnProcessor
 from ..models.ip_adapter import IMAGE_EMBEDS_KEY
 
 
@@ -29,7 +28,7 @@ class MMDiTIPAdapterMixin(SD3IPAdapterMixin):
             if getattr(self, name, None) is not None:
                 setattr(self, name, None)
                 self.register_to_config(**{name: (None, None)})
-        self.transformer._unload_ip_adapter_weights(MMDiTAttnProcessor)
+        self.transformer._unload_ip_adapter_weights()
 
     def encode_image(self, image: PipelineImageInput, device: torch.device) -> torch.Tensor:
         """The image encoder's penultimate hidden states [B, patches, width] (SD3's image-prompt features); `image`
@@ -62,10 +61,9 @@ class MMDiTIPAdapterMixin(SD3IPAdapterMixin):
         if ip_adapter_image_embeds is not None:
             expected = 2 if do_classifier_free_guidance else 1
             if ip_adapter_image_embeds.ndim != 3 or ip_adapter_image_embeds.shape[0] != expected:
-                raise InputError(
-                    f"`ip_adapter_image_embeds` has shape {tuple(ip_adapter_image_embeds.shape)}; expected "
-                    f"[{expected}, patches, width]" + (" = [negative; positive] with guidance." if expected == 2 else ".")
-                )
+                layout = " = [negative; positive] with guidance" if expected == 2 else ""
+                raise InputError(f"`ip_adapter_image_embeds` has shape {tuple(ip_adapter_image_embeds.shape)}; "
+                                 f"expected [{expected}, patches, width]{layout}.")
             embeds = ip_adapter_image_embeds.chunk(expected)
         elif ip_adapter_image is not None:
             positive = self.encode_image(ip_adapter_image, device)

@@ -137,7 +137,8 @@ class MMDiTControlNetPipeline(MMDiTPipeline):
             raise InputError("`control_image` is required: the image the ControlNet follows.")
         images = images if multi else [images]
         if multi and (not isinstance(images, (list, tuple)) or len(images) != nets):
-            raise InputError(f"`control_image` must be a list of {nets} images, one per ControlNet; got {images!r:.80}.")
+            raise InputError(f"`control_image` must be a list of {nets} images, one per ControlNet; got "
+                             f"{type(images).__name__}.")
         per_net = {}
         for name, value in (("controlnet_conditioning_scale", scales), ("control_guidance_start", starts),
                             ("control_guidance_end", ends)):

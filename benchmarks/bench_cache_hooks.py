@@ -15,7 +15,8 @@ Hook settings (`HOOKS`), for this 4-block model and 40-step sampler; timestep ra
 - FirstBlockCache(threshold=0.05), diffusers' default, and 0.3: the blocks after the first rerun only when the first
   block's output residual changed by more than that (relative mean absolute difference) since they last ran. The
   shipped sampler is stochastic (fresh noise every step), so the residual changes a lot: 0.3 is the largest of
-  0.05 / 0.2 / 0.3 / 0.5 / 0.8 that kept the score on 16 single-object prompts (0.5: 12.5%).
+  0.05 / 0.2 / 0.3 / 0.5 / 0.8 that kept 16 single-object prompts right (0.5: 2 of 16); over all prompts it still
+  costs points (benchmarks/README.md).
 - FasterCache: attention outputs reused every other step (block skip range 2) for t < 681, the unconditional half
   of the guidance batch recomputed every 5th step for t < 641 and extrapolated from the conditional half
   (frequency-domain deltas) otherwise; attention weight 0.5, diffusers' defaults otherwise; the transformer's

@@ -1,8 +1,8 @@
-"""diffusers' model-test mixins, ported (the installed wheel has no tests): from diffusers' `tests/models/testing_utils/`
-(`common.py`: `BaseModelTesterConfig`, `ModelTesterMixin`; `training.py`: `TrainingTesterMixin`; `compile.py`:
-`TorchCompileTesterMixin`) and the helpers they use from `tests/testing_utils.py`, at huggingface/diffusers
-58eb52c080. The test bodies and tolerances are diffusers'; the adaptations are listed in
-`test_models_transformer_mmdit.py`'s docstring and marked `# adaptation:` here.
+"""diffusers' model-test mixins, ported (the installed wheel has no tests): from diffusers'
+`tests/models/testing_utils/` (`common.py`: `BaseModelTesterConfig`, `ModelTesterMixin`; `training.py`:
+`TrainingTesterMixin`; `compile.py`: `TorchCompileTesterMixin`) and the helpers they use from
+`tests/testing_utils.py`, at huggingface/diffusers 58eb52c080. The test bodies and tolerances are diffusers'; the
+adaptations are listed in `test_models_transformer_mmdit.py`'s docstring and marked `adaptation:` here.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def full_determinism():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.use_deterministic_algorithms(before[0])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = before[1:]
+    cudnn = torch.backends.cudnn
+    cudnn.deterministic, cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = before[1:]
     for key, value in env.items():
         if value is None:
             os.environ.pop(key, None)
@@ -197,8 +198,8 @@ class BaseModelOutputMixin:
 @pytest.mark.usefixtures("full_determinism")
 class ModelTesterMixin(BaseModelOutputMixin):
     """diffusers' `ModelTesterMixin`, every test that runs without several accelerators. adaptation: the two
-    sharded-checkpoint tests, accelerator-gated in diffusers, run on the CPU too; `test_from_save_pretrained_dtype_inference`
-    is `AcceleratorInferenceTesterMixin`; left out: `test_model_parallelism` (two accelerators) and the
+    sharded-checkpoint tests, accelerator-gated in diffusers, run on the CPU too;
+    `test_from_save_pretrained_dtype_inference` is `AcceleratorInferenceTesterMixin`; left out: `test_model_parallelism` (two accelerators) and the
     `_keep_in_fp32_modules` tests (they skip for a model without such modules, as SD3)."""
 
     @torch.no_grad()

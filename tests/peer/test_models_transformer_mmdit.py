@@ -38,6 +38,7 @@ from diffusers_model_testing import (
     ModelTesterMixin,
     TorchCompileTesterMixin,
     TrainingTesterMixin,
+    full_determinism,  # noqa: F401  (the mixins' fixture; a conftest here would shadow tests/conftest.py's module)
     torch_device,
 )
 

@@ -1,5 +1,11 @@
 """Foreign checkpoints <-> MMDiT, as functions on configs and state dicts (this package never imports the model)."""
 
+from .legacy import (
+    current_module_name_to_legacy,
+    is_legacy_layout,
+    legacy_module_name_to_current,
+    legacy_state_dict_to_current,
+)
 from .sd3 import (
     is_sd3_module_name,
     mmdit_config_to_sd3,
@@ -12,6 +18,10 @@ from .sd3 import (
 )
 
 __all__ = [
+    "current_module_name_to_legacy",
+    "is_legacy_layout",
+    "legacy_module_name_to_current",
+    "legacy_state_dict_to_current",
     "is_sd3_module_name",
     "mmdit_config_to_sd3",
     "mmdit_module_name_to_sd3",

@@ -188,8 +188,9 @@ class MMDiTAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __call__(self, attn: MMDiTAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+    def __call__(self, attn: MMDiTAttention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb=None, **kwargs):
         query, key, value = attn.image_qkv(hidden_states)
         if encoder_hidden_states is not None:
             txt = attn.text_qkv(encoder_hidden_states)

@@ -1,8 +1,9 @@
 """MMDiTTransformer2DModel: the Multimodal Diffusion Transformer (Esser et al. 2024, arXiv 2403.03206).
 
-Its sibling modules, bottom up: `attention` (Q/K/V projections, the attention kernel, joint attention over both
-streams), `embeddings` (patches, positions, the conditioning vector), `blocks` (named AdaLN modulation, the
-`Stream` used for image and text, the double-stream `MMDiTBlock`), `presets` (named sizes).
+Its sibling modules, bottom up: `attention` (the diffusers attention module with SD3's names and its processor,
+joint attention over both streams through diffusers' attention dispatch), `embeddings` (patches, positions, the
+conditioning vector), `blocks` (named AdaLN modulation, the `Stream` (modulation and MLP) used for image and text, the
+double-stream `MMDiTBlock`), `presets` (named sizes).
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ class MMDiTTransformer2DModel(
 
     Parts, in forward order: `x_embedder` + `pos_embed` (image tokens), `context_embedder` (text tokens),
     `timestep_mlp` + `pooled_text_mlp` (`vec`), `transformer_blocks` (`MMDiTBlock`: an `img` and a `txt` `Stream`,
-    each modulated by named shift / scale / gate vectors per sub-layer, joined by one `attention`), `norm_out`
-    (shift / scale of the final norm) and `proj_out`. Plain `nn.Linear` layers and PyTorch's
-    `scaled_dot_product_attention` throughout; `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the
-    kernels from outside for bfloat16 on CPUs without bfloat16 instructions. `from_sd3` / `to_sd3` convert diffusers'
-    SD3 transformer through `mmdit_diffusers.conversion.sd3`.
+    each modulated by named shift / scale / gate vectors per sub-layer, joined by the joint attention `attn`, a
+    diffusers `Attention` with SD3's names; `attn2` in dual-attention blocks), `norm_out` (shift / scale of the final
+    norm) and `proj_out`. Plain `nn.Linear` layers; attention through processors (`attn_processors`,
+    `set_attn_processor`) and diffusers' attention dispatch (`set_attention_backend`);
+    `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the kernels from outside for bfloat16 on CPUs
+    without bfloat16 instructions. diffusers' cache hooks (`enable_cache`), `compile_repeated_blocks()` and
+    `enable_layerwise_casting()` work as for SD3. `from_sd3` / `to_sd3` convert diffusers' SD3 transformer through
+    `mmdit_diffusers.conversion.sd3`; checkpoints of the first layout load through `mmdit_diffusers.conversion.legacy`.
 
     Parameters:
         img_dim (`int`): Feature size of one image token, a patch of the latent: `in_channels * patch_size**2`.

@@ -23,6 +23,9 @@ diffusers'. Adaptations, each marked `# adaptation` below:
    projection layers in place under the same processor. The fusion check is the one diffusers uses for those
    (`check_qkv_fused_layers_exist`, here on both streams: `to_qkv` and `to_added_qkv`); the processor count is
    compared with the processors before fusing. The three image comparisons are unchanged.
+7. diffusers' mixin sets logger levels and leaves them set (`_test_inference_batch_consistent` leaves the
+   pipeline module's logger at WARNING); a fixture puts every logger's level back after each test, so that the
+   rest of this repository's suite sees the levels it sets.
 
 Tests that need an accelerator (`require_accelerator`, `require_torch_accelerator`, float16 on CUDA / XPU, xformers
 on CUDA) are skipped on a CPU-only machine by diffusers' own decorators, as in diffusers: test_float16_inference,
@@ -33,6 +36,7 @@ test_pipeline_level_group_offloading_sanity_checks, test_pipeline_level_group_of
 """
 
 import functools
+import logging
 import os
 import tempfile
 import unittest
@@ -40,6 +44,7 @@ from unittest import mock
 
 import diffusers
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
@@ -54,6 +59,19 @@ from mmdit_diffusers import MMDiTPipeline, MMDiTTransformer2DModel
 from mmdit_diffusers.shapes.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 PROMPT = "A painting of a squirrel eating a burger"
+
+
+@pytest.fixture(autouse=True)
+def restore_logger_levels():
+    # adaptation 7
+    def loggers():
+        known = logging.Logger.manager.loggerDict.values()
+        return [logging.getLogger(), *(logger for logger in known if isinstance(logger, logging.Logger))]
+
+    levels = {logger: logger.level for logger in loggers()}
+    yield
+    for logger in loggers():
+        logger.setLevel(levels.get(logger, logging.NOTSET))
 
 
 @functools.lru_cache(maxsize=None)

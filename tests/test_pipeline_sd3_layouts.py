@@ -67,10 +67,13 @@ def test_optional_components_are_what_the_pipeline_runs_without():
     _, sd3_layout = _pair(with_t5=True)
     one_clip = tiny_mmdit_pipeline(layout="clip_t5")
     # what a saved folder may lack (diffusers' loaders read the class)
-    assert MMDiTPipeline._optional_components == ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    image_prompt = ["image_encoder", "feature_extractor"]  # an IP-Adapter's, as SD3
+    assert MMDiTPipeline._optional_components == ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
+                                                  *image_prompt]
     # what each pipeline runs without: an SD3-layout transformer needs both CLIPs' pooled outputs
-    assert sd3_layout._optional_components == ["text_encoder_3", "tokenizer_3"]
-    assert one_clip._optional_components == ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    assert sd3_layout._optional_components == ["text_encoder_3", "tokenizer_3", *image_prompt]
+    assert one_clip._optional_components == ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
+                                             *image_prompt]
 
 
 def test_sd3_layout_without_its_second_clip_names_it():

@@ -7,8 +7,6 @@ CLIPTextModelWithProjection, T5EncoderModel, local tokenizers) and saved with `s
 from __future__ import annotations
 
 import copy
-import json
-import logging
 
 import numpy as np
 import pytest
@@ -117,19 +115,3 @@ def test_sd3_lora_parity(sd3_dir, tmp_path):
     with_lora = _images(ours, 3.0)
     assert np.abs(with_lora - without).max() > 1e-3
     assert np.abs(with_lora - _images(reference, 3.0)).max() <= 1e-4
-
-
-def test_sd35_image_encoder_is_skipped(sd3_dir, tmp_path, caplog):
-    """SD3.5 folders also list an IP-Adapter image encoder and feature extractor: not loaded, with a log line."""
-    import shutil
-
-    folder = tmp_path / "sd35"
-    shutil.copytree(sd3_dir, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    index["image_encoder"] = ["transformers", "SiglipVisionModel"]
-    index["feature_extractor"] = ["transformers", "SiglipImageProcessor"]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with caplog.at_level(logging.INFO, logger="mmdit_diffusers"):
-        pipe = MMDiTPipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    assert "image_encoder" not in pipe.components
-    assert any("image_encoder" in record.getMessage() and "not" in record.getMessage().lower() for record in caplog.records)

@@ -26,6 +26,7 @@ _EXPORTS = {
     "MMDiTPipelineOutput": ".pipelines",
     "MMDiTImg2ImgPipeline": ".pipelines",
     "MMDiTInpaintPipeline": ".pipelines",
+    "MMDiTControlNetPipeline": ".pipelines",
     "InputError": ".errors",
     # diffusers' pipeline loader looks up, in the library that model_index.json names, both the component's class
     # and its loadable base class by name ("ModelMixin"); re-exporting it makes "mmdit_diffusers" itself the
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .models import PRESETS, MMDiTTransformer2DModel, paper_preset  # noqa: F401
     from .pipelines import (  # noqa: F401
         MMDiTFluxPipeline,
+        MMDiTControlNetPipeline,
         MMDiTImg2ImgPipeline,
         MMDiTInpaintPipeline,
         MMDiTPipeline,

@@ -10,8 +10,8 @@ diffusers'. Adaptations, each marked `# adaptation` below:
    built locally over the test prompt's words (`mmdit_diffusers.shapes.tokenizers`); the T5 config read from
    `hf-internal-testing/tiny-random-t5` is written out (d_model 32, d_ff 37, d_kv 8, 4 heads, 5 layers, 8 relative
    attention buckets, vocabulary 1103, ReLU feed-forward).
-3. `image_encoder` / `feature_extractor` (SD3.5's IP-Adapter components) are not arguments of MMDiTPipeline: they
-   are left out of the dummy components.
+3. (None any more: `image_encoder` / `feature_extractor`, SD3.5's IP-Adapter components, are optional components of
+   MMDiTPipeline as of SD3; the dummy components pass `None` for them, as diffusers'.)
 4. `test_inference`: diffusers' expected slice was recorded with the Hub tokenizers, which are not here; the
    expected values are `StableDiffusion3Pipeline`'s on the same components (same slice, same atol). Both run with
    the text encoders in eval mode: the dummy T5 is built in training mode (dropout 0.1), and SD3 encodes positive and
@@ -189,7 +189,6 @@ class MMDiTPipelineSD3FastTests(unittest.TestCase, PipelineTesterMixin):
     def get_dummy_components(self):
         components = sd3_dummy_components()
         components["transformer"] = MMDiTTransformer2DModel.from_sd3(components["transformer"])  # adaptation 1
-        del components["image_encoder"], components["feature_extractor"]  # adaptation 3
         return components
 
     def get_dummy_inputs(self, device, seed=0):

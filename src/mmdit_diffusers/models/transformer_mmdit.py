@@ -44,6 +44,7 @@ from .embeddings import (
     token_grid,
     unpatchify,
 )
+from .ip_adapter import MMDiTIPAdapterLoadersMixin
 from .presets import PRESETS, RECOMMENDED
 from .rope import RotaryPositionEmbedding, image_ids, text_ids
 from .single_stream import SingleStreamBlock
@@ -51,7 +52,9 @@ from .single_stream import SingleStreamBlock
 POS_EMBED_TYPES = ("sincos", "rope")
 
 
-class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(
+    ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin, MMDiTIPAdapterLoadersMixin
+):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
@@ -314,7 +317,9 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixi
             pooled_projections: pooled text [B, cond_dim].
             timestep: [B] (or a scalar) in [0, 1000], `sigma * 1000` as diffusers' SD3.
             encoder_attention_mask: [B, L], 1 for real tokens, 0 for padding; padding then takes no part in attention.
-            joint_attention_kwargs: passed to the attention processors, as SD3; `"scale"` scales LoRA layers instead.
+            joint_attention_kwargs: passed to the attention processors, as SD3; `"scale"` scales LoRA layers instead;
+                `"ip_adapter_image_embeds"` (a loaded IP-Adapter's image features) reaches them as its projection
+                `ip_hidden_states`, `temb`, as SD3 (see `models.ip_adapter`).
             block_controlnet_hidden_states: ControlNet residuals [B, image tokens, hidden_size], as SD3: after block
                 `i` (except a `context_pre_only` one), residual `int(i / (depth / len(residuals)))` is added to the
                 image tokens.
@@ -338,6 +343,7 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixi
         skip = self._check_block_options(block_controlnet_hidden_states, skip_layers)
         attention_kwargs = dict(joint_attention_kwargs or {})
         lora_scale = attention_kwargs.pop("scale", 1.0)
+        self._project_ip_adapter_image_embeds(attention_kwargs, timestep)
         if USE_PEFT_BACKEND and lora_scale != 1.0:
             scale_lora_layers(self, lora_scale)
 

@@ -23,7 +23,7 @@ FLUX_TRANSFORMER_CLASS = "FluxTransformer2DModel"
 FLUX_PIPELINE_CLASSES = ("FluxPipeline", "MMDiTFluxPipeline")  # diffusers' and ours (`_class_name`)
 # pipelines whose folders have MMDiTPipeline's components (a missing one is a broken folder, not another kind)
 SD3_LAYOUT_PIPELINES = ("MMDiTPipeline", "StableDiffusion3Pipeline")
-UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's and FLUX.1's IP-Adapter parts
+UNUSED_FLUX_COMPONENTS = ("image_encoder", "feature_extractor")  # FLUX.1 folders' IP-Adapter parts
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 SHIM_SOURCE = '''"""Lets diffusers' generic loader build this folder's pipeline:
@@ -141,11 +141,11 @@ def load_converted_flux_transformer(pretrained_model_name_or_path, kwargs: dict)
 
 
 def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
-    """Components of an SD3.5 or FLUX.1 folder that our pipelines do not use and that are not empty there."""
+    """Components of a FLUX.1 folder that our FLUX pipeline does not use and that are not empty there."""
     config = pipeline_config(pretrained_model_name_or_path, kwargs)
     if config is None:
         return []
-    return [name for name in UNUSED_SD3_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
+    return [name for name in UNUSED_FLUX_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
 
 
 def check_local_components(folder, expected: list[str], optional: list[str], passed: dict) -> None:

@@ -15,18 +15,26 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.models.autoencoders import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from ..errors import InputError
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from . import loading
 from .execution_device import execution_device
+from .ip_adapter import MMDiTIPAdapterMixin
 from .latents import denormalize_latents, vae_scale_factor
 from .lora import MMDiTLoraLoaderMixin
 from .text_encoding import TextConditioning, encode_text, needs_second_clip, uses_text_mask
@@ -55,13 +63,15 @@ EXAMPLE = """
 SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0}
 SECOND_CLIP = ("text_encoder_2", "tokenizer_2")
 T5 = ("text_encoder_3", "tokenizer_3")
+IMAGE_PROMPT = ("image_encoder", "feature_extractor")  # SD3.5's IP-Adapter parts, as SD3 declares them
 
 
 class OptionalComponents:
     """`_optional_components`, which diffusers reads in two senses, answered in each.
 
     On the class (`from_pretrained`, `from_pipe`): the components a saved folder may leave out: T5, and the second
-    CLIP, which transformers trained on one CLIP's pooled text (e.g. the Shapes pipeline) have none of. On a pipeline
+    CLIP, which transformers trained on one CLIP's pooled text (e.g. the Shapes pipeline) have none of, and the
+    IP-Adapter's image encoder and feature extractor (`load_ip_adapter` adds them). On a pipeline
     (`save_pretrained`, diffusers' optional-component tests): what this pipeline runs without: T5 always (its part of
     the sequence becomes zeros, as SD3 without T5), the second CLIP only where the transformer does not take its
     pooled output (an SD3-layout transformer cannot run without it).
@@ -69,8 +79,8 @@ class OptionalComponents:
 
     def __get__(self, pipe, owner=None) -> list[str]:
         if pipe is None:
-            return [*SECOND_CLIP, *T5]
-        return [*T5] if needs_second_clip(pipe) else [*SECOND_CLIP, *T5]
+            return [*SECOND_CLIP, *T5, *IMAGE_PROMPT]
+        return [*T5, *IMAGE_PROMPT] if needs_second_clip(pipe) else [*SECOND_CLIP, *T5, *IMAGE_PROMPT]
 
 
 @dataclass
@@ -81,7 +91,7 @@ class MMDiTPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
+class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin):
     r"""
     Text-to-image with the MMDiT (Esser et al. 2024): SD3's text conditioning and flow-matching Euler sampler.
 
@@ -95,6 +105,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             transformer takes both CLIPs' pooled outputs (SD3's layout); `None` for one-CLIP transformers.
         text_encoder_3 ([`T5EncoderModel`], *optional*) and tokenizer_3 ([`T5TokenizerFast`], *optional*): T5, whose
             states follow the CLIP states in the sequence. Without it the T5 part is zeros, as SD3 without T5.
+        image_encoder ([`SiglipVisionModel`], *optional*) and feature_extractor ([`SiglipImageProcessor`],
+            *optional*): The image prompt's encoder of an IP-Adapter (SD3.5), as SD3; `load_ip_adapter` loads them.
 
     The text sequence is `[CLIP tokens (77, channels zero-padded to the T5 width); T5 tokens]`, the pooled vector the
     CLIP pooled outputs concatenated. Transformers with `use_text_attention_mask` also get the matching token mask
@@ -106,7 +118,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
     Sharing on the Hub (model card, typed Hub errors) is `mmdit_diffusers.hub`'s `push_to_hub` / `from_pretrained`.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->image_encoder->transformer->vae"
     _optional_components = OptionalComponents()
     _callback_tensor_inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
     _sd3_call_defaults = SD3_CALL_DEFAULTS  # the SD3 pipeline's defaults this class follows
@@ -122,6 +134,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         tokenizer_2: CLIPTokenizer | None = None,
         text_encoder_3: T5EncoderModel | None = None,
         tokenizer_3: T5TokenizerFast | None = None,
+        image_encoder: SiglipVisionModel | None = None,
+        feature_extractor: SiglipImageProcessor | None = None,
         sampler_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -141,6 +155,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             tokenizer_2=tokenizer_2,
             text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
         )
         self.register_sampler_defaults(**(sampler_defaults or {}))
         self.vae_scale_factor = vae_scale_factor(vae)
@@ -198,7 +214,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """diffusers' `from_pretrained`, also for diffusers-format SD3 / SD3.5 folders and repos: their
         `SD3Transformer2DModel` is loaded with the same options (`dtype`, `variant`, ...) and converted to
-        `MMDiTTransformer2DModel`; their IP-Adapter image encoder and feature extractor are not loaded. Before a
+        `MMDiTTransformer2DModel` (an IP-Adapter image encoder and feature extractor are loaded as SD3 does). Before a
         Hub repo is loaded our package is registered with diffusers' loader (`loading.register_with_diffusers`).
         A FLUX.1 folder (diffusers' `FluxPipeline`, or one saved by `MMDiTFluxPipeline`) gives an
         `MMDiTFluxPipeline` (see there)."""
@@ -213,9 +229,6 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         loading.check_local_components(path, sorted(expected), cls._optional_components, kwargs)
         if "transformer" not in kwargs and loading.transformer_class_name(path, kwargs) == loading.SD3_TRANSFORMER_CLASS:
             kwargs["transformer"] = loading.load_converted_sd3_transformer(path, kwargs)
-        skipped = [name for name in loading.unused_components(path, kwargs) if name not in kwargs]
-        if skipped:
-            logger.info(f"Not loading {skipped}: {cls.__name__} does not use SD3.5's IP-Adapter components.")
         return super().from_pretrained(path, **kwargs)
 
     @property
@@ -518,6 +531,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         return self._num_timesteps
 
     @property
+    def current_timestep(self):
+        """The timestep of the step in progress, None outside sampling (diffusers' cache hooks read it)."""
+        return self._current_timestep
+
+    @property
     def interrupt(self):
         return self._interrupt
 
@@ -552,6 +570,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         joint_attention_kwargs: dict[str, Any] | None = None,
@@ -586,6 +606,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             negative_prompt_embeds, negative_pooled_prompt_embeds: Precomputed negative text conditioning.
             prompt_attention_mask, negative_prompt_attention_mask: Token masks of precomputed embeddings [B, L]
                 (1 real, 0 padding; ones when absent). Only models with `use_text_attention_mask` read them.
+            ip_adapter_image: An image prompt for the loaded IP-Adapter (`load_ip_adapter`), one image for the batch.
+            ip_adapter_image_embeds: Its precomputed image-encoder features instead (`prepare_ip_adapter_image_embeds`):
+                [1, patches, width], or [2, patches, width] = [negative; positive] with guidance.
             output_type: "pil", "np", "pt" or "latent" (normalised latents, not decoded).
             return_dict: Return an `MMDiTPipelineOutput` rather than a tuple.
             joint_attention_kwargs: Passed to the transformer; `{"scale": s}` scales the loaded LoRAs.
@@ -616,6 +639,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         prompt_attention_mask, negative_prompt_attention_mask, output_type, return_dict, joint_attention_kwargs,
         clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length,
         skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop, skip_layer_guidance_start, mu,
+        ip_adapter_image=None, ip_adapter_image_embeds=None,
     ) -> MMDiTPipelineOutput | tuple:
         """The generation of every MMDiT pipeline (arguments: `__call__`'s). `start` says where sampling starts: from
         noise (text-to-image), or from an image (`MMDiTImg2ImgPipeline`, `MMDiTInpaintPipeline`)."""
@@ -656,6 +680,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         self._clip_skip = clip_skip
         self._joint_attention_kwargs = joint_attention_kwargs
         self._interrupt = False
+        self._current_timestep = None
         device = self._execution_device
 
         # 1. Text conditioning; with guidance the batch is [negative; positive]
@@ -693,6 +718,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, height, width, device)
         timesteps, num_inference_steps = start.timesteps(self, timesteps, num_inference_steps)
         self._num_timesteps = len(timesteps)
+        self._joint_attention_kwargs = self.ip_adapter_attention_kwargs(
+            joint_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds, batch_size, device
+        )
         latents = start.latents(self, batch_size, height, width, dtype, device, generator, latents, timesteps)
 
         # 3. Denoising
@@ -720,6 +748,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                self._current_timestep = t
                 model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 velocity = self._guided_velocity(
                     start.model_input(model_input), t, prompt_embeds, pooled_prompt_embeds, text_mask,
@@ -740,39 +769,45 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
+        self._current_timestep = None
         return latents
 
     def _guided_velocity(self, model_input, t, prompt_embeds, pooled_prompt_embeds, text_mask, skip_layers=None):
         """The velocity of one step: one transformer call for both halves of the guidance batch, then
         `v = v_neg + guidance_scale * (v_pos - v_neg)`; with `skip_layers` (skip-layer guidance, SD3.5) one more call
         on the positive half with those blocks skipped, and `v += skip_layer_guidance_scale * (v_pos - v_skipped)`."""
-        velocity = self.transformer(
+        velocity = self._velocity(
+            "cond",
             hidden_states=model_input,
             encoder_hidden_states=prompt_embeds,
             pooled_projections=pooled_prompt_embeds,
             timestep=t.expand(model_input.shape[0]),
             encoder_attention_mask=text_mask,
-            joint_attention_kwargs=self.joint_attention_kwargs,
-            return_dict=False,
-        )[0]
+        )
         if not self.do_classifier_free_guidance:
             return velocity
         uncond, cond = velocity.chunk(2)
         velocity = uncond + self.guidance_scale * (cond - uncond)
         if skip_layers:
             positive_input, positive_embeds, positive_pooled = (x.chunk(2)[1] for x in (model_input, prompt_embeds, pooled_prompt_embeds))
-            skipped = self.transformer(
+            skipped = self._velocity(
+                "skip_layers",
                 hidden_states=positive_input,
                 encoder_hidden_states=positive_embeds,
                 pooled_projections=positive_pooled,
                 timestep=t.expand(positive_input.shape[0]),
                 encoder_attention_mask=None if text_mask is None else text_mask.chunk(2)[1],
-                joint_attention_kwargs=self.joint_attention_kwargs,
-                return_dict=False,
                 skip_layers=skip_layers,
-            )[0]
+            )
             velocity = velocity + (cond - skipped) * self._skip_layer_guidance_scale
         return velocity
+
+    def _velocity(self, cache_context: str, **inputs) -> torch.Tensor:
+        """One transformer call on `inputs`, with `joint_attention_kwargs`, in the transformer's cache context named
+        `cache_context` (diffusers' cache hooks keep one state per context, as in diffusers' FLUX pipeline).
+        `MMDiTControlNetPipeline` adds the ControlNet's residuals here."""
+        with self.transformer.cache_context(cache_context):
+            return self.transformer(**inputs, joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False)[0]
 
     def _skip_layers_at(self, step: int, num_inference_steps: int) -> list[int] | None:
         """The blocks skip-layer guidance skips at `step`, None where it does not apply (SD3's rule: guidance on,

@@ -50,6 +50,14 @@ def captioned_grid(images: list[Image.Image], captions: list[str], marks: list[s
     return grid
 
 
+def sample_batches(pipe, prompts: list[EvalPrompt], seed: int = 0, batch_size: int = 16, **call):
+    """The pipeline's images for `prompts`, one list per batch of `batch_size` prompts, drawn as `evaluate` scores
+    them: one generator, seeded with `seed`, across the batches. `call`: further pipeline arguments."""
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(0, len(prompts), batch_size):
+        yield pipe([p.caption for p in prompts[i : i + batch_size]], generator=generator, **call).images
+
+
 def evaluate_pipeline(model: str | None = None, revision: str | None = None, seed: int = 0, limit: int | None = None,
                       steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 16,
                       grid: str | Path | None = "outputs/evaluate-grid.png", json_path: str | Path | None = None,
@@ -60,17 +68,14 @@ def evaluate_pipeline(model: str | None = None, revision: str | None = None, see
     (FileExistsError)."""
     pipe = load_pipeline(resolve_model(model), revision=revision)
     prompts = evaluation_prompts(seed=seed)[:limit]
-    call = call_arguments(steps, guidance_scale)
-    generator = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     images, start = [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        batch = [p.caption for p in prompts[i : i + batch_size]]
-        try:
-            images += pipe(batch, generator=generator, **call).images
-        except ValueError as err:  # the pipeline's checks of the call (steps, guidance, sizes), before any step
-            raise InputError(str(err)) from err
-        print(f"\r{len(images)}/{len(prompts)} images", end="", file=sys.stderr, flush=True)
+    try:
+        for batch in sample_batches(pipe, prompts, seed, batch_size, **call_arguments(steps, guidance_scale)):
+            images += batch
+            print(f"\r{len(images)}/{len(prompts)} images", end="", file=sys.stderr, flush=True)
+    except ValueError as err:  # the pipeline's checks of the call (steps, guidance, sizes), before any step
+        raise InputError(str(err)) from err
     print(file=sys.stderr)
     seconds = time.perf_counter() - start
     results = evaluate(images, [p.caption for p in prompts])

@@ -123,6 +123,16 @@ def test_set_attn_processor_by_name_and_back_to_ours():
     assert torch.equal(run(ours, **kwargs), expected)
 
 
+def test_set_default_attn_processor_puts_ours_back_everywhere():
+    _, ours = make_pair()
+    kwargs = make_inputs()
+    expected = run(ours, **kwargs)
+    ours.set_attn_processor(JointAttnProcessor2_0())
+    ours.set_default_attn_processor()
+    assert all(type(p) is MMDiTAttnProcessor for p in ours.attn_processors.values())
+    assert torch.equal(run(ours, **kwargs), expected)
+
+
 def test_fused_projections_run_diffusers_fused_processor_and_ours_alike():
     # SD3's fused processor skips QK-norm and has no self-attention path: the SD3 (3.0) layout
     sd3, ours = make_pair(qk_norm=None, dual_attention_layers=())

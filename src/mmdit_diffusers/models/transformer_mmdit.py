@@ -32,7 +32,7 @@ from ..conversion.flux import (
 from ..conversion.legacy import is_legacy_layout, legacy_state_dict_to_current
 from ..conversion.sd3 import mmdit_config_to_sd3, mmdit_state_dict_to_sd3, sd3_config_to_mmdit, sd3_state_dict_to_mmdit
 from ..errors import InputError
-from .attention import QK_NORMS
+from .attention import QK_NORMS, MMDiTAttnProcessor
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import (
     TIMESTEP_CHANNELS,
@@ -215,6 +215,10 @@ class MMDiTTransformer2DModel(
     def output_size(self) -> int:
         """Feature size of one output token: `out_channels * patch_size**2`."""
         return self.out_channels * self.config.patch_size**2
+
+    def set_default_attn_processor(self) -> None:
+        """Our processor (`MMDiTAttnProcessor`) on every attention again, after `set_attn_processor(...)`."""
+        self.set_attn_processor(MMDiTAttnProcessor())
 
     @classmethod
     def from_sd3(cls, model_or_path, **from_pretrained_kwargs) -> "MMDiTTransformer2DModel":

@@ -23,11 +23,12 @@ from .attention import QK_NORMS, QKVProjection
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
 from .presets import PRESETS, RECOMMENDED
+from .single_file import MMDiTSingleFileMixin
 
 POS_EMBED_TYPES = ("sincos",)
 
 
-class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, MMDiTSingleFileMixin):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on

@@ -28,6 +28,7 @@ from . import loading
 from .execution_device import execution_device
 from .latents import denormalize_latents, vae_scale_factor
 from .lora import MMDiTLoraLoaderMixin
+from .single_file import MMDiTSingleFilePipelineMixin
 from .text_encoding import TextConditioning, encode_text, uses_text_mask
 
 logger = logging.get_logger(__name__)
@@ -62,7 +63,7 @@ class MMDiTPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
+class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTSingleFilePipelineMixin):
     r"""
     Text-to-image with the MMDiT (Esser et al. 2024): SD3's text conditioning and flow-matching Euler sampler.
 

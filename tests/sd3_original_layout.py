@@ -4,7 +4,7 @@ written here independently of the library's mapping), and kohya-style SD3 LoRA f
     sd3_to_original(sd3_state_dict)            SD3Transformer2DModel tensors -> `joint_blocks.N.x_block...` names
     vae_to_ldm(vae_state_dict)                 AutoencoderKL tensors -> LDM `encoder.down.N.block.M...` names
     original_pipeline_checkpoint(pipe)         a whole StableDiffusion3Pipeline as one original-layout state dict
-    peft_lora_to_kohya(lora, text_lora=...)    a diffusers-format SD3 LoRA as the kohya file that encodes it
+    peft_lora_to_kohya(lora, depth)            a diffusers-format SD3 LoRA as the kohya file that encodes it
     tiny_sd3_single_file_pipeline(seed)        a tiny SD3 pipeline whose two CLIPs differ in width (diffusers tells
                                                CLIP-L from CLIP-G in a single file by width)
 """
@@ -124,6 +124,42 @@ def original_pipeline_checkpoint(pipe: StableDiffusion3Pipeline) -> dict[str, to
             checkpoint.update({f"text_encoders.{name}.transformer.{k}": v.clone().contiguous()
                                for k, v in encoder.state_dict().items()})
     return checkpoint
+
+
+def peft_lora_to_kohya(lora: dict[str, torch.Tensor], depth: int, alpha_ratio: float = 0.5) -> dict:
+    """A diffusers-format SD3 LoRA (`transformer.<SD3 module>.lora_A.weight` / `lora_B`, `text_encoder.` and
+    `text_encoder_2.` keys) as the kohya file that encodes it: original module names with `_` for `.`, fused QKV as
+    sd-scripts' `split_qkv` saves it (downs stacked, ups block-diagonal), `alpha = alpha_ratio * rank` with the
+    ups scaled to match (kohya applies `up @ down * alpha / rank`)."""
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, t in lora.items():
+        component, rest = key.split(".", 1)
+        module, part = re.match(r"(.+)\.(lora_A|lora_B)\.weight$", rest).groups()
+        pairs.setdefault((component, module), {})[part] = t
+    out = {}
+
+    def write(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+        rank = down.shape[0]
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = (up / alpha_ratio).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(alpha_ratio * rank)
+
+    kohya_prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    for (component, module), ab in pairs.items():
+        if component != "transformer":
+            write(kohya_prefix[component] + module.replace(".", "_"), ab["lora_A"], ab["lora_B"])
+            continue
+        fused = [(name, parts) for name, parts in _FUSED.items() if module.endswith("." + parts[0])]
+        if fused:
+            name, parts = fused[0]
+            block = module[: -len(parts[0])]
+            members = [pairs[("transformer", block + p)] for p in parts]
+            write(f"lora_unet_joint_blocks_{block.split('.')[1]}_{name}".replace(".", "_"),
+                  torch.cat([m["lora_A"] for m in members]), torch.block_diag(*[m["lora_B"] for m in members]))
+        elif not any(module.endswith("." + p) for parts in _FUSED.values() for p in parts[1:]):
+            name, swap = _original_module(module, depth)
+            write("lora_unet_" + name.replace(".", "_"), ab["lora_A"], _swap(ab["lora_B"]) if swap else ab["lora_B"])
+    return out
 
 
 def _clip(width: int, vocab_size: int, seed: int) -> CLIPTextModelWithProjection:

@@ -3,6 +3,7 @@ diffusers' `SD3Transformer2DModel` names, as functions on state dicts; from ther
 
     strip_original_prefix(checkpoint)            the transformer's tensors of a single file, `model.diffusion_model.` removed
     original_module_to_sd3(name)                 the one module-name mapping (single files and kohya LoRAs use it)
+    original_module_from_underscored(name)       `joint_blocks_0_x_block_attn_qkv` (kohya's spelling) -> dotted
     swaps_scale_shift(name, rows, hidden)        whether a module's output halves are swapped on the way (see below)
     split_original_tensor(name, t, hidden)       one tensor of an original module -> {SD3 module: tensor}
     original_state_dict_to_sd3(state_dict)       original tensors -> SD3 names and layouts
@@ -85,6 +86,17 @@ def original_module_to_sd3(name: str) -> tuple[str, ...] | None:
         return _TOP_MODULES.get(name)
     inner = _BLOCK_MODULES.get(match[2])
     return None if inner is None else tuple(f"transformer_blocks.{match[1]}.{m}" for m in inner)
+
+
+def original_module_from_underscored(name: str) -> str | None:
+    """The original module that kohya's `_`-for-`.` spelling names (`joint_blocks_0_x_block_attn_qkv` ->
+    `joint_blocks.0.x_block.attn.qkv`); None if it names none."""
+    match = re.match(r"^joint_blocks_(\d+)_(.+)$", name)
+    table, rest = (_BLOCK_MODULES, match[2]) if match else (_TOP_MODULES, name)
+    dotted = next((module for module in table if module.replace(".", "_") == rest), None)
+    if dotted is None:
+        return None
+    return f"joint_blocks.{match[1]}.{dotted}" if match else dotted
 
 
 def swaps_scale_shift(name: str, output_rows: int, hidden_size: int) -> bool:

@@ -18,7 +18,7 @@ from ..arguments import non_negative_int, positive_int, probability
 from ..errors import InputError
 from .flow_matching import WEIGHTING_SCHEMES
 
-DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out"
+DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # both streams, SD3 names
 DEFAULT_LORA_RANK = 16
 
 

@@ -39,14 +39,16 @@ def _images(pipe) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0)).images
 
 
-def _random_lora(pipe: StableDiffusion3Pipeline, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A diffusers-format LoRA on every Linear / Conv2d of SD3's transformer (the norms' (scale, shift) halves, the
-    fused QKV, the patch convolution included) and on the CLIPs' attention and MLP layers; random, not small."""
-    lora = {}
+def _random_lora(pipe: StableDiffusion3Pipeline, transformer_modules=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA (rank 2) on every Linear / Conv2d of SD3's transformer whose name ends with one of
+    `transformer_modules` (default: all of them, so the norms' (scale, shift) halves, the fused QKV and the patch
+    convolution are in) and on the CLIPs' attention and MLP layers; random, not small."""
+    lora, rank = {}, 2
     with _seeded(seed):
         for component in ("transformer", "text_encoder", "text_encoder_2"):
+            targets = transformer_modules if component == "transformer" else CLIP_TARGETS
             for name, module in getattr(pipe, component).named_modules():
-                if component != "transformer" and name.rsplit(".", 1)[-1] not in CLIP_TARGETS:
+                if targets is not None and not name.endswith(tuple(targets)):
                     continue
                 if isinstance(module, torch.nn.Linear):
                     a, b = (rank, module.in_features), (module.out_features, rank)
@@ -59,10 +61,15 @@ def _random_lora(pipe: StableDiffusion3Pipeline, rank: int = 2, seed: int = 0) -
     return lora
 
 
-def test_kohya_sd3_lora_equals_sd3_with_the_same_lora_in_diffusers_format(sd3_folder, tmp_path):
+@pytest.mark.parametrize(
+    "transformer_modules",
+    [None, ["to_q", "to_k", "to_v", "proj_out"]],  # the second: only modules named alike in SD3's naming and ours
+    ids=["every-module", "attention-and-final-layer"],
+)
+def test_kohya_sd3_lora_equals_sd3_with_the_same_lora_in_diffusers_format(sd3_folder, transformer_modules, tmp_path):
     sd3, ours = _pipelines(sd3_folder)
     base = _images(ours)
-    lora = _random_lora(sd3)
+    lora = _random_lora(sd3, transformer_modules)
     kohya = peft_lora_to_kohya(lora, depth=sd3.transformer.config.num_layers)
     assert any(k.startswith("lora_te1_") for k in kohya) and any(k.startswith("lora_te2_") for k in kohya)
     save_file(kohya, tmp_path / "kohya_sd35_lora.safetensors")
@@ -79,7 +86,10 @@ def test_diffusers_lora_file_with_text_encoder_keys_equals_sd3_on_the_same_file(
     base = _images(ours)
     layers, metadata = {}, {}
     with _seeded(1):
-        for name, targets in (("transformer", ["to_q", "to_k", "to_v", "add_k_proj", "to_add_out", "proj_out"]),
+        # SD3's `ff_context` names the file as SD3's (its `proj_out` rows are in SD3's order; see
+        # `convert_sd3_lora_state_dict` for a file with none of SD3's own module names)
+        transformer_targets = ["to_q", "to_k", "to_v", "add_k_proj", "to_add_out", "ff_context.net.2", "proj_out"]
+        for name, targets in (("transformer", transformer_targets),
                               ("text_encoder", CLIP_TARGETS), ("text_encoder_2", ["q_proj", "fc2"])):
             config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
             inject_adapter_in_model(config, getattr(sd3, name))  # (transformers' add_adapter wants a newer peft)

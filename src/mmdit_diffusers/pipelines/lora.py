@@ -54,10 +54,17 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
             kwargs: `weight_name`, `subfolder`, `use_safetensors`, `return_lora_metadata` and the Hub options
                 (`cache_dir`, `force_download`, `proxies`, `local_files_only`, `token`, `revision`).
         """
+        return_lora_metadata = kwargs.pop("return_lora_metadata", False)
+        state_dict, metadata = cls._read_lora(pretrained_model_name_or_path_or_dict, allow_pickle, **kwargs)
+        if is_kohya_lora(state_dict):
+            state_dict = kohya_sd3_lora_to_peft(state_dict)
+        return (state_dict, metadata) if return_lora_metadata else state_dict
+
+    @classmethod
+    def _read_lora(cls, source, allow_pickle: bool, **kwargs):
+        """(state dict, adapter metadata) as the file stores them, less DoRA scales; see `lora_state_dict`."""
         weight_name = kwargs.pop("weight_name", None)
         use_safetensors = kwargs.pop("use_safetensors", None)
-        return_lora_metadata = kwargs.pop("return_lora_metadata", False)
-        source = pretrained_model_name_or_path_or_dict
         if not isinstance(source, dict) and not allow_pickle:
             pickled = use_safetensors is False or (weight_name is not None and not weight_name.endswith(".safetensors"))
             pickled = pickled or (os.path.isfile(source) and not str(source).endswith(".safetensors"))
@@ -94,10 +101,7 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
         if any("dora_scale" in k for k in state_dict):
             logger.warning("Dropping this checkpoint's `dora_scale` entries: DoRA files in that form are not supported.")
             state_dict = {k: v for k, v in state_dict.items() if "dora_scale" not in k}
-        if is_kohya_lora(state_dict):
-            state_dict = kohya_sd3_lora_to_peft(state_dict)
-            logger.info("Converted a kohya-style SD3 LoRA to diffusers' format.")
-        return (state_dict, metadata) if return_lora_metadata else state_dict
+        return state_dict, metadata
 
     def load_lora_weights(
         self,
@@ -116,14 +120,16 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
             pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
-        state_dict, metadata = self.lora_state_dict(
-            pretrained_model_name_or_path_or_dict, allow_pickle=allow_pickle, return_lora_metadata=True, **kwargs
-        )
+        state_dict, metadata = self._read_lora(pretrained_model_name_or_path_or_dict, allow_pickle, **kwargs)
+        kohya = is_kohya_lora(state_dict)
+        if kohya:
+            state_dict = kohya_sd3_lora_to_peft(state_dict)
+            logger.info("Converted a kohya-style SD3 LoRA to diffusers' format.")
         parts = self._split_by_component(state_dict)
         transformer = getattr(self, self.transformer_name)
         if parts[self.transformer_name]:
             transformer_state, transformer_metadata = convert_sd3_lora_state_dict(
-                parts[self.transformer_name], transformer, metadata
+                parts[self.transformer_name], transformer, metadata, sd3_layout=kohya
             )
             self.load_lora_into_transformer(
                 transformer_state,
@@ -284,16 +290,20 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
         super().unfuse_lora(components=components, **kwargs)
 
 
-def convert_sd3_lora_state_dict(state_dict: dict[str, torch.Tensor], transformer, metadata: dict | None = None):
+def convert_sd3_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], transformer, metadata: dict | None = None, sd3_layout: bool = False
+):
     """Rename a LoRA trained on diffusers' `SD3Transformer2DModel` to the modules of `transformer` (an
     `MMDiTTransformer2DModel` converted from it), with the weight conversion's layout changes
     (`mmdit_diffusers.conversion.sd3`: names by `sd3_module_name_to_mmdit`, tensors by `sd3_tensor_to_mmdit`).
 
     Returns `(state_dict, metadata)`; the adapter metadata (LoraConfig kwargs) gets the converted module names.
-    A LoRA already in our naming is returned unchanged. (A LoRA on nothing but the modules both namings share,
-    `context_embedder`, `norm_out.linear`, `proj_out`, is read as ours.)"""
+    A LoRA already in our naming is returned unchanged. A LoRA on nothing but the modules both namings share (the
+    attention layers, `context_embedder`, `norm_out.linear`, `proj_out`) is read as ours: the two agree on every
+    one of them but `norm_out.linear` and `proj_out`, whose rows SD3 orders differently, and nothing in such a file
+    says which model it was trained on; `sd3_layout=True` says it (a converted kohya file is SD3's)."""
     prefix = f"{TRANSFORMER_NAME}."
-    if not any(is_sd3_module_name(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
+    if not sd3_layout and not any(is_sd3_module_name(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
         return state_dict, metadata
     converted, modules = {}, set()
     for key, tensor in state_dict.items():

@@ -60,6 +60,8 @@ class MMDiTSingleFileMixin:
                 the quantized Linear weights stay quantized (diffusers' `GGUFLinear`).
             device (`str` or `torch.device`, *optional*): Where the weights are put (default CPU).
             disable_mmap (`bool`, defaults to `False`): Read a safetensors file at once instead of memory-mapping it.
+            low_cpu_mem_usage (`bool`, defaults to `True`): Accepted as diffusers does; the model is always built
+                empty and filled once (`False` is refused with a quantization config, as in diffusers).
             config_revision (`str`, *optional*): The revision of a Hub `config`.
             force_download, proxies, token, cache_dir, local_files_only, revision: Hub options for a link.
             kwargs: Our constructor arguments (`use_text_attention_mask`, `num_heads`, ...) override the config.

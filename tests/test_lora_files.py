@@ -87,7 +87,7 @@ def test_diffusers_lora_file_with_text_encoder_keys_equals_sd3_on_the_same_file(
     layers, metadata = {}, {}
     with _seeded(1):
         # SD3's `ff_context` names the file as SD3's (its `proj_out` rows are in SD3's order; see
-        # `convert_sd3_lora_state_dict` for a file with none of SD3's own module names)
+        # `convert_lora_state_dict` for a file with none of SD3's own module names)
         transformer_targets = ["to_q", "to_k", "to_v", "add_k_proj", "to_add_out", "ff_context.net.2", "proj_out"]
         for name, targets in (("transformer", transformer_targets),
                               ("text_encoder", CLIP_TARGETS), ("text_encoder_2", ["q_proj", "fc2"])):

@@ -5,8 +5,9 @@ Files: diffusers' own (`pytorch_lora_weights.safetensors`, PEFT-format keys pref
 `text_encoder.`, `text_encoder_2.`; a dict of unprefixed PEFT keys is read as the transformer's) and kohya-style SD3 /
 SD3.5 files (`lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight`, `lora_te1_...`, `.alpha`; converted by
 `conversion.kohya_sd3_lora`, where diffusers' SD3 pipeline loads none of their keys). LoRAs trained on diffusers'
-`SD3Transformer2DModel` (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`) are converted to this
-transformer's names on load, so SD3 LoRAs work on a pipeline loaded from an SD3 folder. Keys that no component can
+`SD3Transformer2DModel` (`transformer.transformer_blocks.0.ff.net.2.lora_A.weight`) or, for a FLUX-style
+transformer, `FluxTransformer2DModel` are converted to this transformer's names and layouts on load
+(`convert_lora_state_dict`), so SD3 and FLUX.1 LoRAs work on pipelines loaded from SD3 / FLUX folders. Keys that no component can
 take raise `InputError`, named, instead of being skipped. `load_lora_weights` reads safetensors only; a pickled
 checkpoint (`.bin`) runs code when it is opened, so it is refused unless the caller passes `allow_pickle=True`.
 """
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict, _load_lora_into_text_encoder
 from diffusers.utils import logging
 
+from ..conversion.flux import flux_module_name_to_mmdit, flux_tensor_to_mmdit, is_flux_module_name
 from ..conversion.kohya_sd3_lora import is_kohya_lora, kohya_sd3_lora_to_peft
 from ..conversion.sd3 import is_sd3_module_name, sd3_module_name_to_mmdit, sd3_tensor_to_mmdit
 from ..errors import InputError
@@ -128,8 +131,8 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
         parts = self._split_by_component(state_dict)
         transformer = getattr(self, self.transformer_name)
         if parts[self.transformer_name]:
-            transformer_state, transformer_metadata = convert_sd3_lora_state_dict(
-                parts[self.transformer_name], transformer, metadata, sd3_layout=kohya
+            transformer_state, transformer_metadata = convert_lora_state_dict(
+                parts[self.transformer_name], transformer, metadata, foreign=kohya
             )
             self.load_lora_into_transformer(
                 transformer_state,
@@ -290,30 +293,54 @@ class MMDiTLoraLoaderMixin(LoraBaseMixin):
         super().unfuse_lora(components=components, **kwargs)
 
 
-def convert_sd3_lora_state_dict(
-    state_dict: dict[str, torch.Tensor], transformer, metadata: dict | None = None, sd3_layout: bool = False
+@dataclass(frozen=True)
+class _ForeignNaming:
+    """How a diffusers transformer family names and lays out the modules a LoRA targets (`mmdit_diffusers.conversion`)."""
+
+    label: str
+    is_own_name: Callable[[str], bool]  # a module name only that family uses
+    to_ours: Callable[[str], str | None]
+    tensor_to_ours: Callable[..., torch.Tensor]
+
+
+SD3_NAMING = _ForeignNaming("SD3", is_sd3_module_name, sd3_module_name_to_mmdit, sd3_tensor_to_mmdit)
+FLUX_NAMING = _ForeignNaming("FLUX", is_flux_module_name, flux_module_name_to_mmdit, flux_tensor_to_mmdit)
+
+
+def foreign_naming(transformer) -> _ForeignNaming:
+    """The diffusers family whose LoRAs fit `transformer`: FLUX's for FLUX-style configs (rotary positions), SD3's
+    otherwise."""
+    return FLUX_NAMING if transformer.config.get("pos_embed_type") == "rope" else SD3_NAMING
+
+
+def convert_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], transformer, metadata: dict | None = None, foreign: bool = False
 ):
-    """Rename a LoRA trained on diffusers' `SD3Transformer2DModel` to the modules of `transformer` (an
-    `MMDiTTransformer2DModel` converted from it), with the weight conversion's layout changes
-    (`mmdit_diffusers.conversion.sd3`: names by `sd3_module_name_to_mmdit`, tensors by `sd3_tensor_to_mmdit`).
+    """Rename a LoRA trained on diffusers' `SD3Transformer2DModel` (or, for a FLUX-style `transformer`,
+    `FluxTransformer2DModel`) to the modules of `transformer`, with the weight conversion's layout changes
+    (`mmdit_diffusers.conversion.sd3` / `.flux`: names by `*_module_name_to_mmdit`, tensors by `*_tensor_to_mmdit`).
 
     Returns `(state_dict, metadata)`; the adapter metadata (LoraConfig kwargs) gets the converted module names.
     A LoRA already in our naming is returned unchanged. A LoRA on nothing but the modules both namings share (the
-    attention layers, `context_embedder`, `norm_out.linear`, `proj_out`) is read as ours: the two agree on every
-    one of them but `norm_out.linear` and `proj_out`, whose rows SD3 orders differently, and nothing in such a file
-    says which model it was trained on; `sd3_layout=True` says it (a converted kohya file is SD3's)."""
+    attention layers, `context_embedder`, `norm_out.linear`, `proj_out`, FLUX's single-stream blocks) is read as
+    ours: the namings agree on the layout of every one of them but `norm_out.linear` (and SD3's `proj_out`), whose
+    rows they order differently, and nothing in such a file says which model it was trained on; `foreign=True` says
+    it (a converted kohya file is SD3's)."""
+    naming = foreign_naming(transformer)
     prefix = f"{TRANSFORMER_NAME}."
-    if not sd3_layout and not any(is_sd3_module_name(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
+    if not foreign and not any(naming.is_own_name(_split_lora_key(k.removeprefix(prefix))[0]) for k in state_dict):
         return state_dict, metadata
     converted, modules = {}, set()
     for key, tensor in state_dict.items():
         has_prefix = key.startswith(prefix)
         module, part, rest = _split_lora_key(key.removeprefix(prefix))
-        ours = sd3_module_name_to_mmdit(module) if part is not None else None
+        ours = naming.to_ours(module) if part is not None else None
         if ours is None:
-            raise ValueError(f"LoRA key {key!r} targets SD3 module {module!r}, which has no MMDiT counterpart.")
+            raise InputError(
+                f"LoRA key {key!r} targets {naming.label} module {module!r}, which has no MMDiT counterpart."
+            )
         # lora_B (and a DoRA magnitude) is per output row of the module; lora_A's rows are the rank
-        tensor = sd3_tensor_to_mmdit(module, tensor, transformer.config, output_rows=part != "lora_A")
+        tensor = naming.tensor_to_ours(module, tensor, transformer.config, output_rows=part != "lora_A")
         converted[(prefix if has_prefix else "") + f"{ours}.{part}{rest}"] = tensor
         modules.add(ours)
     if metadata:
@@ -323,8 +350,8 @@ def convert_sd3_lora_state_dict(
             if name == "target_modules":
                 metadata[key] = sorted(modules)
             elif name in ("rank_pattern", "alpha_pattern") and isinstance(metadata[key], dict):
-                metadata[key] = {sd3_module_name_to_mmdit(k) or k: v for k, v in metadata[key].items()}
-    logger.info("Converted an SD3-format LoRA to MMDiT module names.")
+                metadata[key] = {naming.to_ours(k) or k: v for k, v in metadata[key].items()}
+    logger.info(f"Converted a {naming.label}-format LoRA to MMDiT module names.")
     return converted, metadata
 
 

@@ -130,7 +130,8 @@ def _write_gguf(original: dict[str, torch.Tensor], path) -> str:
 
 
 def test_gguf_q8_0_stays_quantized_and_matches_sd3_on_the_same_file(tmp_path):
-    sd3 = _sd3(qk_norm="rms_norm", dual_attention_layers=(1,))  # widths 64, 256: every Linear but the 16-wide patch embedding quantizes
+    # widths 64 and 256: every Linear but the 16-wide patch embedding quantizes
+    sd3 = _sd3(qk_norm="rms_norm", dual_attention_layers=(1,))
     path = _write_gguf(sd3_to_original(sd3.state_dict(), prefix=""), tmp_path / "sd3-Q8_0.gguf")
     quantization = GGUFQuantizationConfig(compute_dtype=torch.float32)
     ours = MMDiTTransformer2DModel.from_single_file(path, quantization_config=quantization)

@@ -1,7 +1,7 @@
 """Stability AI's original SD3 / SD3.5 layout (the single-file release: `joint_blocks.N.x_block.attn.qkv`, ...) ->
 diffusers' `SD3Transformer2DModel` names, as functions on state dicts; from there `conversion.sd3` goes on to ours.
 
-    strip_original_prefix(checkpoint)            the transformer's tensors of a single file, `model.diffusion_model.` removed
+    strip_original_prefix(checkpoint)            a single file's transformer tensors, `model.diffusion_model.` removed
     original_module_to_sd3(name)                 the one module-name mapping (single files and kohya LoRAs use it)
     original_module_from_underscored(name)       `joint_blocks_0_x_block_attn_qkv` (kohya's spelling) -> dotted
     swaps_scale_shift(name, rows, hidden)        whether a module's output halves are swapped on the way (see below)

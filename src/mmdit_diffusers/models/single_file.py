@@ -122,9 +122,9 @@ class MMDiTSingleFileMixin:
             raise InputError(f"The checkpoint does not fit the config: {error}") from error
         _check_fits(model, state_dict)
 
-        keep_in_fp32 = []
-        if cls._keep_in_fp32_modules and (dtype == torch.float16 or getattr(quantizer, "use_keep_in_fp32_modules", False)):
-            keep_in_fp32 = list(cls._keep_in_fp32_modules)
+        # as diffusers: `_keep_in_fp32_modules` for float16, and for quantizers that ask for it
+        wants_fp32 = dtype == torch.float16 or getattr(quantizer, "use_keep_in_fp32_modules", False)
+        keep_in_fp32 = list(cls._keep_in_fp32_modules or []) if wants_fp32 else []
         if quantizer is not None:
             quantizer.preprocess_model(model=model, device_map=None, state_dict=state_dict,
                                        keep_in_fp32_modules=keep_in_fp32)

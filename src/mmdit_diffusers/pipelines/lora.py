@@ -7,8 +7,8 @@ SD3.5 files (`lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight`, `lora
 `conversion.kohya_sd3_lora`, where diffusers' SD3 pipeline loads none of their keys). LoRAs trained on diffusers'
 `SD3Transformer2DModel` (`transformer.transformer_blocks.0.ff.net.2.lora_A.weight`) or, for a FLUX-style
 transformer, `FluxTransformer2DModel` are converted to this transformer's names and layouts on load
-(`convert_lora_state_dict`), so SD3 and FLUX.1 LoRAs work on pipelines loaded from SD3 / FLUX folders. Keys that no component can
-take raise `InputError`, named, instead of being skipped. `load_lora_weights` reads safetensors only; a pickled
+(`convert_lora_state_dict`), so SD3 and FLUX.1 LoRAs work on pipelines loaded from SD3 / FLUX folders. Keys that
+no component can take raise `InputError`, named, instead of being skipped. `load_lora_weights` reads safetensors only; a pickled
 checkpoint (`.bin`) runs code when it is opened, so it is refused unless the caller passes `allow_pickle=True`.
 """
 

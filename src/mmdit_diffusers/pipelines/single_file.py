@@ -46,17 +46,21 @@ class MMDiTSingleFilePipelineMixin(FromSingleFileMixin):
             checkpoint = _read(pretrained_model_link_or_path, kwargs)
             if kwargs.get("config") is None and infer_diffusers_model_type(checkpoint) not in SD3_MODEL_TYPES:
                 raise InputError(
-                    f"Pass `config=`, a diffusers-format SD3 / SD3.5 pipeline folder or repo id: {pretrained_model_link_or_path!r} "
-                    "is not one of the released SD3 / SD3.5 sizes, whose configs diffusers knows."
+                    "Pass `config=`, a diffusers-format SD3 / SD3.5 pipeline folder or repo id: "
+                    f"{pretrained_model_link_or_path!r} is not one of the released SD3 / SD3.5 sizes, whose configs "
+                    "diffusers knows."
                 )
             if "transformer" not in kwargs:
-                kwargs["transformer"] = MMDiTTransformer2DModel.from_single_file(checkpoint, **_transformer_options(kwargs))
+                options = _transformer_options(kwargs)
+                kwargs["transformer"] = MMDiTTransformer2DModel.from_single_file(checkpoint, **options)
         return super().from_single_file(pretrained_model_link_or_path, **kwargs)
 
 
 def _read(source, kwargs: dict) -> dict:
     if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"`pretrained_model_link_or_path` must be a file path or a Hub link; got {type(source).__name__}.")
+        raise InputError(
+            f"`pretrained_model_link_or_path` must be a file path or a Hub link; got {type(source).__name__}."
+        )
     source = os.fspath(source)
     if not os.path.isfile(source) and "://" not in source and not source.startswith(("huggingface.co/", "hf.co/")):
         raise InputError(f"`pretrained_model_link_or_path`: no file at {source!r}.")

@@ -47,13 +47,20 @@ from .embeddings import (
 from .ip_adapter import MMDiTIPAdapterLoadersMixin
 from .presets import PRESETS, RECOMMENDED
 from .rope import RotaryPositionEmbedding, image_ids, text_ids
+from .single_file import MMDiTSingleFileMixin
 from .single_stream import SingleStreamBlock
 
 POS_EMBED_TYPES = ("sincos", "rope")
 
 
 class MMDiTTransformer2DModel(
-    ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin, MMDiTIPAdapterLoadersMixin
+    ModelMixin,
+    AttentionMixin,
+    CacheMixin,
+    ConfigMixin,
+    PeftAdapterMixin,
+    MMDiTIPAdapterLoadersMixin,
+    MMDiTSingleFileMixin,
 ):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one

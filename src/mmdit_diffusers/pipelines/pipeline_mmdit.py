@@ -37,6 +37,7 @@ from .execution_device import execution_device
 from .ip_adapter import MMDiTIPAdapterMixin
 from .latents import denormalize_latents, vae_scale_factor
 from .lora import MMDiTLoraLoaderMixin
+from .single_file import MMDiTSingleFilePipelineMixin
 from .text_encoding import TextConditioning, encode_text, needs_second_clip, uses_text_mask
 
 logger = logging.get_logger(__name__)
@@ -91,7 +92,7 @@ class MMDiTPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin):
+class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin, MMDiTSingleFilePipelineMixin):
     r"""
     Text-to-image with the MMDiT (Esser et al. 2024): SD3's text conditioning and flow-matching Euler sampler.
 

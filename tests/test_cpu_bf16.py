@@ -14,15 +14,20 @@ from diffusers import SD3Transformer2DModel
 
 from mmdit_diffusers import MMDiTTransformer2DModel
 from mmdit_diffusers.cpu_bf16 import (
+    BF16ViaFP32AttnProcessor,
     BF16ViaFP32Linear,
     cpu_has_bf16_instructions,
-    scaled_dot_product_attention_bf16_via_fp32,
     use_fp32_kernels_for_bf16,
 )
-from mmdit_diffusers.models.attention import Attention
+from mmdit_diffusers.models.attention import MMDiTAttention, MMDiTAttnProcessor
 
 BF16_ULP = 2.0**-7  # spacing of bfloat16 numbers in [1, 2)
-scaled_dot_product_attention = scaled_dot_product_attention_bf16_via_fp32
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None):
+    """The processor's kernel (diffusers' attention dispatch, [B, S, heads, head_dim]) on [B, heads, S, head_dim]."""
+    out = BF16ViaFP32AttnProcessor().attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
+    return out.transpose(1, 2)
 
 
 def fp32_kernel_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -60,19 +65,19 @@ def test_opt_in_keeps_parameters_state_dict_and_linear_type():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     assert {type(m) for m in model.modules() if isinstance(m, nn.Linear)} == {nn.Linear}  # plain until opted in
-    assert all(m.scaled_dot_product_attention is F.scaled_dot_product_attention
-               for m in model.modules() if isinstance(m, Attention))
+    assert all(type(m.processor) is MMDiTAttnProcessor for m in model.modules() if isinstance(m, MMDiTAttention))
     assert use_fp32_kernels_for_bf16(model) is model
     assert list(model.parameters()) == params
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    attentions = [m for m in model.modules() if isinstance(m, MMDiTAttention)]
     assert linears and all(type(m) is BF16ViaFP32Linear for m in linears)
     assert len(attentions) == 3  # two joint attentions, one dual-attention self-attention
-    assert all(m.scaled_dot_product_attention is scaled_dot_product_attention for m in attentions)
-    model.fuse_qkv_projections()  # the fused projection keeps the kernel
-    assert type(model.transformer_blocks[0].img.qkv.to_qkv) is BF16ViaFP32Linear
+    assert all(type(m.processor) is BF16ViaFP32AttnProcessor for m in attentions)
+    model.fuse_qkv_projections()  # the fused projections keep the kernel
+    assert type(model.transformer_blocks[0].attn.to_qkv) is BF16ViaFP32Linear
+    assert type(model.transformer_blocks[0].attn.to_added_qkv) is BF16ViaFP32Linear
     assert isinstance(cpu_has_bf16_instructions(), bool)
 
 

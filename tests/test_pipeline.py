@@ -369,7 +369,7 @@ def test_execution_device_agrees_with_diffusers(hooks, expected):
 def test_lora_load_changes_and_unload_restores(pipe, tmp_path):
     base = generate(pipe)
     donor = copy.deepcopy(pipe.transformer)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out"], init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     donor.add_adapter(config)
     MMDiTPipeline.save_lora_weights(
         tmp_path, transformer_lora_layers=get_peft_model_state_dict(donor),

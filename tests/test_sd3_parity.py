@@ -201,8 +201,9 @@ def test_to_sd3_keeps_the_dtype():
 
 
 def test_module_names_map_both_ways_and_sd3_only_names_are_recognised():
-    pairs = [("transformer_blocks.3.attn.add_q_proj", "transformer_blocks.3.txt.qkv.to_q"),
-             ("transformer_blocks.0.attn2.to_out.0", "transformer_blocks.0.img.attn2.to_out"),
+    pairs = [("transformer_blocks.3.attn.add_q_proj", "transformer_blocks.3.attn.add_q_proj"),  # attention: alike
+             ("transformer_blocks.0.attn2.to_out.0", "transformer_blocks.0.attn2.to_out.0"),
+             ("transformer_blocks.2.ff_context.net.2.weight", "transformer_blocks.2.txt.mlp.fc2.weight"),
              ("transformer_blocks.1.norm1_context.linear.bias", "transformer_blocks.1.txt.modulation.linear.bias"),
              ("pos_embed.proj", "x_embedder"), ("proj_out", "proj_out")]
     for sd3_name, ours in pairs:
@@ -210,9 +211,12 @@ def test_module_names_map_both_ways_and_sd3_only_names_are_recognised():
         assert conversion.mmdit_module_name_to_sd3(ours) == sd3_name
     assert conversion.sd3_module_name_to_mmdit("transformer_blocks.0.attn.bogus") is None
     assert conversion.sd3_module_name_to_mmdit("pos_embed.proj_extra") is None
+    assert conversion.sd3_module_name_to_mmdit("transformer_blocks.0.attn2.add_q_proj") is None  # self-attention
     assert conversion.is_sd3_module_name("transformer_blocks.0.ff.net.2")
+    assert conversion.is_sd3_module_name("transformer_blocks.0.norm1.linear")
     assert conversion.is_sd3_module_name("time_text_embed.text_embedder.linear_1")
-    for name in ("proj_out", "norm_out.linear", "context_embedder", "transformer_blocks.0.img.attn2.qkv.to_q"):
+    for name in ("proj_out", "norm_out.linear", "context_embedder", "transformer_blocks.0.attn2.to_q",
+                 "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.img.mlp.fc1"):
         assert not conversion.is_sd3_module_name(name)
 
 
@@ -236,7 +240,7 @@ def test_from_sd3_refuses_a_missing_tensor(monkeypatch):
     state = dict(sd3.state_dict())
     del state["transformer_blocks.1.attn.to_k.weight"]
     monkeypatch.setattr(sd3, "state_dict", lambda *args, **kwargs: state)
-    with pytest.raises(ValueError, match=r"missing \['transformer_blocks\.1\.img\.qkv\.to_k\.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing \['transformer_blocks\.1\.attn\.to_k\.weight'\]"):
         MMDiTTransformer2DModel.from_sd3(sd3)
 
 
@@ -245,7 +249,7 @@ def test_from_sd3_refuses_an_unexpected_tensor(monkeypatch):
     state = dict(sd3.state_dict())
     state["transformer_blocks.7.attn.to_q.weight"] = torch.zeros(32, 32)  # a block the config does not have
     monkeypatch.setattr(sd3, "state_dict", lambda *args, **kwargs: state)
-    with pytest.raises(ValueError, match=r"unexpected \['transformer_blocks\.7\.img\.qkv\.to_q\.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected \['transformer_blocks\.7\.attn\.to_q\.weight'\]"):
         MMDiTTransformer2DModel.from_sd3(sd3)
 
 

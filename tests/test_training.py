@@ -27,6 +27,7 @@ from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
 
 from mmdit_diffusers import MMDiTPipeline
 from mmdit_diffusers.training import TrainResult, parse_args, train
+from mmdit_diffusers.training.args import DEFAULT_LORA_LAYERS
 from mmdit_diffusers.training.data import ResumableBatchSampler
 
 
@@ -262,7 +263,7 @@ def test_lora_weights_load_into_the_base_pipeline_and_push(base_dir, data_dir, t
 
     # the trained model, rebuilt independently: base transformer + the adapter state of the last checkpoint
     reference = MMDiTPipeline.from_pretrained(base_dir)
-    reference.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out"]))
+    reference.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=DEFAULT_LORA_LAYERS.split(",")))
     set_peft_model_state_dict(reference.transformer, load_file(out / "checkpoint-4" / "transformer_lora.safetensors"))
     np.testing.assert_allclose(after, generate(reference), atol=1e-5)
 

@@ -267,8 +267,11 @@ def test_boolean_and_integer_masks_agree(model):
 
 
 def test_per_sample_masks_match_each_sample_alone_without_padding(model):
+    """In float64, so that the only difference left would be the mask's (float32 rounding of a softmax over a
+    different number of keys reaches 1e-5 on these outputs of size ~5)."""
+    model = model.double()
     lengths = [2, 5, TXT_LEN]
-    kwargs = inputs(model, batch=3)
+    kwargs = {k: v.double() for k, v in inputs(model, batch=3).items()}
     batched = run(model, **kwargs, encoder_attention_mask=padding_mask(lengths, TXT_LEN))
     for i, length in enumerate(lengths):
         alone = run(
@@ -278,7 +281,7 @@ def test_per_sample_masks_match_each_sample_alone_without_padding(model):
             pooled_projections=kwargs["pooled_projections"][i : i + 1],
             timestep=kwargs["timestep"][i : i + 1],
         )
-        assert max_diff(batched[i : i + 1], alone) <= 1e-5
+        assert max_diff(batched[i : i + 1], alone) <= 1e-12
 
 
 def test_masked_padding_works_with_a_pre_only_last_text_stream():
@@ -334,14 +337,14 @@ def test_every_parameter_gets_a_gradient_when_the_last_text_stream_is_pre_only()
 
 
 def test_without_pre_only_last_block_the_last_text_outputs_get_no_gradient():
-    """The last block's text-stream output path (to_out, mlp) feeds nothing: the image output never reads it.
+    """The last block's text-stream output path (attn.to_add_out, txt.mlp) feeds nothing: the image output never reads it.
     `txt_pre_only_last_block=True` removes those parameters (needed e.g. for DDP without
     find_unused_parameters)."""
     model = build(txt_pre_only_last_block=False).train()
     received = grads(model, inputs(model))
-    last = f"transformer_blocks.{model.config.depth - 1}.txt."
+    last = f"transformer_blocks.{model.config.depth - 1}."
     unused = {name for name, _ in model.named_parameters()} - received.keys()
-    assert unused and all(name.startswith((last + "to_out.", last + "mlp.")) for name in unused)
+    assert unused and all(name.startswith((last + "attn.to_add_out.", last + "txt.mlp.")) for name in unused)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -457,7 +460,8 @@ def test_bfloat16_weights_are_finite_and_close_to_float32(model):
 # ----------------------------------------------------------------------------------------------------------
 # LoRA (peft, through diffusers' PeftAdapterMixin)
 # ----------------------------------------------------------------------------------------------------------
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "fc1", "fc2"]
+# both streams' attention projections (SD3's names) and MLPs
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "fc1", "fc2"]
 
 
 def lora_config(**kwargs):

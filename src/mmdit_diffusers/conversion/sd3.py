@@ -28,28 +28,16 @@ TEXT_PREFIX_TOKENS = 77  # CLIP's sequence in front of the T5 tokens in SD3's te
 MAX_T5_TOKENS = 512
 SD3_POSITION_TABLE = "pos_embed.pos_embed"
 
+# Attention modules carry SD3's names (`attn`, `attn2` and everything in them): identical in both namings.
+_JOINT_ATTENTION = ("to_q", "to_k", "to_v", "norm_q", "norm_k", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "norm_added_q", "norm_added_k", "to_add_out")
+_SELF_ATTENTION = ("to_q", "to_k", "to_v", "norm_q", "norm_k", "to_out.0")
 # (SD3 module, our module) for everything inside `transformer_blocks.{i}.`
 _BLOCK_RENAMES = [
     ("norm1.linear", "img.modulation.linear"),
     ("norm1_context.linear", "txt.modulation.linear"),
-    ("attn.to_q", "img.qkv.to_q"),
-    ("attn.to_k", "img.qkv.to_k"),
-    ("attn.to_v", "img.qkv.to_v"),
-    ("attn.norm_q", "img.qkv.norm_q"),
-    ("attn.norm_k", "img.qkv.norm_k"),
-    ("attn.to_out.0", "img.to_out"),
-    ("attn.add_q_proj", "txt.qkv.to_q"),
-    ("attn.add_k_proj", "txt.qkv.to_k"),
-    ("attn.add_v_proj", "txt.qkv.to_v"),
-    ("attn.norm_added_q", "txt.qkv.norm_q"),
-    ("attn.norm_added_k", "txt.qkv.norm_k"),
-    ("attn.to_add_out", "txt.to_out"),
-    ("attn2.to_q", "img.attn2.qkv.to_q"),
-    ("attn2.to_k", "img.attn2.qkv.to_k"),
-    ("attn2.to_v", "img.attn2.qkv.to_v"),
-    ("attn2.norm_q", "img.attn2.qkv.norm_q"),
-    ("attn2.norm_k", "img.attn2.qkv.norm_k"),
-    ("attn2.to_out.0", "img.attn2.to_out"),
+    *((f"attn.{name}", f"attn.{name}") for name in _JOINT_ATTENTION),
+    *((f"attn2.{name}", f"attn2.{name}") for name in _SELF_ATTENTION),
     ("ff.net.0.proj", "img.mlp.fc1"),
     ("ff.net.2", "img.mlp.fc2"),
     ("ff_context.net.0.proj", "txt.mlp.fc1"),
@@ -82,8 +70,8 @@ def _rename(name: str, to_ours: bool) -> str | None:
 
 
 def sd3_module_name_to_mmdit(name: str) -> str | None:
-    """The MMDiT name of the SD3 module (or parameter) `name`, e.g. `transformer_blocks.0.attn.add_q_proj` ->
-    `transformer_blocks.0.txt.qkv.to_q`; None if MMDiT has no counterpart."""
+    """The MMDiT name of the SD3 module (or parameter) `name`, e.g. `transformer_blocks.0.ff_context.net.2` ->
+    `transformer_blocks.0.txt.mlp.fc2` (attention modules are named alike); None if MMDiT has no counterpart."""
     return _rename(name, to_ours=True)
 
 
@@ -93,8 +81,8 @@ def mmdit_module_name_to_sd3(name: str) -> str | None:
 
 
 def is_sd3_module_name(name: str) -> bool:
-    """Whether `name` lies under a module that only SD3's naming has (`attn`, `ff`, `time_text_embed`, ...).
-    `context_embedder`, `norm_out.linear` and `proj_out` are named alike in both, so they are not."""
+    """Whether `name` lies under a module that only SD3's naming has (`norm1`, `ff`, `time_text_embed`, ...).
+    `attn`, `attn2`, `context_embedder`, `norm_out.linear` and `proj_out` are named alike in both, so they are not."""
     match = _BLOCK_NAME.match(name)
     rest, table = (match[2], _BLOCK_RENAMES) if match else (name, _TOP_RENAMES)
     sd3_only = {sd3.split(".")[0] for sd3, _ in table} - {ours.split(".")[0] for _, ours in table}

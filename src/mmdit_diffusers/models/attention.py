@@ -1,130 +1,239 @@
-"""Joint attention: each stream projects its own Q, K, V; one softmax runs over both sequences."""
+"""Attention as diffusers does it: a module holding the projections (`MMDiTAttention`, a diffusers `Attention` with
+SD3's attribute names) and a processor that computes (`MMDiTAttnProcessor`, through diffusers' attention dispatch).
+
+Joint attention: each stream projects its own Q, K, V (`to_q`... for the image, `add_q_proj`... for the text); one
+softmax runs over the concatenated sequence, text first (as FLUX; SD3 puts the image first, which changes nothing
+but the order of the summed terms). Any diffusers processor written for SD3's `Attention` runs on the module
+(`JointAttnProcessor2_0`, the PAG and IP-Adapter processors, `FusedJointAttnProcessor2_0` after fusing).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..errors import InputError
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
 
+_Backend = AttentionBackendName
+# Backends that take our key-padding mask, by the form they read it in (diffusers' attention_dispatch):
+# [B, 1, 1, S] bool for PyTorch's SDPA kernels and flex; [B, S] bool for xformers (it adds a 4D mask as a bias);
+# [B, S] bool with the kept keys first for the varlen kernels (they attend to key[b, :count]).
+_MASK_4D = {_Backend.NATIVE, _Backend._NATIVE_CUDNN, _Backend._NATIVE_EFFICIENT, _Backend._NATIVE_MATH,
+            _Backend._NATIVE_NPU, _Backend.FLEX}
+_MASK_2D = {_Backend.XFORMERS}
+_MASK_PREFIX = {_Backend.FLASH_VARLEN, _Backend.FLASH_VARLEN_HUB, _Backend._FLASH_VARLEN_3,
+                _Backend._FLASH_3_VARLEN_HUB, _Backend.SAGE_VARLEN}
+MASKED_BACKENDS = frozenset(b.value for b in _MASK_4D | _MASK_2D | _MASK_PREFIX)
 
-def make_qk_norm(kind: str | None, head_dim: int) -> nn.Module:
-    """Per-head normalisation of queries and keys (SD3.5), with a learned scale."""
+
+def make_qk_norm(kind: str | None, head_dim: int) -> nn.Module | None:
+    """Per-head normalisation of queries and keys (SD3.5), with a learned scale; None without (as SD3)."""
     if kind == "rms_norm":
         return nn.RMSNorm(head_dim, eps=1e-6)
     if kind == "layer_norm":
         return nn.LayerNorm(head_dim, eps=1e-6)
-    return nn.Identity()
+    return None
 
 
-class QKVProjection(nn.Module):
-    """x [B, N, D] -> q, k, v [B, heads, N, head_dim], with optional QK-norm.
+class MMDiTAttention(Attention, AttentionModuleMixin):
+    """Multi-head attention with SD3's layout. `joint=True`: the text stream's projections too (`add_q_proj`,
+    `add_k_proj`, `add_v_proj`, `norm_added_q`, `norm_added_k`, and `to_add_out` unless `context_pre_only`);
+    `joint=False`: image-only self-attention (SD3.5 Medium's `attn2`).
 
-    `fuse()` swaps the three projections for one `to_qkv` matmul. Checkpoints always hold the
-    unfused `to_q`/`to_k`/`to_v` names (state-dict hooks split and join), so a fused model saves and
-    loads like any other.
+    `fuse_projections()` swaps each stream's three projections for one matmul (`to_qkv`, `to_added_qkv`, diffusers'
+    names). Unlike diffusers' attention, the separate layers are removed while fused and checkpoints always hold
+    their names (state-dict hooks split and join), so a fused model trains, saves and loads like any other.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_qkv: nn.Linear | None = None
-        self.norm_q = make_qk_norm(qk_norm, dim // num_heads)
-        self.norm_k = make_qk_norm(qk_norm, dim // num_heads)
+    def __init__(self, dim: int, num_heads: int, qk_norm: str | None, joint: bool = True,
+                 context_pre_only: bool = False, processor=None):
+        super().__init__(
+            query_dim=dim,
+            added_kv_proj_dim=dim if joint else None,
+            dim_head=dim // num_heads,
+            heads=num_heads,
+            out_dim=dim,
+            context_pre_only=context_pre_only if joint else None,
+            bias=True,
+            eps=1e-6,
+            processor=processor or MMDiTAttnProcessor(),
+        )
+        self.head_dim = dim // num_heads
+        self.norm_q = make_qk_norm(qk_norm, self.head_dim)
+        self.norm_k = make_qk_norm(qk_norm, self.head_dim)
+        if joint:
+            self.norm_added_q = make_qk_norm(qk_norm, self.head_dim)
+            self.norm_added_k = make_qk_norm(qk_norm, self.head_dim)
         self._register_state_dict_hook(_split_fused_state)
         self._register_load_state_dict_pre_hook(_join_unfused_state, with_module=True)
 
-    @property
-    def is_fused(self) -> bool:
-        return self.to_qkv is not None
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs):
+        """As diffusers' `Attention.forward`: keyword arguments the processor does not take are dropped with a
+        warning. Our own processor is called directly (no signature inspection on every call)."""
+        if isinstance(self.processor, MMDiTAttnProcessor) and cross_attention_kwargs.keys() <= {"image_rotary_emb"}:
+            return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+        return super().forward(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        if self.is_fused:
+    def fuse_projections(self, fuse: bool = True) -> None:
+        if not fuse:
+            return self.unfuse_projections()
+        if self.fused_projections:
             return
-        parts = [self.to_q, self.to_k, self.to_v]
-        if not all(isinstance(p, nn.Linear) for p in parts):  # PEFT wraps a Linear in a layer that is not one
-            raise ValueError("Cannot fuse QKV projections that carry LoRA adapters: fuse or unload the LoRA first.")
-        linear = type(parts[0])  # keeps a Linear subclass (mmdit_diffusers.cpu_bf16)
-        fused = linear(parts[0].in_features, 3 * parts[0].out_features, device=parts[0].weight.device,
-                       dtype=parts[0].weight.dtype)
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        fused.bias.copy_(torch.cat([p.bias for p in parts]))
-        fused.requires_grad_(parts[0].weight.requires_grad)
-        del self.to_q, self.to_k, self.to_v
-        self.to_qkv = fused
+        self.to_qkv = _fuse(self, ("to_q", "to_k", "to_v"))
+        if self.added_kv_proj_dim is not None:
+            self.to_added_qkv = _fuse(self, ("add_q_proj", "add_k_proj", "add_v_proj"))
+        self.fused_projections = True
 
     @torch.no_grad()
-    def unfuse(self) -> None:
-        if not self.is_fused:
+    def unfuse_projections(self) -> None:
+        if not self.fused_projections:
             return
-        fused = self.to_qkv
-        dim = fused.in_features
-        for name, weight, bias in zip(("to_q", "to_k", "to_v"), fused.weight.chunk(3), fused.bias.chunk(3)):
-            linear = type(fused)(dim, dim, device=weight.device, dtype=weight.dtype)
-            linear.weight.copy_(weight)
-            linear.bias.copy_(bias)
-            linear.requires_grad_(fused.weight.requires_grad)
-            setattr(self, name, linear)
-        self.to_qkv = None
+        _unfuse(self, "to_qkv", ("to_q", "to_k", "to_v"))
+        if self.added_kv_proj_dim is not None:
+            _unfuse(self, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
+        self.fused_projections = False
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.to_qkv is not None:
-            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+    def image_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, N, D] -> q, k, v [B, N, heads, head_dim] through `to_q`, `to_k`, `to_v` (or `to_qkv`), QK-normed."""
+        qkv = self.to_qkv(x).chunk(3, dim=-1) if self.fused_projections else (self.to_q(x), self.to_k(x), self.to_v(x))
+        return _heads(qkv, self.head_dim, self.norm_q, self.norm_k)
+
+    def text_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same through the text projections `add_q_proj`, `add_k_proj`, `add_v_proj` (or `to_added_qkv`)."""
+        if self.fused_projections:
+            qkv = self.to_added_qkv(x).chunk(3, dim=-1)
         else:
-            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))
-        q, k = self.norm_q(q), self.norm_k(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            qkv = (self.add_q_proj(x), self.add_k_proj(x), self.add_v_proj(x))
+        return _heads(qkv, self.head_dim, self.norm_added_q, self.norm_added_k)
+
+
+def _heads(qkv, head_dim: int, norm_q: nn.Module | None, norm_k: nn.Module | None):
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+def _fuse(module: nn.Module, names: tuple[str, str, str]) -> nn.Linear:
+    parts = [getattr(module, name) for name in names]
+    if not all(isinstance(p, nn.Linear) for p in parts):  # PEFT wraps a Linear in a layer that is not one
+        raise ValueError("Cannot fuse QKV projections that carry LoRA adapters: fuse or unload the LoRA first.")
+    linear = type(parts[0])  # keeps a Linear subclass (mmdit_diffusers.cpu_bf16)
+    weight = parts[0].weight
+    fused = linear(parts[0].in_features, 3 * parts[0].out_features, device=weight.device, dtype=weight.dtype)
+    fused.weight.copy_(torch.cat([p.weight for p in parts]))
+    fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    fused.requires_grad_(weight.requires_grad)
+    for name in names:
+        delattr(module, name)
+    return fused
+
+
+def _unfuse(module: nn.Module, fused_name: str, names: tuple[str, str, str]) -> None:
+    fused = getattr(module, fused_name)
+    for name, weight, bias in zip(names, fused.weight.chunk(3), fused.bias.chunk(3)):
+        linear = type(fused)(fused.in_features, weight.shape[0], device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        linear.requires_grad_(fused.weight.requires_grad)
+        setattr(module, name, linear)
+    delattr(module, fused_name)
+
+
+_FUSED_NAMES = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
 def _split_fused_state(module, state_dict, prefix, local_metadata):
-    if module.to_qkv is None:
+    if not module.fused_projections:
         return state_dict
-    for suffix in ("weight", "bias"):
-        fused = state_dict.pop(f"{prefix}to_qkv.{suffix}")
-        for name, part in zip(("to_q", "to_k", "to_v"), fused.chunk(3)):
-            state_dict[f"{prefix}{name}.{suffix}"] = part
+    for fused_name, names in _FUSED_NAMES.items():
+        for suffix in ("weight", "bias"):
+            fused = state_dict.pop(f"{prefix}{fused_name}.{suffix}", None)
+            if fused is not None:
+                for name, part in zip(names, fused.chunk(3)):
+                    state_dict[f"{prefix}{name}.{suffix}"] = part
     return state_dict
 
 
 def _join_unfused_state(module, state_dict, prefix, *args):
-    if module.to_qkv is None or f"{prefix}to_q.weight" not in state_dict:
+    if not module.fused_projections:
         return
-    for suffix in ("weight", "bias"):
-        parts = [state_dict.pop(f"{prefix}{name}.{suffix}") for name in ("to_q", "to_k", "to_v")]
-        state_dict[f"{prefix}to_qkv.{suffix}"] = torch.cat(parts)
+    for fused_name, names in _FUSED_NAMES.items():
+        for suffix in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{suffix}" for name in names]
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}{fused_name}.{suffix}"] = torch.cat([state_dict.pop(key) for key in keys])
 
 
-class Attention(nn.Module):
-    """softmax(q k^T / sqrt(d)) v over [B, heads, N, head_dim]; `key_mask` [B, N] (True = attend) -> [B, N, D].
+class MMDiTAttnProcessor:
+    """The default processor of `MMDiTAttention`: softmax(q k^T / sqrt(d)) v through diffusers'
+    `dispatch_attention_fn`, so `set_attention_backend(...)` picks the kernel.
 
-    No parameters. The kernel is `scaled_dot_product_attention`, PyTorch's, looked up on the module so that a
-    model's attention can be computed differently from outside (`mmdit_diffusers.cpu_bf16` replaces it).
+    `attention_mask` [B, L] bool (True = attend) covers the first L keys: the text tokens of the joint sequence (or of
+    a single-stream sequence that starts with them); the other keys are always attended to. It reaches every backend
+    that takes a mask (`MASKED_BACKENDS`) in the form that backend reads; the others refuse it with an `InputError`.
+    `image_rotary_emb`: the (cos, sin) pair of diffusers' `FluxPosEmbed` over the (text, image) sequence, applied to
+    q and k as diffusers' FLUX processor does.
+
+    Returns `(image_out, text_out)` after the output projections for a joint attention (`text_out` unprojected in a
+    `context_pre_only` block, as SD3), `image_out` for a self-attention.
     """
 
-    scaled_dot_product_attention = staticmethod(F.scaled_dot_product_attention)
+    _attention_backend = None
+    _parallel_config = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None):
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = self.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.transpose(1, 2).flatten(2)
+    def __call__(self, attn: MMDiTAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+        query, key, value = attn.image_qkv(hidden_states)
+        if encoder_hidden_states is not None:
+            txt = attn.text_qkv(encoder_hidden_states)
+            # joined as [B, heads, S, head_dim] (a [B, S, heads, head_dim] view of it goes to the kernel): the
+            # layout PyTorch's SDPA kernels read fastest
+            query, key, value = (
+                torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=2).transpose(1, 2)
+                for t, i in zip(txt, (query, key, value))
+            )
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if attention_mask is not None:
+            key, value, attention_mask = self.key_mask(key, value, attention_mask)
+        out = self.attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[0](out)  # to_out[1] is a dropout of probability 0
+        num_txt = encoder_hidden_states.shape[1]
+        txt_out, img_out = out[:, :num_txt], out[:, num_txt:]
+        img_out = attn.to_out[0](img_out)
+        return img_out, (txt_out if attn.to_add_out is None else attn.to_add_out(txt_out))
 
+    def attend(self, query, key, value, attn_mask):
+        """The attention kernel on [B, S, heads, head_dim] tensors (a subclass may compute it differently)."""
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, backend=self._attention_backend,
+                                     parallel_config=self._parallel_config)
 
-def joint_attention(attention: Attention, txt_qkv, img_qkv, txt_mask: torch.Tensor | None = None):
-    """q = cat([txt_q, img_q]) along the sequence (k, v alike); one `attention`; split back into (txt, img).
-
-    `txt_mask` [B, L] bool: padded text tokens are masked out as keys, so no query sees them.
-    """
-    q, k, v = (torch.cat([t, i], dim=2) for t, i in zip(txt_qkv, img_qkv))
-    key_mask = None
-    if txt_mask is not None:
-        img_keys = txt_mask.new_ones(txt_mask.shape[0], img_qkv[1].shape[2])
-        key_mask = torch.cat([txt_mask, img_keys], dim=1)
-    out = attention(q, k, v, key_mask)
-    num_txt = txt_qkv[0].shape[2]
-    return out[:, :num_txt], out[:, num_txt:]
+    def key_mask(self, key, value, text_mask):
+        """(key, value, mask) for the backend: the [B, L] text mask widened to all keys, in that backend's form."""
+        backend = self._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+        if not isinstance(backend, AttentionBackendName):  # the enum call is skipped for members, as diffusers does
+            backend = AttentionBackendName(backend)
+        mask = text_mask.bool()
+        if mask.shape[1] < key.shape[1]:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], key.shape[1] - mask.shape[1])], dim=1)
+        if backend in _MASK_4D:
+            return key, value, mask[:, None, None, :]
+        if backend in _MASK_2D:
+            return key, value, mask
+        if backend in _MASK_PREFIX:  # the kept keys first, in order: attention does not depend on the keys' order
+            order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+            index = order[:, :, None, None].expand_as(key)
+            return key.gather(1, index), value.gather(1, index), mask.gather(1, order)
+        raise InputError(
+            f"Attention backend {backend.value!r} takes no attention mask, and this batch needs one: its prompts have "
+            f"different text padding (`encoder_attention_mask`). Use a backend that takes masks "
+            f"({', '.join(sorted(MASKED_BACKENDS))}), one prompt per batch, or prompts of equal length."
+        )

@@ -1,22 +1,22 @@
-"""The double-stream MMDiT block: one `Stream` for the image, one for the text, joined by joint attention.
+"""The double-stream MMDiT block: one `Stream` for the image, one for the text, joined by joint attention (`attn`).
 
-Each stream (AdaLN-Zero), with `attn` and `mlp` the `Modulation`s that Linear(SiLU(vec)) emits:
-    x = x + attn.gate * to_out(joint_attention(attn.modulate(norm(x))))
+Each stream (AdaLN-Zero), with `attn` and `mlp` the `Modulation`s that Linear(SiLU(temb)) emits:
+    x = x + attn.gate * joint_attention(attn.modulate(norm(x)))        (output projections inside the attention)
     x = x + mlp.gate  * mlp(mlp.modulate(norm(x)))
 where `modulate(y) = y * (1 + scale) + shift`. Gates start at zero, so a fresh block is the identity. A dual-attention
-image stream (SD3.5 Medium) adds `x = x + attn2.gate * self_attention(attn2.modulate(norm(x_in)))` between the two,
-on the same normed input as the joint attention.
+block (SD3.5 Medium) adds `x = x + attn2.gate * attn2(attn2.modulate(norm(x_in)))`, an image-only self-attention,
+between the two, on the same normed input as the joint attention.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import Attention, QKVProjection, joint_attention
+from .attention import MMDiTAttention
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -79,59 +79,30 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class SelfAttention(nn.Module):
-    """Image-only self-attention of SD3.5 Medium's dual-attention blocks."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
-        super().__init__()
-        self.qkv = QKVProjection(dim, num_heads, qk_norm)
-        self.attention = Attention()
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_out(self.attention(*self.qkv(x)))
-
-
 class Stream(nn.Module):
-    """One modality's half of a block. `pre_only`: the stream only feeds keys and values to the joint
-    attention and stops (SD3's text stream in the last block). `dual_attention`: an extra image-only
-    self-attention after the joint one (SD3.5 Medium), with its own modulation `attn2`."""
+    """One modality's modulation and MLP. `pre_only`: the stream only feeds keys and values to the joint attention
+    and stops (SD3's text stream in the last block): no MLP, ungated attention modulation. `dual_attention`: a
+    modulation for the image self-attention `attn2` too (SD3.5 Medium)."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        qk_norm: str | None,
-        pre_only: bool = False,
-        dual_attention: bool = False,
-    ):
+    def __init__(self, dim: int, mlp_ratio: float, pre_only: bool = False, dual_attention: bool = False):
         super().__init__()
         self.pre_only = pre_only
         sublayers = ("attn",) if pre_only else ("attn", "mlp", "attn2") if dual_attention else ("attn", "mlp")
         self.modulation = AdaLNModulation(dim, sublayers, gated=not pre_only)
-        self.qkv = QKVProjection(dim, num_heads, qk_norm)
         if not pre_only:
-            self.to_out = nn.Linear(dim, dim)
             self.mlp = FeedForward(dim, mlp_ratio)
-        self.attn2 = SelfAttention(dim, num_heads, qk_norm) if dual_attention else None
 
-    def pre_attention(self, x: torch.Tensor, vec: torch.Tensor):
-        """Modulate and project. Returns (q, k, v) and what `post_attention` needs."""
-        mod = StreamModulation(**self.modulation(vec))
-        x_norm = layer_norm(x)
-        return self.qkv(mod.attn.modulate(x_norm)), (x_norm, mod)
+    def modulations(self, temb: torch.Tensor) -> StreamModulation:
+        return StreamModulation(**self.modulation(temb))
 
-    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor, saved) -> torch.Tensor:
-        x_norm, mod = saved
-        x = x + mod.attn.gate * self.to_out(attn_out)
-        if self.attn2 is not None:
-            x = x + mod.attn2.gate * self.attn2(mod.attn2.modulate(x_norm))
-        return x + mod.mlp.gate * self.mlp(mod.mlp.modulate(layer_norm(x)))
+    def feed_forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        return x + mod.gate * self.mlp(mod.modulate(layer_norm(x)))
 
 
 class MMDiTBlock(nn.Module):
-    """Double-stream block: (img, txt) -> (img, txt); txt is None after a `txt_pre_only` block."""
+    """Double-stream block: (hidden_states, encoder_hidden_states) -> the same, image first; the text result is None
+    after a `context_pre_only` block. Attention modules as SD3's `JointTransformerBlock`: `attn` (joint) and `attn2`
+    (dual attention), diffusers `Attention`s with processors."""
 
     def __init__(
         self,
@@ -143,14 +114,39 @@ class MMDiTBlock(nn.Module):
         dual_attention: bool = False,
     ):
         super().__init__()
-        self.img = Stream(dim, num_heads, mlp_ratio, qk_norm, dual_attention=dual_attention)
-        self.txt = Stream(dim, num_heads, mlp_ratio, qk_norm, pre_only=txt_pre_only)
-        self.attention = Attention()
+        self.context_pre_only = txt_pre_only
+        self.img = Stream(dim, mlp_ratio, dual_attention=dual_attention)
+        self.txt = Stream(dim, mlp_ratio, pre_only=txt_pre_only)
+        self.attn = MMDiTAttention(dim, num_heads, qk_norm, joint=True, context_pre_only=txt_pre_only)
+        self.attn2 = MMDiTAttention(dim, num_heads, qk_norm, joint=False) if dual_attention else None
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, txt_mask: torch.Tensor | None = None):
-        img_qkv, img_saved = self.img.pre_attention(img, vec)
-        txt_qkv, txt_saved = self.txt.pre_attention(txt, vec)
-        txt_attn, img_attn = joint_attention(self.attention, txt_qkv, img_qkv, txt_mask)
-        img = self.img.post_attention(img, img_attn, img_saved)
-        txt = None if self.txt.pre_only else self.txt.post_attention(txt, txt_attn, txt_saved)
-        return img, txt
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask` [B, L] bool over the text tokens (True = attend); `image_rotary_emb` (cos, sin) over the
+        (text, image) sequence; `joint_attention_kwargs` go to the attention processors, as SD3."""
+        kwargs = joint_attention_kwargs or {}
+        img_mod, txt_mod = self.img.modulations(temb), self.txt.modulations(temb)
+        img_norm = layer_norm(hidden_states)
+        rope = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
+        img_attn, txt_attn = self.attn(
+            img_mod.attn.modulate(img_norm),
+            txt_mod.attn.modulate(layer_norm(encoder_hidden_states)),
+            attention_mask,
+            **rope,
+            **kwargs,
+        )
+        hidden_states = hidden_states + img_mod.attn.gate * img_attn
+        if self.attn2 is not None:
+            hidden_states = hidden_states + img_mod.attn2.gate * self.attn2(img_mod.attn2.modulate(img_norm), **kwargs)
+        hidden_states = self.img.feed_forward(hidden_states, img_mod.mlp)
+        if self.context_pre_only:
+            return hidden_states, None
+        encoder_hidden_states = encoder_hidden_states + txt_mod.attn.gate * txt_attn
+        return hidden_states, self.txt.feed_forward(encoder_hidden_states, txt_mod.mlp)

@@ -14,12 +14,16 @@ import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
+from ..conversion.legacy import is_legacy_layout, legacy_state_dict_to_current
 from ..conversion.sd3 import mmdit_config_to_sd3, mmdit_state_dict_to_sd3, sd3_config_to_mmdit, sd3_state_dict_to_mmdit
-from .attention import QK_NORMS, QKVProjection
+from ..errors import InputError
+from .attention import QK_NORMS
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
 from .presets import PRESETS, RECOMMENDED
@@ -27,7 +31,7 @@ from .presets import PRESETS, RECOMMENDED
 POS_EMBED_TYPES = ("sincos",)
 
 
-class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
@@ -128,6 +132,7 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.proj_out.bias)
 
         self.gradient_checkpointing = False
+        self._register_load_state_dict_pre_hook(_migrate_legacy_keys)
 
     # ----------------------------------------------------------------------------------------------------------
     # Presets and helpers
@@ -177,16 +182,20 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         _load_converted(sd3, mmdit_state_dict_to_sd3(self.state_dict(), config), "MMDiT")
         return _same_dtype(sd3, self)
 
-    def fuse_qkv_projections(self) -> None:
-        """Compute each stream's Q, K and V with one matmul (QK-norm and dual attention stay exact)."""
-        for module in self.modules():
-            if isinstance(module, QKVProjection):
-                module.fuse()
-
-    def unfuse_qkv_projections(self) -> None:
-        for module in self.modules():
-            if isinstance(module, QKVProjection):
-                module.unfuse()
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path,
+                               loaded_keys, **kwargs):
+        """diffusers' loader, after renaming a first-layout checkpoint's keys (`mmdit_diffusers.conversion.legacy`);
+        every loading path of `from_pretrained` (sharded or not, `low_cpu_mem_usage` or not) goes through here."""
+        if is_legacy_layout(loaded_keys):
+            if state_dict is None:  # sharded: the loader would read the files itself, under the old names
+                state_dict = {}
+                for file in resolved_model_file:
+                    state_dict.update(load_state_dict(file))
+            state_dict = legacy_state_dict_to_current(state_dict)
+            loaded_keys = list(state_dict)
+        return super()._load_pretrained_model(model, state_dict, resolved_model_file, pretrained_model_name_or_path,
+                                              loaded_keys, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward
@@ -200,6 +209,8 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        block_controlnet_hidden_states: list[torch.Tensor] | None = None,
+        skip_layers: list[int] | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
         Args:
@@ -209,7 +220,12 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             pooled_projections: pooled text [B, cond_dim].
             timestep: [B] (or a scalar) in [0, 1000], `sigma * 1000` as diffusers' SD3.
             encoder_attention_mask: [B, L], 1 for real tokens, 0 for padding; padding then takes no part in attention.
-            joint_attention_kwargs: `{"scale": s}` scales LoRA layers.
+            joint_attention_kwargs: passed to the attention processors, as SD3; `"scale"` scales LoRA layers instead.
+            block_controlnet_hidden_states: ControlNet residuals [B, image tokens, hidden_size], as SD3: after block
+                `i` (except a `context_pre_only` one), residual `int(i / (depth / len(residuals)))` is added to the
+                image tokens.
+            skip_layers: indices of blocks to skip (their inputs pass through unchanged), as SD3.5's skip-layer
+                guidance.
 
         Returns:
             `Transformer2DModelOutput(sample=...)` shaped like `hidden_states` (with `out_channels`), or a tuple.
@@ -218,7 +234,9 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         timestep, txt_mask = self._check_inputs(
             hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask
         )
-        lora_scale = (joint_attention_kwargs or {}).get("scale", 1.0)
+        skip = self._check_block_options(block_controlnet_hidden_states, skip_layers)
+        attention_kwargs = dict(joint_attention_kwargs or {})
+        lora_scale = attention_kwargs.pop("scale", 1.0)
         if USE_PEFT_BACKEND and lora_scale != 1.0:
             scale_lora_layers(self, lora_scale)
 
@@ -235,11 +253,18 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         vec = vec + self.pooled_text_mlp(pooled_projections)
         txt, txt_mask = _drop_shared_padding(txt, txt_mask)
 
-        for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                img, txt = self._gradient_checkpointing_func(block, img, txt, vec, txt_mask)
-            else:
-                img, txt = block(img, txt, vec, txt_mask)
+        # each block's arguments after (img, txt), in `MMDiTBlock.forward`'s order; no rotary embedding: the
+        # sin-cos positions were added to the image tokens above
+        block_args = (vec, txt_mask, None, attention_kwargs or None)
+        for index, block in enumerate(self.transformer_blocks):
+            if index not in skip:
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    img, txt = self._gradient_checkpointing_func(block, img, txt, *block_args)
+                else:
+                    img, txt = block(img, txt, *block_args)
+            if block_controlnet_hidden_states is not None and not block.context_pre_only:
+                interval = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
+                img = img + block_controlnet_hidden_states[int(index / interval)]
 
         final = self.norm_out(vec)["final"]
         out = self.proj_out(final.modulate(layer_norm(img)))
@@ -249,6 +274,18 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if USE_PEFT_BACKEND and lora_scale != 1.0:
             unscale_lora_layers(self, lora_scale)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _check_block_options(self, block_controlnet_hidden_states, skip_layers) -> frozenset[int]:
+        """Refuse an empty residual list and block indices out of range; returns the blocks to skip."""
+        if block_controlnet_hidden_states is not None and len(block_controlnet_hidden_states) == 0:
+            raise InputError("`block_controlnet_hidden_states` is empty; pass None or at least one residual.")
+        if not skip_layers:
+            return frozenset()
+        depth = len(self.transformer_blocks)
+        bad = [i for i in skip_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+        if bad:
+            raise InputError(f"`skip_layers` {bad} are not block indices; expected integers in 0..{depth - 1}.")
+        return frozenset(skip_layers)
 
     def _check_inputs(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, mask):
         """Shape checks with messages that name the argument; returns (timestep [B], bool mask or None)."""
@@ -321,6 +358,14 @@ def _load_converted(model: nn.Module, state_dict: dict, source: str) -> None:
     if missing or unexpected:
         raise ValueError(f"Converted {source} weights do not fit: missing {missing}, unexpected {unexpected}.")
     model.load_state_dict(state_dict, strict=True)
+
+
+def _migrate_legacy_keys(state_dict, prefix, *args) -> None:
+    """`load_state_dict` pre-hook: first-layout keys renamed in place (`mmdit_diffusers.conversion.legacy`)."""
+    keys = [key for key in state_dict if key.startswith(prefix)]
+    if is_legacy_layout(keys):
+        for key, value in legacy_state_dict_to_current({key: state_dict.pop(key) for key in keys}).items():
+            state_dict[key] = value
 
 
 def _same_dtype(model: nn.Module, like: nn.Module) -> nn.Module:

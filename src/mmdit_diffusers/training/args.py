@@ -27,7 +27,7 @@ from ..arguments import (
 from ..errors import InputError
 from .flow_matching import WEIGHTING_SCHEMES
 
-DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out"
+DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # both streams, SD3 names
 # the SD3 paper's mode density (eq. 20) is a density on [0, 1] for -1 <= s <= 2 / (pi - 2)
 MODE_SCALE_MIN, MODE_SCALE_MAX = -1.0, 2.0 / (math.pi - 2.0)
 DEFAULT_LORA_RANK = 16

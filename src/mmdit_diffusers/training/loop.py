@@ -247,7 +247,7 @@ def add_lora(transformer, args) -> None:
     from peft import LoraConfig
 
     targets = [t.strip() for t in args.lora_layers.split(",") if t.strip()]
-    names = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()}
+    names = {name.split(".", i)[-1] for name, _ in transformer.named_modules() for i in range(name.count(".") + 1)}
     unknown = [t for t in targets if t not in names]
     if unknown or not targets:
         raise InputError(f"--lora_layers {unknown or targets} match no module of the transformer.")

@@ -204,3 +204,10 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     if size < expected:
         return f"is truncated: its header describes {expected:,} bytes, the file has {size:,}"
     return None
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the header of a complete safetensors file (see `safetensors_problem`)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")).decode("utf-8"))
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}

@@ -23,12 +23,10 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from ..conversion.legacy import is_legacy_layout, legacy_state_dict_to_current
 from ..conversion.sd3 import mmdit_config_to_sd3, mmdit_state_dict_to_sd3, sd3_config_to_mmdit, sd3_state_dict_to_mmdit
 from ..errors import InputError
-from .attention import QK_NORMS
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
 from .presets import PRESETS, RECOMMENDED
-
-POS_EMBED_TYPES = ("sincos",)
+from .validation import check_config, check_inputs, check_loading_info, check_sd3_source, pretrained_problem
 
 
 class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
@@ -102,7 +100,7 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         use_text_attention_mask: bool = True,
     ):
         super().__init__()
-        _check_config(locals())
+        check_config(locals())
         self.in_channels = in_channels or img_dim // patch_size**2
         self.out_channels = out_channels or self.in_channels
         self.img_grid = token_grid(img_tokens)
@@ -160,6 +158,7 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         from diffusers import SD3Transformer2DModel
 
         if isinstance(model_or_path, (str, os.PathLike)):
+            check_sd3_source(model_or_path, from_pretrained_kwargs)
             sd3 = SD3Transformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
         elif isinstance(model_or_path, SD3Transformer2DModel):
             sd3 = model_or_path
@@ -181,6 +180,22 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         sd3 = SD3Transformer2DModel(**mmdit_config_to_sd3(config))
         _load_converted(sd3, mmdit_state_dict_to_sd3(self.state_dict(), config), "MMDiT")
         return _same_dtype(sd3, self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`; a failure or a partial load is explained (`validation.pretrained_problem`,
+        `validation.check_loading_info`): an SD3 folder points to `from_sd3`, a damaged file or weights of another
+        depth are named."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, RuntimeError, TypeError) as error:
+            problem = pretrained_problem(cls, pretrained_model_name_or_path, kwargs, error)
+            if problem is None:
+                raise
+            raise InputError(problem) from error
+        check_loading_info(cls, pretrained_model_name_or_path, kwargs, info)
+        return (model, info) if want_info else model
 
     @classmethod
     def _load_pretrained_model(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path,
@@ -230,10 +245,10 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         Returns:
             `Transformer2DModelOutput(sample=...)` shaped like `hidden_states` (with `out_channels`), or a tuple.
         """
-        latent_input = hidden_states.ndim == 4
-        timestep, txt_mask = self._check_inputs(
-            hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask
+        hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_mask = check_inputs(
+            self, hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask
         )
+        latent_input = hidden_states.ndim == 4
         skip = self._check_block_options(block_controlnet_hidden_states, skip_layers)
         attention_kwargs = dict(joint_attention_kwargs or {})
         lora_scale = attention_kwargs.pop("scale", 1.0)
@@ -287,70 +302,6 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             raise InputError(f"`skip_layers` {bad} are not block indices; expected integers in 0..{depth - 1}.")
         return frozenset(skip_layers)
 
-    def _check_inputs(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, mask):
-        """Shape checks with messages that name the argument; returns (timestep [B], bool mask or None)."""
-        cfg = self.config
-        if hidden_states.ndim == 4:
-            _, c, h, w = hidden_states.shape
-            if c != self.in_channels:
-                raise ValueError(f"`hidden_states` has {c} channels; expected in_channels={self.in_channels} ([B, C, H, W]).")
-            p, limit = cfg.patch_size, self.pos_grid_size * cfg.patch_size
-            for name, size in (("height", h), ("width", w)):
-                if size % p:
-                    raise ValueError(f"`hidden_states` {name} {size} is not a multiple of patch_size={p}.")
-                if size > limit:
-                    raise ValueError(
-                        f"`hidden_states` {name} {size} exceeds the position grid: at most pos_embed_max_size * "
-                        f"patch_size = {limit}."
-                    )
-        elif hidden_states.ndim == 3:
-            if tuple(hidden_states.shape[1:]) != (cfg.img_tokens, cfg.img_dim):
-                raise ValueError(
-                    f"`hidden_states` tokens have shape {tuple(hidden_states.shape)}; expected "
-                    f"[B, img_tokens={cfg.img_tokens}, img_dim={cfg.img_dim}]."
-                )
-        else:
-            raise ValueError(
-                f"`hidden_states` must be latents [B, C, H, W] or tokens [B, img_tokens, img_dim]; got shape "
-                f"{tuple(hidden_states.shape)}."
-            )
-        batch = hidden_states.shape[0]
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.txt_dim:
-            raise ValueError(
-                f"`encoder_hidden_states` has shape {tuple(encoder_hidden_states.shape)}; expected [B, L, txt_dim={cfg.txt_dim}]."
-            )
-        if encoder_hidden_states.shape[1] > cfg.txt_tokens:
-            raise ValueError(
-                f"`encoder_hidden_states` has {encoder_hidden_states.shape[1]} tokens; the model accepts at most "
-                f"txt_tokens={cfg.txt_tokens}."
-            )
-        cond_dim = cfg.cond_dim or cfg.hidden_size
-        if pooled_projections.ndim != 2 or pooled_projections.shape[-1] != cond_dim:
-            raise ValueError(
-                f"`pooled_projections` has shape {tuple(pooled_projections.shape)}; expected [B, cond_dim={cond_dim}]."
-            )
-        timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
-        if timestep.ndim != 1:
-            raise ValueError(f"`timestep` has shape {tuple(timestep.shape)}; expected [B] or a scalar.")
-        sizes = {
-            "hidden_states": batch,
-            "encoder_hidden_states": encoder_hidden_states.shape[0],
-            "pooled_projections": pooled_projections.shape[0],
-            "timestep": timestep.shape[0],
-        }
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"Batch sizes disagree: {sizes}.")
-        if mask is not None:
-            expected = tuple(encoder_hidden_states.shape[:2])
-            if tuple(mask.shape) != expected:
-                raise ValueError(
-                    f"`encoder_attention_mask` has shape {tuple(mask.shape)}; expected [B, L] = {list(expected)}."
-                )
-            mask = mask.to(device=hidden_states.device) > 0
-        return timestep, mask
-
 
 def _load_converted(model: nn.Module, state_dict: dict, source: str) -> None:
     expected = set(model.state_dict())
@@ -383,39 +334,3 @@ def _drop_shared_padding(txt: torch.Tensor, txt_mask: torch.Tensor | None):
     if not bool(keep.all()):
         txt, txt_mask = txt[:, keep], txt_mask[:, keep]
     return txt, (None if bool(txt_mask.all()) else txt_mask)
-
-
-def _check_config(cfg: dict) -> None:
-    """Refuse impossible configurations with a message that names the option."""
-    for name in ("img_dim", "txt_dim", "img_tokens", "txt_tokens", "hidden_size", "depth", "num_heads", "patch_size"):
-        value = cfg[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-    for name in ("cond_dim", "in_channels", "out_channels", "sample_size", "pos_embed_max_size"):
-        value = cfg[name]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise ValueError(f"`{name}` must be a positive integer or None; got {value!r}.")
-    if not cfg["mlp_ratio"] > 0:
-        raise ValueError(f"`mlp_ratio` must be positive; got {cfg['mlp_ratio']!r}.")
-    if cfg["hidden_size"] % cfg["num_heads"]:
-        raise ValueError(f"`hidden_size`={cfg['hidden_size']} is not divisible by `num_heads`={cfg['num_heads']}.")
-    p2 = cfg["patch_size"] ** 2
-    if cfg["in_channels"] is None and cfg["img_dim"] % p2:
-        raise ValueError(f"`img_dim`={cfg['img_dim']} is not a multiple of patch_size**2={p2}.")
-    if cfg["in_channels"] is not None and cfg["img_dim"] != cfg["in_channels"] * p2:
-        raise ValueError(
-            f"`img_dim`={cfg['img_dim']} must equal in_channels * patch_size**2 = {cfg['in_channels']} * {p2}."
-        )
-    if cfg["qk_norm"] not in QK_NORMS:
-        raise ValueError(f"Unknown `qk_norm` {cfg['qk_norm']!r}; expected one of {QK_NORMS}.")
-    if cfg["pos_embed_type"] not in POS_EMBED_TYPES:
-        raise ValueError(f"Unknown `pos_embed_type` {cfg['pos_embed_type']!r}; expected one of {POS_EMBED_TYPES}.")
-    bad = [i for i in cfg["dual_attention_layers"] if not 0 <= i < cfg["depth"]]
-    if bad:
-        raise ValueError(f"`dual_attention_layers` {bad} out of range for depth={cfg['depth']} (valid: 0..{cfg['depth'] - 1}).")
-    grid = token_grid(cfg["img_tokens"])
-    if cfg["pos_embed_max_size"] is not None and max(grid) > cfg["pos_embed_max_size"]:
-        raise ValueError(
-            f"`img_tokens`={cfg['img_tokens']} is read on a {grid[0]} x {grid[1]} grid, larger than "
-            f"`pos_embed_max_size`={cfg['pos_embed_max_size']}."
-        )

@@ -222,7 +222,7 @@ def _warn_if_not_finite(named: dict[str, torch.Tensor]) -> None:
     bad = [name for name, flag in zip(named, flags) if flag]
     if bad:
         warnings.warn(f"{', '.join(f'`{n}`' for n in bad)} hold{'s' if len(bad) == 1 else ''} NaN or infinite values; "
-                      "the model's output will not be finite either.", RuntimeWarning, stacklevel=4)
+                      "the model's output will not be finite either.", RuntimeWarning, stacklevel=3)
 
 
 def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections, timestep, mask):
@@ -314,7 +314,7 @@ _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 def _local_folder(path, kwargs: dict) -> str | None:
     """The local folder `from_pretrained(path, subfolder=...)` reads, or None for a Hub repo id."""
-    folder = os.path.join(os.fspath(path), kwargs.get("subfolder") or "")
+    folder = os.path.normpath(os.path.join(os.fspath(path), kwargs.get("subfolder") or ""))
     return folder if os.path.isdir(os.fspath(path)) else None
 
 
@@ -336,7 +336,7 @@ def check_sd3_source(path, kwargs: dict) -> None:
             raise InputError(f"`from_sd3`: {text} is no folder (and not a Hub repo id such as "
                              "'stabilityai/stable-diffusion-3.5-medium').")
         return
-    folder = os.path.join(text, kwargs.get("subfolder") or "")
+    folder = os.path.normpath(os.path.join(text, kwargs.get("subfolder") or ""))
     name = _class_name(folder)
     if name == MMDIT_CLASS:
         raise InputError(f"`from_sd3`: {folder} already holds an {MMDIT_CLASS}; load it with "

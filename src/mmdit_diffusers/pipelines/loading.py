@@ -12,6 +12,7 @@ from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
 from ..errors import InputError
+from ..files import safetensors_problem
 
 logger = logging.get_logger(__name__)
 
@@ -114,7 +115,8 @@ def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
 
 def check_local_components(folder, expected: list[str], optional: list[str], passed: dict) -> None:
     """Name the component when a local pipeline folder lacks one (diffusers' own errors name a file or list every
-    component). Hub repos are left to diffusers."""
+    component), the folder's pipeline class when it is another kind of pipeline, and the file when a component's
+    safetensors weights are damaged (from their headers). Hub repos are left to diffusers."""
     if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):
         return
     config = DiffusionPipeline.load_config(folder)
@@ -137,8 +139,16 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
                 f"Cannot load the pipeline from {folder}: its model_index.json has no `{name}` component. Add it to "
                 f"the folder or pass `{name}=...` to `from_pretrained`."
             )
-        if isinstance(entry, (list, tuple)) and entry[0] is not None and not os.path.isdir(os.path.join(folder, name)):
+        if not (isinstance(entry, (list, tuple)) and entry[0] is not None):
+            continue
+        component_dir = os.path.join(folder, name)
+        if not os.path.isdir(component_dir):
             raise ValueError(
                 f"Cannot load the pipeline from {folder}: component `{name}` ({entry[1]}) is listed in model_index.json "
                 f"but its folder `{name}/` is missing. Restore it or pass `{name}=...` to `from_pretrained`."
             )
+        for file in sorted(f for f in os.listdir(component_dir) if f.endswith(".safetensors")):
+            problem = safetensors_problem(os.path.join(component_dir, file))
+            if problem:
+                raise InputError(f"Cannot load the pipeline from {folder}: component `{name}`'s weights file "
+                                 f"{name}/{file} {problem}.")

@@ -147,7 +147,7 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
     except OSError as error:
-        return f"cannot write in {existing} ({error.strerror or error})"
+        return f"{existing} is not writable ({error.strerror or error})"
     os.close(fd)
     os.unlink(probe)
     return None

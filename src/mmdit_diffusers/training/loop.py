@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..files import folder_problem, write_text_atomically
+from ..files import write_text_atomically
 from ..pipelines.latents import vae_scale_factor
 from . import checkpointing, data
 from .flow_matching import (
@@ -330,10 +330,6 @@ def train(args: Namespace) -> TrainResult:
     output_dir = os.path.abspath(args.output_dir)
 
     # 1. cheap checks --------------------------------------------------------------------------------------
-    for option, folder in (("--output_dir", output_dir), ("--logging_dir", os.path.join(output_dir, args.logging_dir))):
-        problem = folder_problem(folder)
-        if problem:
-            raise InputError(f"{option} {folder}: {problem}.")
     resume_path = checkpointing.resolve_resume(args.resume_from_checkpoint, output_dir)
     resume_state = checkpointing.read_state(resume_path) if resume_path else None
     if resume_state:

@@ -498,9 +498,11 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         except Exception as e:
             damage = checkpointing.damaged_files(resume_path)
             if damage:
+                others = [os.path.basename(p) for _, p in checkpointing.list_checkpoints(output_dir)
+                          if os.path.abspath(p) != os.path.abspath(resume_path)]
                 raise InputError(
-                    f"checkpoint {resume_path} is damaged: {'; '.join(damage)}. Resume from an earlier checkpoint "
-                    f"({', '.join(os.path.basename(p) for _, p in checkpointing.list_checkpoints(output_dir)) or 'none'})."
+                    f"checkpoint {resume_path} is damaged: {'; '.join(damage)}. Resume from another checkpoint "
+                    f"({', '.join(others) or f'none in {output_dir}'}) or start again."
                 ) from None
             raise InputError(
                 f"checkpoint {resume_path} does not match this run ({type(e).__name__}: {e}); resume with the same "

@@ -7,7 +7,6 @@ streams), `embeddings` (patches, positions, the conditioning vector), `blocks` (
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -26,7 +25,14 @@ from ..errors import InputError
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
 from .presets import PRESETS, RECOMMENDED
-from .validation import check_config, check_inputs, check_loading_info, check_sd3_source, pretrained_problem
+from .validation import (
+    check_config,
+    check_inputs,
+    check_loading_info,
+    check_local_source,
+    check_sd3_source,
+    pretrained_problem,
+)
 
 
 class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
@@ -157,15 +163,11 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         `from_pretrained_kwargs`), as an MMDiT with the same weights and dtype (`mmdit_diffusers.conversion.sd3`)."""
         from diffusers import SD3Transformer2DModel
 
-        if isinstance(model_or_path, (str, os.PathLike)):
-            check_sd3_source(model_or_path, from_pretrained_kwargs)
-            sd3 = SD3Transformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
-        elif isinstance(model_or_path, SD3Transformer2DModel):
+        check_sd3_source(model_or_path, from_pretrained_kwargs)
+        if isinstance(model_or_path, SD3Transformer2DModel):
             sd3 = model_or_path
         else:
-            raise TypeError(
-                f"`model_or_path` must be an SD3Transformer2DModel or a folder path; got {type(model_or_path).__name__}."
-            )
+            sd3 = SD3Transformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
         model = cls(**sd3_config_to_mmdit(sd3.config))
         _load_converted(model, sd3_state_dict_to_mmdit(sd3.state_dict(), model.config), "SD3")
         return _same_dtype(model, sd3)
@@ -187,6 +189,7 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         `validation.check_loading_info`): an SD3 folder points to `from_sd3`, a damaged file or weights of another
         depth are named."""
         want_info = kwargs.pop("output_loading_info", False)
+        check_local_source(pretrained_model_name_or_path, "from_pretrained")
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError, TypeError) as error:

@@ -11,6 +11,7 @@ is expected; what is legal but most likely a mistake is a warning.
                                               weights file, weights of another depth or size)
     check_loading_info(path, info, kwargs)    weights that `from_pretrained` loaded only in part
     check_sd3_source(path, kwargs)            what `from_sd3` is given, before it reads it
+    check_local_source(path, method)          a missing local path is not sent to the Hub
 
 Dtypes: a floating input of another dtype than the model computes in is cast when no value can change (float16 or
 bfloat16 into a float32 model, anything into float64) and refused otherwise (float32 into bfloat16, float64 into
@@ -327,14 +328,27 @@ def _class_name(folder: str) -> str | None:
     return config.get("_class_name") if isinstance(config, dict) else None
 
 
+def check_local_source(path, method: str) -> None:
+    """A path that names no local folder and cannot be a Hub repo id ("org/name") is refused here, not sent to
+    the Hub."""
+    text = os.fspath(path)
+    if not os.path.exists(text) and (_REPO_ID.fullmatch(text) is None or text.startswith((".", "/"))):
+        raise InputError(f"`{method}`: {text} is no folder (and not a Hub repo id such as "
+                         "'stabilityai/stable-diffusion-3.5-medium').")
+
+
 def check_sd3_source(path, kwargs: dict) -> None:
-    """`from_sd3(path)`: a local folder must exist and hold an SD3 transformer (an MMDiT folder is pointed to
-    `from_pretrained`); a missing local path is not sent to the Hub."""
+    """`from_sd3(path)`: a model (not a path) must be an `SD3Transformer2DModel`; a local folder must exist and hold
+    one (an MMDiT folder is pointed to `from_pretrained`); a missing local path is not sent to the Hub."""
+    from diffusers import SD3Transformer2DModel
+
+    if isinstance(path, SD3Transformer2DModel):
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`model_or_path` must be an SD3Transformer2DModel or a folder path; got {type(path).__name__}.")
+    check_local_source(path, "from_sd3")
     text = os.fspath(path)
     if not os.path.exists(text):
-        if _REPO_ID.fullmatch(text) is None or text.startswith((".", "/")):
-            raise InputError(f"`from_sd3`: {text} is no folder (and not a Hub repo id such as "
-                             "'stabilityai/stable-diffusion-3.5-medium').")
         return
     folder = os.path.normpath(os.path.join(text, kwargs.get("subfolder") or ""))
     name = _class_name(folder)
@@ -366,6 +380,8 @@ def pretrained_problem(cls, path, kwargs: dict, error: Exception) -> str | None:
     if folder is None or not os.path.isdir(folder):
         return None
     name = _class_name(folder)
+    if name is None and os.path.isfile(os.path.join(folder, "model_index.json")):
+        return f"{folder} is a pipeline folder; pass subfolder='transformer' to load its transformer."
     if name == SD3_CLASS:
         sub = f", subfolder={kwargs['subfolder']!r}" if kwargs.get("subfolder") else ""
         return (f"{folder} holds a diffusers {SD3_CLASS}, not an {MMDIT_CLASS}: convert it on load with "

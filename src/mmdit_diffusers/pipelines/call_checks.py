@@ -6,7 +6,7 @@ Refused: a size that is not a positive whole number of pixels, not a multiple of
 or beyond the model's position grid; a `guidance_scale` that is not a finite number >= 0; `sigmas` that are not
 noise levels in [0, 1], or disagree with an explicit `num_inference_steps`; a `generator` that is not a
 `torch.Generator`; precomputed embeddings of another width or rank than the transformer reads; a `clip_skip` beyond
-the CLIP's layers; a call whose memory, known from its steps, images and size, exceeds what the machine has
+the CLIP's layers; integer `latents`, a `mu` or LoRA scale that is not a finite number; a call whose memory, known from its steps, images and size, exceeds what the machine has
 (`memory_needed` against `available_memory`).
 
 Warned (logged, the call goes on): `guidance_scale` below 1 (guidance is off, as at 1), a negative prompt while
@@ -39,7 +39,8 @@ GIB = 2**30
 def check_call(pipe, *, prompts: dict[str, object], height, width, num_inference_steps, steps_given: bool,
                sigmas, guidance_scale, negative_given: bool, generator, prompt_embeds, pooled_prompt_embeds,
                negative_prompt_embeds, negative_pooled_prompt_embeds, num_images_per_prompt, clip_skip,
-               callback_on_step_end, output_type: str) -> tuple[int, int]:
+               callback_on_step_end, output_type: str, latents=None, mu=None,
+               joint_attention_kwargs=None) -> tuple[int, int]:
     """Check a `__call__` of `pipe` and return `(height, width)` in pixels (the model's default for None).
 
     `prompts` maps each text encoder's name (`text_encoder`, ...) to the prompt(s) it reads; `steps_given` and
@@ -55,6 +56,7 @@ def check_call(pipe, *, prompts: dict[str, object], height, width, num_inference
     check_embeds(pipe, prompt_embeds, pooled_prompt_embeds, "")
     check_embeds(pipe, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_")
     check_clip_skip(pipe, clip_skip)
+    check_sampler_extras(latents, mu, joint_attention_kwargs)
     if callback_on_step_end is not None and not callable(callback_on_step_end):
         raise InputError(f"`callback_on_step_end` must be callable (pipe, step, timestep, kwargs) -> dict; got "
                          f"{type(callback_on_step_end).__name__}.")
@@ -133,6 +135,23 @@ def check_sigmas(sigmas, num_inference_steps: int | None) -> None:
     if num_inference_steps is not None and num_inference_steps != len(values):
         raise InputError(f"`sigmas` has {len(values)} values but `num_inference_steps`={num_inference_steps}: with "
                          "`sigmas` the sampler takes one step per value; pass only one of them.")
+
+
+def check_sampler_extras(latents, mu, joint_attention_kwargs) -> None:
+    """`latents`: a floating-point tensor (its shape is checked with the size); `mu`: a finite number;
+    `joint_attention_kwargs`: a dict whose "scale" (the LoRA scale) is a finite number."""
+    if latents is not None and (not isinstance(latents, torch.Tensor) or not latents.is_floating_point()):
+        kind = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise InputError(f"`latents` must be a floating-point tensor (initial noise); got {kind}.")
+    if mu is not None and (isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)):
+        raise InputError(f"`mu` must be a finite number (the dynamic shift); got {mu!r}.")
+    if joint_attention_kwargs is None:
+        return
+    if not isinstance(joint_attention_kwargs, dict):
+        raise InputError(f"`joint_attention_kwargs` must be a dict; got {type(joint_attention_kwargs).__name__}.")
+    scale = joint_attention_kwargs.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise InputError(f"`joint_attention_kwargs['scale']` (the LoRA scale) must be a finite number; got {scale!r}.")
 
 
 def check_generator(generator) -> None:

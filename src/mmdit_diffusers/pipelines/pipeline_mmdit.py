@@ -573,7 +573,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
-            output_type=output_type,
+            output_type=output_type, latents=latents, mu=mu, joint_attention_kwargs=joint_attention_kwargs,
         )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

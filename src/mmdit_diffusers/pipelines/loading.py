@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 
 from diffusers import DiffusionPipeline, SD3Transformer2DModel
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
@@ -24,6 +25,7 @@ SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
 # pipelines whose folders have MMDiTPipeline's components (a missing one is a broken folder, not another kind)
 SD3_LAYOUT_PIPELINES = ("MMDiTPipeline", "StableDiffusion3Pipeline")
 UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's IP-Adapter parts
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # what a Hub repo id looks like ("org/name")
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 SHIM_SOURCE = '''"""Lets diffusers' generic loader build this folder's pipeline:
@@ -127,6 +129,10 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
     """Name the component when a local pipeline folder lacks one (diffusers' own errors name a file or list every
     component), the folder's pipeline class when it is another kind of pipeline, and the file when a component's
     safetensors weights are damaged (from their headers). Hub repos are left to diffusers."""
+    if not os.path.exists(folder) and (REPO_ID.fullmatch(os.fspath(folder)) is None or
+                                       os.fspath(folder).startswith((".", "/"))):
+        raise InputError(f"Cannot load the pipeline from {folder}: no such folder (and not a Hub repo id such as "
+                         "'stabilityai/stable-diffusion-3.5-medium').")
     if not os.path.isdir(folder):
         return
     if not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):

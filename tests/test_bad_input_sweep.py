@@ -397,6 +397,12 @@ def _unlisted(folder: Path, name: str) -> Path:
     return folder
 
 
+def _hub():
+    import mmdit_diffusers.hub as hub
+
+    return hub
+
+
 load_model = MMDiTTransformer2DModel.from_pretrained
 load_pipe = MMDiTPipeline.from_pretrained
 
@@ -427,6 +433,11 @@ LOADING = [
     clear("from_sd3: a pipeline folder", lambda c, t: MMDiTTransformer2DModel.from_sd3(c.pipeline_dir), "is a pipeline folder; pass subfolder='transformer'"),
     clear("from_sd3: a dict", lambda c, t: MMDiTTransformer2DModel.from_sd3({}), "must be an SD3Transformer2DModel or a folder path"),
     clear("LoRA: pickled file", lambda c, t: (torch.save({"x": torch.zeros(1)}, Path(t) / "l.bin"), c.pipe.load_lora_weights(str(Path(t) / "l.bin"))), "Refusing to load a pickled LoRA"),
+    clear("hub.push_folder: missing folder", lambda c, t: _hub().push_folder(Path(t) / "nope", "me/repo"), "is not a folder"),
+    clear("hub.push_folder: not a model folder", lambda c, t: _hub().push_folder(t, "me/repo"), "is not a saved model"),
+    clear("hub.push_to_hub: not a model", lambda c, t: _hub().push_to_hub(object(), "me/repo"), "`model_or_pipeline` must be"),
+    clear("hub.from_pretrained: missing folder", lambda c, t: _hub().from_pretrained(MMDiTPipeline, Path(t) / "nope"), "no such folder"),
+    clear("hub.write_model_card: missing folder", lambda c, t: _hub().write_model_card(Path(t) / "nope"), "is not a folder"),
     accepted("model: ignore_mismatched_sizes loads in part", lambda c, t: load_model(edit_config(copy_of(c.transformer_dir, t), depth=3), ignore_mismatched_sizes=True, low_cpu_mem_usage=False),
              lambda r, c: r.config.depth == 3),
     accepted("from_sd3 of an SD3 folder", lambda c, t: MMDiTTransformer2DModel.from_sd3(c.sd3_dir), lambda r, c: r.config.depth == 2),
@@ -597,7 +608,9 @@ TRAINING = [
     clear("train --pretrained missing", train("--pretrained_model_name_or_path", "/no/such/pipe"), "no such folder"),
     clear("train --resume_from_checkpoint missing", train("--resume_from_checkpoint", "checkpoint-9"), "no such checkpoint"),
     clear("train --caption_column missing", train("--caption_column", "caption"), "caption column 'caption' not found"),
-    accepted("train --mixed_precision fp16 on a CPU", train("--mixed_precision", "fp16"), lambda r, c: True),
+    accepted("train --mixed_precision fp16 on a CPU (torch's CPU autocast)",
+             lambda c, t: (cli(*train_argv(c, t, "--mixed_precision", "fp16")), Path(t, "out"))[1],
+             lambda r, c: (r / "model_index.json").is_file()),
     clear("train --resolution 18", train("--resolution", "18"), "--resolution 18 is not divisible"),
     clear("train --resolution 128", train("--resolution", "128"), "larger than the transformer's position grid"),
     clear("train --lora_layers nothing", train("--lora_layers", "to_nothing", "--rank", "2"), "match no module"),

@@ -1,4 +1,5 @@
-"""MMDiTTransformer2DModel vs diffusers' SD3Transformer2DModel: same weights, same inputs, same process.
+"""MMDiTTransformer2DModel vs diffusers' SD3Transformer2DModel (and, for the `flux-*` configs, vs
+FluxTransformer2DModel): same weights, same inputs, same process.
 
     python benchmarks/bench_transformer.py                       # the default cases of this device
     python benchmarks/bench_transformer.py --cases medium:bf16:train:eager medium:fp32:forward:compile
@@ -6,7 +7,8 @@
     python benchmarks/bench_transformer.py --profile medium:fp32:train:eager   # top ops, ours and SD3
 
 A case is CONFIG:DTYPE:PASS:MODE with
-    CONFIG  tiny | medium | sd3-medium (GPU only)          (see CONFIGS)
+    CONFIG  tiny | medium | sd3-medium (GPU only)          SD3-style, against SD3Transformer2DModel
+            flux-tiny | flux-medium | flux-wide (GPU only) FLUX-style, against FluxTransformer2DModel (see CONFIGS)
     DTYPE   fp32 | bf16 (bf16 weights and inputs) | autocast (fp32 weights, torch.autocast bf16)
     PASS    forward (no grad) | train (forward + backward of a mean-square loss, no optimizer)
     MODE    eager | compile (torch.compile of the whole model, default inductor) | regional (each transformer
@@ -14,8 +16,10 @@ A case is CONFIG:DTYPE:PASS:MODE with
             so an SD3-Medium-sized model compiles in a fraction of the time); the first call, which compiles,
             is reported separately
 
-The SD3 model gets random N(0, 0.02) weights (every tensor, so no gate is zero); ours is converted from it with
-`MMDiTTransformer2DModel.from_sd3`. On a CPU without bfloat16 instructions ours runs with
+The SD3 (FLUX) model gets random N(0, 0.02) weights (every tensor, so no gate is zero); ours is converted from it
+with `MMDiTTransformer2DModel.from_sd3` (`from_flux`). FLUX-style cases give both models the same packed latent
+tokens, `img_ids` / `txt_ids` and guidance scale (the timestep as each expects it: sigma for FLUX, sigma * 1000
+for ours). In rows and JSON, `sd3_*` fields hold the diffusers model's numbers, `reference` names it. On a CPU without bfloat16 instructions ours runs with
 `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` applied, as training applies it (`--native-bf16`: without;
 `--fp32-kernels-for-bf16`: with, on any CPU); SD3 always runs PyTorch's own kernels. Each case is timed as interleaved rounds (see `common.interleave`) and
 reported as the median over rounds of the ratio ours / SD3 within a round, with its quartiles as the noise.
@@ -67,24 +71,42 @@ from common import (  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Config:
     hidden: int
-    depth: int
+    depth: int  # double-stream blocks
     heads: int
     side: int  # latent side
     patch: int
     txt: int  # text tokens
     batch: int
+    single: int = 0  # single-stream blocks (FLUX-style configs)
+    axes: tuple[int, ...] = ()  # rotary dims per id axis (FLUX-style configs; sum = head dim)
 
     @property
     def img_tokens(self) -> int:
         return (self.side // self.patch) ** 2
+
+    @property
+    def flux(self) -> bool:
+        return bool(self.axes)
+
+    @property
+    def pooled_dim(self) -> int:
+        return FLUX_POOLED_DIM if self.flux else POOLED_DIM
 
 
 CONFIGS = {
     "tiny": Config(hidden=64, depth=2, heads=4, side=16, patch=2, txt=32, batch=2),
     "medium": Config(hidden=512, depth=8, heads=8, side=32, patch=2, txt=77, batch=4),
     "sd3-medium": Config(hidden=1536, depth=24, heads=24, side=128, patch=2, txt=333, batch=2),  # GPU only
+    # FLUX.1's layout (double-stream blocks, then twice as many single-stream ones; guidance embedding), smaller
+    "flux-tiny": Config(hidden=64, depth=1, single=2, heads=4, side=16, patch=2, txt=32, batch=2, axes=(4, 6, 6)),
+    "flux-medium": Config(hidden=512, depth=3, single=6, heads=8, side=32, patch=2, txt=128, batch=4,
+                          axes=(8, 28, 28)),
+    # FLUX.1's width, heads and 1024 x 1024 sequence (4096 image + 512 text tokens) with 2 + 4 of its 19 + 38 blocks
+    "flux-wide": Config(hidden=3072, depth=2, single=4, heads=24, side=128, patch=2, txt=512, batch=1,
+                        axes=(16, 56, 56)),  # GPU only
 }
-LATENT_CHANNELS, TXT_DIM, POOLED_DIM = 16, 4096, 2048
+GPU_ONLY = ("sd3-medium", "flux-wide")
+LATENT_CHANNELS, TXT_DIM, POOLED_DIM, FLUX_POOLED_DIM, FLUX_GUIDANCE = 16, 4096, 2048, 768, 3.5
 FP32_KERNELS_FOR_BF16 = False  # ours with mmdit_diffusers.cpu_bf16 on the CPU; set by `setup`
 DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "autocast": (torch.float32, True)}
 PASSES = ("forward", "train")
@@ -100,8 +122,10 @@ DEFAULT_CPU_CASES = [
     "medium:bf16:forward:eager",
     "medium:autocast:forward:eager",
     "medium:fp32:forward:compile",
+    *(f"flux-tiny:fp32:{p}:eager" for p in PASSES),
+    *(f"flux-medium:fp32:{p}:eager" for p in PASSES),
 ]
-DEFAULT_GPU_CASES = [  # benchmarks/gpu_bench.sh runs these in two parts, eager first
+DEFAULT_GPU_CASES = [  # benchmarks/gpu_bench.sh runs these in parts, eager first
     *(f"{c}:{d}:{p}:eager" for c in CONFIGS for d in DTYPES for p in PASSES),
     *(f"sd3-medium:bf16:{p}:regional" for p in PASSES),
 ]
@@ -130,7 +154,7 @@ class Case:
 
 
 def all_cases(device) -> list[str]:
-    configs = CONFIGS if device.type == "cuda" else [c for c in CONFIGS if c != "sd3-medium"]
+    configs = CONFIGS if device.type == "cuda" else [c for c in CONFIGS if c not in GPU_ONLY]
     modes = MODES if device.type == "cuda" else ("eager", "compile")
     return [f"{c}:{d}:{p}:{m}" for c, d, p, m in itertools.product(configs, DTYPES, PASSES, modes)]
 
@@ -154,25 +178,34 @@ def skip_weight_init():
 
 @functools.lru_cache(maxsize=None)
 def cpu_pair(name: str):
-    """(ours, SD3) in float32 on the CPU, same weights; cached per config (the GPU run reuses the big one)."""
-    from diffusers import SD3Transformer2DModel
+    """(ours, the diffusers model) in float32 on the CPU, same weights; cached per config (the GPU run reuses the
+    big one)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     from mmdit_diffusers import MMDiTTransformer2DModel
 
     cfg = CONFIGS[name]
     with skip_weight_init():
-        sd3 = SD3Transformer2DModel(
-            sample_size=cfg.side, patch_size=cfg.patch, in_channels=LATENT_CHANNELS, num_layers=cfg.depth,
-            attention_head_dim=cfg.hidden // cfg.heads, num_attention_heads=cfg.heads, joint_attention_dim=TXT_DIM,
-            caption_projection_dim=cfg.hidden, pooled_projection_dim=POOLED_DIM, out_channels=LATENT_CHANNELS,
-            pos_embed_max_size=max(cfg.side // cfg.patch, 8),
-        )
+        if cfg.flux:
+            reference = FluxTransformer2DModel(
+                patch_size=1, in_channels=LATENT_CHANNELS * cfg.patch**2, num_layers=cfg.depth,
+                num_single_layers=cfg.single, attention_head_dim=cfg.hidden // cfg.heads,
+                num_attention_heads=cfg.heads, joint_attention_dim=TXT_DIM, pooled_projection_dim=cfg.pooled_dim,
+                guidance_embeds=True, axes_dims_rope=cfg.axes,
+            )
+        else:
+            reference = SD3Transformer2DModel(
+                sample_size=cfg.side, patch_size=cfg.patch, in_channels=LATENT_CHANNELS, num_layers=cfg.depth,
+                attention_head_dim=cfg.hidden // cfg.heads, num_attention_heads=cfg.heads,
+                joint_attention_dim=TXT_DIM, caption_projection_dim=cfg.hidden, pooled_projection_dim=POOLED_DIM,
+                out_channels=LATENT_CHANNELS, pos_embed_max_size=max(cfg.side // cfg.patch, 8),
+            )
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for p in sd3.parameters():
+            for p in reference.parameters():
                 p.normal_(0, 0.02, generator=gen)
-        ours = MMDiTTransformer2DModel.from_sd3(sd3)
-    return ours, sd3
+        ours = (MMDiTTransformer2DModel.from_flux if cfg.flux else MMDiTTransformer2DModel.from_sd3)(reference)
+    return ours, reference
 
 
 def build_pair(name: str, device, dtype):
@@ -187,37 +220,66 @@ def build_pair(name: str, device, dtype):
     return ours, sd3
 
 
-def make_inputs(name: str, device, dtype, txt_tokens: int | None = None) -> dict:
+def make_inputs(name: str, device, dtype, txt_tokens: int | None = None) -> dict[str, dict]:
+    """{"ours": forward kwargs, "sd3": the diffusers model's}: the same tensors, each in the form its model takes."""
     cfg = CONFIGS[name]
     g = torch.Generator().manual_seed(1)
-    return dict(
-        hidden_states=torch.randn(cfg.batch, LATENT_CHANNELS, cfg.side, cfg.side, generator=g).to(device, dtype),
+    latents = torch.randn(cfg.batch, LATENT_CHANNELS, cfg.side, cfg.side, generator=g)
+    common = dict(
         encoder_hidden_states=torch.randn(cfg.batch, txt_tokens or cfg.txt, TXT_DIM, generator=g).to(device, dtype),
-        pooled_projections=torch.randn(cfg.batch, POOLED_DIM, generator=g).to(device, dtype),
-        timestep=torch.rand(cfg.batch, generator=g).mul(1000).to(device),
+        pooled_projections=torch.randn(cfg.batch, cfg.pooled_dim, generator=g).to(device, dtype),
     )
+    sigma = torch.rand(cfg.batch, generator=g).to(device)
+    if not cfg.flux:
+        same = dict(hidden_states=latents.to(device, dtype), **common, timestep=sigma * 1000)
+        return {"ours": same, "sd3": same}
+    from mmdit_diffusers.models.embeddings import patchify
+    from mmdit_diffusers.models.rope import image_ids, text_ids
+
+    grid = cfg.side // cfg.patch
+    flux = dict(
+        hidden_states=patchify(latents, cfg.patch).to(device, dtype),  # FLUX's packed tokens
+        **common,
+        img_ids=image_ids(grid, grid, device),
+        txt_ids=text_ids(common["encoder_hidden_states"].shape[1], device),
+        guidance=torch.full((cfg.batch,), FLUX_GUIDANCE, device=device),
+    )
+    return {"ours": dict(flux, timestep=sigma * 1000), "sd3": dict(flux, timestep=sigma)}
 
 
 def transformer_flops(name: str, txt_tokens: int | None = None) -> float:
     """Forward FLOPs of one call (2 per multiply-add), matmuls only; norms, modulation, GELU and softmax are not
-    counted. Per sample, with N_i image tokens, N_t text tokens, width D, MLP width 4D:
+    counted. Per sample, with N_i image tokens, N_t text tokens, N = N_i + N_t, width D, MLP width 4D:
       blocks     each stream: Q, K, V and output projections 4 * 2 N D^2, MLP 2 * 2 N D (4D), AdaLN 2 D (6D);
-                 the text stream of the last block (pre-only): Q, K, V only, AdaLN 2 D (2D);
-                 joint attention: q k^T and p v, 2 * 2 (N_i + N_t)^2 D.
+                 the text stream of the last block (pre-only, SD3-style configs): Q, K, V only, AdaLN 2 D (2D);
+                 joint attention: q k^T and p v, 2 * 2 N^2 D.
+      single     (FLUX-style) Q, K, V 3 * 2 N D^2, MLP in 2 N D (4D), output 2 N (5D) D, AdaLN 2 D (3D),
+                 attention 2 * 2 N^2 D.
       embedders  patches 2 N_i (16 p^2) D, text 2 N_t 4096 D, timestep MLP 2 (256 D + D^2), pooled MLP
-                 2 (2048 D + D^2); output: AdaLN 2 D (2D) and projection 2 N_i D (16 p^2).
+                 2 (P D + D^2) (P = 2048 SD3-style, 768 FLUX-style), FLUX-style guidance MLP 2 (256 D + D^2);
+                 output: AdaLN 2 D (2D) and projection 2 N_i D (16 p^2).
     A training step counts 3x the forward (backward = grad to inputs + grad to weights), the usual MFU
     convention; the flash-attention backward's recomputation of q k^T is not counted."""
     cfg = CONFIGS[name]
     d, n_i, n_t = cfg.hidden, cfg.img_tokens, txt_tokens or cfg.txt
     stream = lambda n: 4 * 2 * n * d * d + 2 * 2 * n * d * 4 * d + 2 * d * 6 * d  # noqa: E731
-    last_txt = 3 * 2 * n_t * d * d + 2 * d * 2 * d
     attention = 4 * (n_i + n_t) ** 2 * d
-    blocks = cfg.depth * (stream(n_i) + attention) + (cfg.depth - 1) * stream(n_t) + last_txt
+    if cfg.flux:  # every double-stream block keeps its text output; then the single-stream blocks
+        single = 3 * 2 * (n_i + n_t) * d * d + 2 * (n_i + n_t) * d * 4 * d + 2 * (n_i + n_t) * 5 * d * d + 2 * d * 3 * d
+        blocks = cfg.depth * (stream(n_i) + stream(n_t) + attention) + cfg.single * (single + attention)
+    else:
+        last_txt = 3 * 2 * n_t * d * d + 2 * d * 2 * d
+        blocks = cfg.depth * (stream(n_i) + attention) + (cfg.depth - 1) * stream(n_t) + last_txt
     patch_dim = LATENT_CHANNELS * cfg.patch**2
-    embed = 2 * n_i * patch_dim * d + 2 * n_t * TXT_DIM * d + 2 * (256 * d + d * d) + 2 * (POOLED_DIM * d + d * d)
+    embed = (2 * n_i * patch_dim * d + 2 * n_t * TXT_DIM * d + 2 * (256 * d + d * d) * (2 if cfg.flux else 1)
+             + 2 * (cfg.pooled_dim * d + d * d))
     head = 2 * d * 2 * d + 2 * n_i * d * patch_dim
     return float(cfg.batch * (blocks + embed + head))
+
+
+def repeated_blocks(model) -> list[nn.Module]:
+    """The blocks `regional` mode compiles one by one: double-stream, then single-stream (FLUX-style) blocks."""
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
 
 
 def make_step(model, inputs: dict, pass_: str, autocast: bool, device):
@@ -252,16 +314,17 @@ def run_cases(cases: list[Case], device, peaks: dict, fused: bool, min_repeats: 
             models["ours_fused"].fuse_qkv_projections()
         compiled = {}
         inputs = make_inputs(name, device, weight_dtype)
+        inputs["ours_fused"] = inputs["ours"]
         for case in sorted(group, key=lambda c: MODES.index(c.mode)):
             autocast = DTYPES[case.dtype][1]
             if case.mode == "compile" and not compiled:
                 compiled = {k: torch.compile(m) for k, m in models.items()}
             if case.mode == "regional":
                 for m in models.values():
-                    for block in m.transformer_blocks:
+                    for block in repeated_blocks(m):
                         block.compile()  # in place; `regional` cases run after all eager ones
             runnable = compiled if case.mode == "compile" else models
-            fns = [make_step(m, inputs, case.pass_, autocast, device) for m in runnable.values()]
+            fns = [make_step(m, inputs[label], case.pass_, autocast, device) for label, m in runnable.items()]
             # the matmul peak of this dtype, timed in the same rounds: the shares of peak see the same load
             peak_dtype = "fp32" if case.dtype == "fp32" else "bf16"
             probe, probe_flops = gemm_probe(device, DTYPES[peak_dtype][0], peaks[peak_dtype]["peak_size"])
@@ -297,6 +360,7 @@ def summarise(case: Case, samples: dict, first: list[float], peak: float, fp32_p
     med = {k: statistics.median(v) for k, v in samples.items()}
     row = dict(
         case=str(case), config=case.config, dtype=case.dtype, pass_=case.pass_, mode=case.mode,
+        reference="FluxTransformer2DModel" if CONFIGS[case.config].flux else "SD3Transformer2DModel",
         rounds=len(samples["ours"]), ours_ms=med["ours"] * 1e3, sd3_ms=med["sd3"] * 1e3,
         **ratio_stats(samples["ours"], samples["sd3"]),
         gflop=flops / 1e9, ours_gflops=flops / med["ours"] / 1e9, sd3_gflops=flops / med["sd3"] / 1e9,
@@ -313,8 +377,9 @@ def summarise(case: Case, samples: dict, first: list[float], peak: float, fp32_p
     return row
 
 
-HEADER = (f"{'case':<32} {'rounds':>6} {'ours ms':>10} {'sd3 ms':>10} {'ratio':>6} {'(p25-p75)':>12} "
-          f"{'GFLOP/s':>8} {'peak':>7} {'ours/pk':>7} {'sd3/pk':>7}")
+HEADER = (f"{'case':<32} {'rounds':>6} {'ours ms':>10} {'diffusers':>10} {'ratio':>6} {'(p25-p75)':>12} "
+          f"{'GFLOP/s':>8} {'peak':>7} {'ours/pk':>7} {'diff/pk':>7}   (diffusers: SD3Transformer2DModel; "
+          f"FluxTransformer2DModel for flux-*)")
 
 
 def format_row(r: dict) -> str:
@@ -399,9 +464,11 @@ def bench_memory(name: str, device, dtype) -> dict:
     step, the gradients): `held` between forward and backward (activations saved for backward) and the `peak`
     over the whole step (activations + temporaries + a checkpointed block's recomputation)."""
     ours, sd3 = build_pair(name, device, dtype)
-    inputs = make_inputs(name, device, dtype)
+    inputs_for = make_inputs(name, device, dtype)
     result = dict(config=name, dtype=dtype_name(dtype))
     for label, model in (("ours", ours), ("sd3", sd3)):
+        inputs = inputs_for[label]
+
         def forward():
             return model(**inputs, return_dict=False)[0]
 
@@ -452,8 +519,10 @@ def bench_padding(name: str, device, dtype, min_repeats: int, target_s: float, t
     which has no mask and computes every position."""
     from mmdit_diffusers.models import transformer_mmdit
 
+    if CONFIGS[name].flux:
+        raise SystemExit(f"--padding {name}: the padding section compares against SD3 configs only")
     ours, sd3 = build_pair(name, device, dtype)
-    inputs = make_inputs(name, device, dtype, txt_tokens=txt_tokens)
+    inputs = make_inputs(name, device, dtype, txt_tokens=txt_tokens)["ours"]
     mask = torch.zeros(inputs["encoder_hidden_states"].shape[:2], dtype=torch.long, device=device)
     mask[:, :real] = 1
     masked = dict(inputs, encoder_attention_mask=mask)
@@ -491,16 +560,16 @@ def profile_case(case: Case, device, rows: int = 15) -> str:
 
     weight_dtype, autocast = DTYPES[case.dtype]
     ours, sd3 = build_pair(case.config, device, weight_dtype)
-    inputs = make_inputs(case.config, device, weight_dtype)
+    inputs_for = make_inputs(case.config, device, weight_dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out = []
     for label, model in (("ours", ours), ("sd3", sd3)):
         if case.mode == "regional":
-            for block in model.transformer_blocks:
+            for block in repeated_blocks(model):
                 block.compile()
         model = torch.compile(model) if case.mode == "compile" else model
-        step = make_step(model, inputs, case.pass_, autocast, device)
+        step = make_step(model, inputs_for[label], case.pass_, autocast, device)
         for _ in range(0 if timed(step, device) > 10 else 1):  # warm-up (the timed call is one)
             step()
         with profile(activities=activities) as prof:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark suite on one GPU in one call, under 5 minutes (budgeted below; run once on an H200, 2026-11-27:
-# 238 s, results in benchmarks/README.md, "GPU"):
+# The benchmark suite on one GPU in one call, under 9 minutes (budgeted below; parts 1-2 run once on an H200,
+# 2026-11-27: 238 s, results in benchmarks/README.md, "GPU"):
 #   1. the transformer table, ours vs diffusers' SD3 (same weights, interleaved, ratio of medians), eager, for
 #      tiny, medium and SD3-Medium size (width 1536, depth 24, 128 x 128 latent, 333 text tokens, batch 2) in
 #      fp32, bf16 weights and autocast bf16, forward and training step; achieved FLOP/s against the GPU's bf16 /
@@ -9,9 +9,14 @@
 #      pipeline's time split;
 #   2. torch.compile of the bf16 training step at SD3-Medium size, regional: each transformer block compiled on
 #      its own, as diffusers' compile_repeated_blocks (a whole-model compile of 24 blocks and their backward would
-#      take most of the budget by itself). Other compiled modes: --cases ...:compile / ...:regional by hand.
+#      take most of the budget by itself). Other compiled modes: --cases ...:compile / ...:regional by hand;
+#   3. the FLUX-style rows, ours vs diffusers' FluxTransformer2DModel (same weights, interleaved): flux-tiny,
+#      flux-medium and flux-wide (FLUX.1's width 3072, 24 heads and 1024 x 1024 sequence of 4096 image + 512 text
+#      tokens, with 2 double- and 4 single-stream blocks of its 19 + 38), fp32 / bf16 / autocast, forward and
+#      training step, into gpu_flux.json / gpu_flux.log (its own time limit, so it cannot starve part 1).
 #
 #   bash benchmarks/gpu_bench.sh [OUT_DIR]        # default OUT_DIR: $OUT when set, else benchmarks/results
+#   PARTS=flux bash benchmarks/gpu_bench.sh       # only part 3 (PARTS="sd3 flux" by default)
 #
 # Needs python3 with a CUDA torch, diffusers and transformers (pyproject's versions); the package is read from
 # src/. A machine without network gets diffusers as a wheel in .whl/ (see benchmarks/README.md, "GPU").
@@ -41,23 +46,41 @@ for config in tiny medium sd3-medium; do
   done
 done
 CASES+=("sd3-medium:bf16:train:regional")
-timeout 290 "$PYTHON" benchmarks/suite.py --device cuda --target-s 2 --cases "${CASES[@]}" \
-  --memory medium sd3-medium --padding sd3-medium --steps 28 --json "$OUT_DIR/gpu.json" 2>&1 \
-  | tee "$OUT_DIR/gpu.log" || echo "stopped early (exit ${PIPESTATUS[0]}): partial results in $OUT_DIR/gpu.json"
+PARTS=${PARTS:-"sd3 flux"}
+if [[ " $PARTS " == *" sd3 "* ]]; then
+  timeout 290 "$PYTHON" benchmarks/suite.py --device cuda --target-s 2 --cases "${CASES[@]}" \
+    --memory medium sd3-medium --padding sd3-medium --steps 28 --json "$OUT_DIR/gpu.json" 2>&1 \
+    | tee "$OUT_DIR/gpu.log" || echo "stopped early (exit ${PIPESTATUS[0]}): partial results in $OUT_DIR/gpu.json"
+fi
+
+# Part 3, FLUX-style (estimated, unmeasured: building the flux-wide pair ~20 s, 18 cases ~1.5 min). Transformer
+# rows only: the pipeline, memory and padding sections are part 1's.
+if [[ " $PARTS " == *" flux "* ]]; then
+  FLUX_CASES=()
+  for config in flux-tiny flux-medium flux-wide; do
+    for dtype in fp32 bf16 autocast; do
+      for pass in forward train; do FLUX_CASES+=("$config:$dtype:$pass:eager"); done
+    done
+  done
+  timeout 200 "$PYTHON" benchmarks/bench_transformer.py --device cuda --target-s 2 --cases "${FLUX_CASES[@]}" \
+    --memory --padding --json "$OUT_DIR/gpu_flux.json" 2>&1 \
+    | tee "$OUT_DIR/gpu_flux.log" || echo "stopped early (exit ${PIPESTATUS[0]}): partial results in $OUT_DIR/gpu_flux.json"
+fi
 
 "$PYTHON" - "$OUT_DIR" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("gpu.json",):
+for name in ("gpu.json", "gpu_flux.json"):
     path = out / name
     if not path.exists():
         print(f"{name}: missing (that part did not finish)")
         continue
     result = json.loads(path.read_text())
     for row in result["rows"]:
-        if row["config"] == "sd3-medium" and row["pass_"] == "train" and row["dtype"] in ("bf16", "autocast"):
-            print(f"MFU {row['case']}: ours {row['ours_peak_share']:.1%}, SD3 {row['sd3_peak_share']:.1%} of the "
+        if row["config"] in ("sd3-medium", "flux-wide") and row["pass_"] == "train" and row["dtype"] in ("bf16", "autocast"):
+            print(f"MFU {row['case']}: ours {row['ours_peak_share']:.1%}, {row.get('reference', 'SD3')} "
+                  f"{row['sd3_peak_share']:.1%} of the "
                   f"measured bf16 matmul peak {row['peak_gflops'] / 1e3:.0f} TFLOP/s (ours {row['ours_gflops'] / 1e3:.0f} "
-                  f"TFLOP/s; ratio ours/SD3 time {row['ratio']:.3f})")
+                  f"TFLOP/s; ratio of times ours/diffusers {row['ratio']:.3f})")
 EOF

@@ -12,14 +12,14 @@ from pathlib import Path
 
 def speed_table(rows: list[dict], clock: str) -> str:
     out = [
-        f"| case | rounds | ours ms | SD3 ms | ratio ours/SD3 (p25-p75) | wall-time ratio | ours GFLOP/s | "
-        f"peak GFLOP/s | ours % of peak | SD3 % of peak | ours % of fp32 peak | first call (compile) |",
+        f"| case | rounds | ours ms | diffusers ms | ratio ours/diffusers (p25-p75) | wall-time ratio | ours GFLOP/s | "
+        f"peak GFLOP/s | ours % of peak | diffusers % of peak | ours % of fp32 peak | first call (compile) |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         first = ""
         if r["mode"] != "eager":
-            first = f"ours {r['first_call_s']['ours']:.0f} s, SD3 {r['first_call_s']['sd3']:.0f} s"
+            first = f"ours {r['first_call_s']['ours']:.0f} s, diffusers {r['first_call_s']['sd3']:.0f} s"
         wall = r.get("wall_ratio", {}).get("ratio")
         out.append(
             f"| `{r['case']}` | {r['rounds']} | {r['ours_ms']:.1f} | {r['sd3_ms']:.1f} | **{r['ratio']:.3f}** "

@@ -66,8 +66,8 @@ def test_unknown_qk_norm():
 
 
 def test_unknown_pos_embed_type():
-    with pytest.raises(ValueError, match=r"Unknown `pos_embed_type` 'rope'"):
-        build(pos_embed_type="rope")
+    with pytest.raises(ValueError, match=r"Unknown `pos_embed_type` 'learned'"):
+        build(pos_embed_type="learned")
 
 
 @pytest.mark.parametrize("layers", [(2,), (0, -1)])

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.attention import MMDiTAttention, MMDiTAttnProcessor
+from .models.single_stream import SingleStreamAttention
 
 
 def cpu_has_bf16_instructions() -> bool:
@@ -48,7 +49,7 @@ def use_fp32_kernels_for_bf16(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = BF16ViaFP32Linear
-        elif isinstance(module, MMDiTAttention) and type(module.processor) is MMDiTAttnProcessor:
+        elif isinstance(module, (MMDiTAttention, SingleStreamAttention)) and type(module.processor) is MMDiTAttnProcessor:
             processor = BF16ViaFP32AttnProcessor()
             processor._attention_backend = module.processor._attention_backend
             processor._parallel_config = module.processor._parallel_config

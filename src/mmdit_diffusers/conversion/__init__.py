@@ -1,5 +1,15 @@
 """Foreign checkpoints <-> MMDiT, as functions on configs and state dicts (this package never imports the model)."""
 
+from .flux import (
+    flux_config_to_mmdit,
+    flux_module_name_to_mmdit,
+    flux_state_dict_to_mmdit,
+    flux_tensor_to_mmdit,
+    is_flux_module_name,
+    mmdit_config_to_flux,
+    mmdit_module_name_to_flux,
+    mmdit_state_dict_to_flux,
+)
 from .sd3 import (
     is_sd3_module_name,
     mmdit_config_to_sd3,
@@ -12,9 +22,17 @@ from .sd3 import (
 )
 
 __all__ = [
+    "flux_config_to_mmdit",
+    "flux_module_name_to_mmdit",
+    "flux_state_dict_to_mmdit",
+    "flux_tensor_to_mmdit",
+    "is_flux_module_name",
     "is_sd3_module_name",
+    "mmdit_config_to_flux",
     "mmdit_config_to_sd3",
+    "mmdit_module_name_to_flux",
     "mmdit_module_name_to_sd3",
+    "mmdit_state_dict_to_flux",
     "mmdit_state_dict_to_sd3",
     "sd3_config_to_mmdit",
     "sd3_module_name_to_mmdit",

@@ -204,8 +204,8 @@ class MMDiTAttnProcessor:
         if attention_mask is not None:
             key, value, attention_mask = self.key_mask(key, value, attention_mask)
         out = self.attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return attn.to_out[0](out)  # to_out[1] is a dropout of probability 0
+        if encoder_hidden_states is None:  # FLUX's single-stream attention (`pre_only`) has no output projection
+            return out if attn.pre_only else attn.to_out[0](out)  # to_out[1] is a dropout of probability 0
         num_txt = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :num_txt], out[:, num_txt:]
         img_out = attn.to_out[0](img_out)

@@ -1,6 +1,7 @@
 """Inputs of the MMDiT: patches, positions, and the conditioning vector.
 
     vec = timestep_mlp(sinusoidal(t)) + pooled_text_mlp(pooled_text)
+        [ + guidance_mlp(sinusoidal(1000 * guidance)) for guidance-distilled models (FLUX.1 [dev]) ]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 
 
 TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep features, as SD3
+GUIDANCE_TO_TIMESTEP = 1000  # FLUX embeds the guidance scale like a timestep in [0, 1000]
 
 
 def token_grid(num_tokens: int) -> tuple[int, int]:
@@ -75,3 +77,10 @@ class MLPEmbedder(nn.Module):
 def sinusoidal_timestep(timestep: torch.Tensor) -> torch.Tensor:
     """[B] timesteps in [0, 1000] -> [B, 256] features, (cos, sin) halves as SD3."""
     return get_timestep_embedding(timestep, TIMESTEP_CHANNELS, flip_sin_to_cos=True, downscale_freq_shift=0)
+
+
+def sinusoidal_guidance(guidance: torch.Tensor) -> torch.Tensor:
+    """[B] distilled guidance scales (FLUX.1 [dev]: e.g. 3.5) -> [B, 256]: the timestep features of
+    `1000 * guidance`, as diffusers' FLUX (which scales its [0, 1] timestep and the guidance alike; our timestep
+    is already in [0, 1000]). An `MLPEmbedder` of its own turns them into a term of `vec`."""
+    return sinusoidal_timestep(guidance * GUIDANCE_TO_TIMESTEP)

@@ -1,12 +1,14 @@
 """MMDiTTransformer2DModel: the Multimodal Diffusion Transformer (Esser et al. 2024, arXiv 2403.03206).
 
 Its sibling modules, bottom up: `attention` (Q/K/V projections, the attention kernel, joint attention over both
-streams), `embeddings` (patches, positions, the conditioning vector), `blocks` (named AdaLN modulation, the
-`Stream` used for image and text, the double-stream `MMDiTBlock`), `presets` (named sizes).
+streams), `embeddings` (patches, positions, the conditioning vector), `rope` (FLUX's rotary positions over token
+ids), `blocks` (named AdaLN modulation, the `Stream` used for image and text, the double-stream `MMDiTBlock`),
+`single_stream` (FLUX's single-stream block), `presets` (named sizes).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -19,14 +21,32 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
+from ..conversion.flux import (
+    flux_config_to_mmdit,
+    flux_state_dict_to_mmdit,
+    mmdit_config_to_flux,
+    mmdit_state_dict_to_flux,
+)
 from ..conversion.legacy import is_legacy_layout, legacy_state_dict_to_current
 from ..conversion.sd3 import mmdit_config_to_sd3, mmdit_state_dict_to_sd3, sd3_config_to_mmdit, sd3_state_dict_to_mmdit
 from ..errors import InputError
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
-from .embeddings import MLPEmbedder, SinCosPositionEmbedding, patchify, sinusoidal_timestep, token_grid, unpatchify
+from .embeddings import (
+    TIMESTEP_CHANNELS,
+    MLPEmbedder,
+    SinCosPositionEmbedding,
+    patchify,
+    sinusoidal_guidance,
+    sinusoidal_timestep,
+    token_grid,
+    unpatchify,
+)
 from .presets import PRESETS, RECOMMENDED
+from .rope import RotaryPositionEmbedding, image_ids, text_ids
+from .single_stream import SingleStreamBlock
 from .validation import (
     check_config,
+    check_flux_inputs,
     check_inputs,
     check_loading_info,
     check_local_source,
@@ -39,13 +59,17 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
-    `vec = timestep_mlp(sinusoidal(t)) + pooled_text_mlp(pooled_text)`.
+    `vec = timestep_mlp(sinusoidal(t)) + pooled_text_mlp(pooled_text)`. The same class is Stable Diffusion 3 / 3.5
+    and, with `num_single_layers`, `pos_embed_type="rope"` and `guidance_embeds`, FLUX.1 (`from_flux` / `to_flux`,
+    presets "flux.1-dev" and "flux.1-schnell").
 
     Parts, in forward order: `x_embedder` + `pos_embed` (image tokens), `context_embedder` (text tokens),
     `timestep_mlp` + `pooled_text_mlp` (`vec`), `transformer_blocks` (`MMDiTBlock`: an `img` and a `txt` `Stream`,
     each modulated by named shift / scale / gate vectors per sub-layer, joined by one `attention`), `norm_out`
-    (shift / scale of the final norm) and `proj_out`. Plain `nn.Linear` layers and PyTorch's
-    `scaled_dot_product_attention` throughout; `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the
+    (shift / scale of the final norm) and `proj_out`; FLUX-style configs add `guidance_mlp` (to `vec`) and
+    `single_transformer_blocks` (`SingleStreamBlock`, after the double-stream ones), and rotate queries and keys
+    by `pos_embed` (`RotaryPositionEmbedding`) instead of adding positions to the image tokens. Plain `nn.Linear`
+    layers and PyTorch's `scaled_dot_product_attention` throughout; `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the
     kernels from outside for bfloat16 on CPUs without bfloat16 instructions. `from_sd3` / `to_sd3` convert diffusers'
     SD3 transformer through `mmdit_diffusers.conversion.sd3`.
 
@@ -53,33 +77,48 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         img_dim (`int`): Feature size of one image token, a patch of the latent: `in_channels * patch_size**2`.
         txt_dim (`int`): Feature size of one text token (e.g. 4096 for SD3's CLIP+T5 sequence).
         img_tokens (`int`, defaults to 64): Image tokens of the token-level forward. They are read row-major on
-            the most square patch grid with rows <= cols (`token_grid`: 64 -> 8 x 8, 128 -> 8 x 16).
+            the most square patch grid with rows <= cols (`token_grid`: 64 -> 8 x 8, 128 -> 8 x 16). With
+            `pos_embed_type="rope"` and `img_ids` given, tokens may come in any number.
         txt_tokens (`int`, defaults to 32): The longest text sequence the model accepts.
         hidden_size (`int`, defaults to 768): Width of both streams.
         depth (`int`, defaults to 12): Number of double-stream blocks.
+        num_single_layers (`int`, defaults to 0): Single-stream blocks after the double-stream ones (FLUX.1: 38
+            after 19): text and image tokens as one sequence, one modulation (shift / scale / gate), Q, K, V and the
+            MLP input from one normed input, attention and MLP in parallel, one output projection. Needs
+            `txt_pre_only_last_block=False` (they read the last double-stream block's text).
         num_heads (`int`, defaults to 12): Attention heads; must divide `hidden_size`.
         mlp_ratio (`float`, defaults to 4): MLP hidden width as a multiple of `hidden_size`.
         cond_dim (`int`, *optional*): Size of the pooled text vector; defaults to `hidden_size`.
         patch_size (`int`, defaults to 2): Side of the square latent patch that one image token covers.
         in_channels (`int`, *optional*): Latent channels; defaults to `img_dim // patch_size**2`.
         out_channels (`int`, *optional*): Predicted latent channels; defaults to `in_channels`.
-        sample_size (`int`, *optional*): Latent side the sin-cos positions are scaled for (SD3's `sample_size`);
-            defaults to the longer side of the `img_tokens` grid times `patch_size`.
+        sample_size (`int`, *optional*): Latent side the sin-cos positions are scaled for (SD3's `sample_size`), and
+            the default latent side of pipelines; defaults to the longer side of the `img_tokens` grid times
+            `patch_size`.
         pos_embed_max_size (`int`, *optional*): Side of the patch grid of positions; inputs are centre-cropped
             from it, so latents may be at most `pos_embed_max_size * patch_size` high and wide. Defaults to the
-            longer side of the `img_tokens` grid.
-        pos_embed_type (`str`, defaults to `"sincos"`): The image position embedding.
+            longer side of the `img_tokens` grid. With `"rope"`: the largest patch grid side accepted (None: any).
+        pos_embed_type (`str`, defaults to `"sincos"`): The position embedding: `"sincos"`, SD3's 2D table added to
+            the image tokens, or `"rope"`, FLUX's rotary embedding of queries and keys by token ids (forward inputs
+            `img_ids` and `txt_ids`, FLUX's defaults when omitted).
+        axes_dims_rope (`tuple[int]`, defaults to `(16, 56, 56)`): With `"rope"`: the head features each id axis
+            rotates (even numbers summing to `hidden_size // num_heads`), as FLUX's `axes_dims_rope`.
+        rope_theta (`float`, defaults to 10000): With `"rope"`: the base of the rotation frequencies (FLUX: 10000).
+        guidance_embeds (`bool`, defaults to `False`): A guidance embedding (FLUX.1 [dev]'s distilled guidance): the
+            forward input `guidance`, a guidance scale per sample, is embedded like a timestep (of `1000 * guidance`)
+            by `guidance_mlp` and added to `vec`.
         qk_norm (`str`, *optional*): `None`, `"rms_norm"` or `"layer_norm"` on each head's queries and keys, both streams.
         txt_pre_only_last_block (`bool`, defaults to `True`): Drop the text stream's output path in the last block:
             its result is never used, so those weights would get no gradient (DDP needs every parameter used). As
             SD3 (`context_pre_only`).
         dual_attention_layers (`tuple[int]`, defaults to `()`): Blocks with an extra image-only self-attention (SD3.5 Medium).
         use_text_attention_mask (`bool`, defaults to `True`): Whether the model was trained with padded text tokens
-            masked out; pipelines pass the mask only then. SD3 weights were trained attending to padding.
+            masked out; pipelines pass the mask only then. SD3 and FLUX weights were trained attending to padding:
+            `from_sd3` / `from_flux` set False, so pipelines run them exactly as diffusers does.
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["MMDiTBlock"]
+    _no_split_modules = ["MMDiTBlock", "SingleStreamBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config
@@ -104,20 +143,29 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         txt_pre_only_last_block: bool = True,
         dual_attention_layers: tuple[int, ...] = (),
         use_text_attention_mask: bool = True,
+        num_single_layers: int = 0,
+        axes_dims_rope: tuple[int, ...] = (16, 56, 56),
+        rope_theta: float = 10000,
+        guidance_embeds: bool = False,
     ):
         super().__init__()
         check_config(locals())
         self.in_channels = in_channels or img_dim // patch_size**2
         self.out_channels = out_channels or self.in_channels
         self.img_grid = token_grid(img_tokens)
-        self.pos_grid_size = pos_embed_max_size or max(self.img_grid)
+        rope = pos_embed_type == "rope"
+        self.pos_grid_size = pos_embed_max_size or (None if rope else max(self.img_grid))  # None: no limit
         self.sample_size = sample_size or max(self.img_grid) * patch_size
         cond_dim = cond_dim or hidden_size
 
         self.x_embedder = nn.Linear(img_dim, hidden_size)
-        self.pos_embed = SinCosPositionEmbedding(hidden_size, self.pos_grid_size, self.sample_size // patch_size)
+        if rope:
+            self.pos_embed = RotaryPositionEmbedding(rope_theta, tuple(axes_dims_rope))
+        else:
+            self.pos_embed = SinCosPositionEmbedding(hidden_size, self.pos_grid_size, self.sample_size // patch_size)
         self.context_embedder = nn.Linear(txt_dim, hidden_size)
-        self.timestep_mlp = MLPEmbedder(256, hidden_size)
+        self.timestep_mlp = MLPEmbedder(TIMESTEP_CHANNELS, hidden_size)
+        self.guidance_mlp = MLPEmbedder(TIMESTEP_CHANNELS, hidden_size) if guidance_embeds else None
         self.pooled_text_mlp = MLPEmbedder(cond_dim, hidden_size)
         self.transformer_blocks = nn.ModuleList(
             MMDiTBlock(
@@ -129,6 +177,9 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
                 dual_attention=i in dual_attention_layers,
             )
             for i in range(depth)
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(num_single_layers)
         )
         self.norm_out = AdaLNModulation(hidden_size, ("final",), gated=False)
         self.proj_out = nn.Linear(hidden_size, self.out_channels * patch_size**2)
@@ -201,6 +252,36 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         return (model, info) if want_info else model
 
     @classmethod
+    def from_flux(cls, model_or_path, **from_pretrained_kwargs) -> "MMDiTTransformer2DModel":
+        """A diffusers `FluxTransformer2DModel` (FLUX.1 [dev], [schnell], ...), or a diffusers-format folder / repo id
+        holding one (read with `from_pretrained_kwargs`, e.g. `subfolder="transformer"`), as an MMDiT with the same
+        weights and dtype (`mmdit_diffusers.conversion.flux`). It takes FLUX's latents unpacked ([B, 16, H, W]; our
+        `patchify` is FLUX's packing) or packed with `img_ids`, the timestep as `sigma * 1000` and `guidance` as the
+        guidance scale."""
+        from diffusers import FluxTransformer2DModel
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            flux = FluxTransformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
+        elif isinstance(model_or_path, FluxTransformer2DModel):
+            flux = model_or_path
+        else:
+            raise TypeError(
+                f"`model_or_path` must be a FluxTransformer2DModel or a folder path; got {type(model_or_path).__name__}."
+            )
+        model = cls(**flux_config_to_mmdit(flux.config))
+        _load_converted(model, flux_state_dict_to_mmdit(flux.state_dict(), model.config), "FLUX")
+        return _same_dtype(model, flux)
+
+    def to_flux(self):
+        """The same weights, in the same dtype, as a diffusers `FluxTransformer2DModel` (FLUX-style configs only)."""
+        from diffusers import FluxTransformer2DModel
+
+        config = {**self.config, "in_channels": self.in_channels, "out_channels": self.out_channels}
+        flux = FluxTransformer2DModel(**mmdit_config_to_flux(config))
+        _load_converted(flux, mmdit_state_dict_to_flux(self.state_dict(), config), "MMDiT")
+        return _same_dtype(flux, self)
+
+    @classmethod
     def _load_pretrained_model(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path,
                                loaded_keys, **kwargs):
         """diffusers' loader, after renaming a first-layout checkpoint's keys (`mmdit_diffusers.conversion.legacy`);
@@ -229,11 +310,15 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         return_dict: bool = True,
         block_controlnet_hidden_states: list[torch.Tensor] | None = None,
         skip_layers: list[int] | None = None,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
         Args:
             hidden_states: latents [B, in_channels, H, W] (H, W multiples of `patch_size`), or already patchified
-                tokens [B, img_tokens, img_dim] read row-major on the `img_tokens` grid.
+                tokens [B, img_tokens, img_dim] read row-major on the `img_tokens` grid (with `"rope"` and `img_ids`:
+                [B, N, img_dim], FLUX's packed latents).
             encoder_hidden_states: text tokens [B, L, txt_dim], L <= `txt_tokens`.
             pooled_projections: pooled text [B, cond_dim].
             timestep: [B] (or a scalar) in [0, 1000], `sigma * 1000` as diffusers' SD3.
@@ -242,15 +327,22 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             block_controlnet_hidden_states: ControlNet residuals [B, image tokens, hidden_size], as SD3: after block
                 `i` (except a `context_pre_only` one), residual `int(i / (depth / len(residuals)))` is added to the
                 image tokens.
-            skip_layers: indices of blocks to skip (their inputs pass through unchanged), as SD3.5's skip-layer
-                guidance.
+            skip_layers: indices of double-stream blocks to skip (their inputs pass through unchanged), as SD3.5's
+                skip-layer guidance.
+            img_ids: with `pos_embed_type="rope"`: the image tokens' ids [N, len(axes_dims_rope)], as diffusers'
+                FLUX; default FLUX's (0, row, col) on the patch grid of the latents (or of `img_tokens`).
+            txt_ids: with `"rope"`: the text tokens' ids [L, len(axes_dims_rope)]; default zeros, as FLUX.
+            guidance: with `guidance_embeds` (required then): the guidance scale [B] (or a scalar), e.g. 3.5 for
+                FLUX.1 [dev]; embedded as the timestep `1000 * guidance`, as diffusers' FLUX does.
 
         Returns:
             `Transformer2DModelOutput(sample=...)` shaped like `hidden_states` (with `out_channels`), or a tuple.
         """
         hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_mask = check_inputs(
-            self, hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask
+            self, hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask, img_ids
         )
+        img_ids, txt_ids, guidance = check_flux_inputs(self, hidden_states, encoder_hidden_states, img_ids, txt_ids,
+                                                       guidance)
         latent_input = hidden_states.ndim == 4
         skip = self._check_block_options(block_controlnet_hidden_states, skip_layers)
         attention_kwargs = dict(joint_attention_kwargs or {})
@@ -265,15 +357,24 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             img = patchify(hidden_states, p)
         else:
             (rows, cols), img = self.img_grid, hidden_states
-        img = self.x_embedder(img) + self.pos_embed(rows, cols).to(img.dtype)
+        rope = self.config.pos_embed_type == "rope"
+        img = self.x_embedder(img)
+        if rope:
+            img_ids = image_ids(rows, cols, img.device) if img_ids is None else img_ids
+            txt_ids = text_ids(encoder_hidden_states.shape[1], img.device) if txt_ids is None else txt_ids
+        else:
+            img = img + self.pos_embed(rows, cols).to(img.dtype)
         txt = self.context_embedder(encoder_hidden_states)
         vec = self.timestep_mlp(sinusoidal_timestep(timestep).to(pooled_projections.dtype))
+        if self.guidance_mlp is not None:
+            vec = vec + self.guidance_mlp(sinusoidal_guidance(guidance).to(pooled_projections.dtype))
         vec = vec + self.pooled_text_mlp(pooled_projections)
-        txt, txt_mask = _drop_shared_padding(txt, txt_mask)
+        txt, txt_mask, txt_ids = _drop_shared_padding(txt, txt_mask, txt_ids)
+        rotary = self.pos_embed(txt_ids, img_ids) if rope else None
 
-        # each block's arguments after (img, txt), in `MMDiTBlock.forward`'s order; no rotary embedding: the
-        # sin-cos positions were added to the image tokens above
-        block_args = (vec, txt_mask, None, attention_kwargs or None)
+        # each block's arguments after (img, txt), in `MMDiTBlock.forward`'s (and `SingleStreamBlock.forward`'s)
+        # order; with sin-cos positions no rotary embedding (the positions were added to the image tokens above)
+        block_args = (vec, txt_mask, rotary, attention_kwargs or None)
         for index, block in enumerate(self.transformer_blocks):
             if index not in skip:
                 if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -283,6 +384,11 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             if block_controlnet_hidden_states is not None and not block.context_pre_only:
                 interval = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
                 img = img + block_controlnet_hidden_states[int(index / interval)]
+        for block in self.single_transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                img, txt = self._gradient_checkpointing_func(block, img, txt, *block_args)
+            else:
+                img, txt = block(img, txt, *block_args)
 
         final = self.norm_out(vec)["final"]
         out = self.proj_out(final.modulate(layer_norm(img)))
@@ -327,13 +433,14 @@ def _same_dtype(model: nn.Module, like: nn.Module) -> nn.Module:
     return model if next(model.parameters()).dtype == dtype else model.to(dtype)
 
 
-def _drop_shared_padding(txt: torch.Tensor, txt_mask: torch.Tensor | None):
-    """Remove text positions that are padding for every prompt in the batch: they never act as keys, and
-    their own outputs are never read, so the result is the same for less work. A mask that is then all
-    ones is dropped too (faster attention kernels). Skipped under torch.compile (data-dependent shapes)."""
+def _drop_shared_padding(txt: torch.Tensor, txt_mask: torch.Tensor | None, txt_ids: torch.Tensor | None = None):
+    """Remove text positions that are padding for every prompt in the batch (and their rotary ids): they never
+    act as keys, and their own outputs are never read, so the result is the same for less work. A mask that is
+    then all ones is dropped too (faster attention kernels). Skipped under torch.compile (data-dependent shapes)."""
     if txt_mask is None or torch.compiler.is_compiling():
-        return txt, txt_mask
+        return txt, txt_mask, txt_ids
     keep = txt_mask.any(dim=0)
     if not bool(keep.all()):
         txt, txt_mask = txt[:, keep], txt_mask[:, keep]
-    return txt, (None if bool(txt_mask.all()) else txt_mask)
+        txt_ids = None if txt_ids is None else txt_ids[keep]
+    return txt, (None if bool(txt_mask.all()) else txt_mask), txt_ids

@@ -6,6 +6,7 @@ is expected; what is legal but most likely a mistake is a warning.
     check_config(config)                      before any layer is built
     check_inputs(model, ...) -> inputs        each forward: presence, types, dtypes, shapes, batch sizes, mask;
                                               returns the inputs cast where the cast is lossless
+    check_flux_inputs(model, ...)             each forward: `img_ids`, `txt_ids`, `guidance` against the config
     pretrained_problem(cls, path, kwargs, error) -> message or None
                                               why `from_pretrained` failed, in words (an SD3 folder, a damaged
                                               weights file, weights of another depth or size)
@@ -75,8 +76,22 @@ def _check_sincos(cfg: dict) -> None:
             )
 
 
+def _check_rope(cfg: dict) -> None:
+    """FLUX's rotary positions: each id axis rotates an even number of head features, all of them together."""
+    axes, head_dim = cfg["axes_dims_rope"], cfg["hidden_size"] // cfg["num_heads"]
+    valid = isinstance(axes, (tuple, list)) and len(axes) > 0 and all(_is_int(d) and d > 0 and d % 2 == 0 for d in axes)
+    if not valid or sum(axes) != head_dim:
+        raise InputError(
+            f"`axes_dims_rope`={axes!r} must be positive even numbers summing to the head dimension hidden_size // "
+            f"num_heads = {head_dim} (FLUX.1: (16, 56, 56) for 128)."
+        )
+    theta = cfg["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not (math.isfinite(theta) and theta > 0):
+        raise InputError(f"`rope_theta` must be a positive number; got {theta!r}.")
+
+
 # pos_embed_type -> the check of its options
-POSITION_CHECKS: dict[str, Callable[[dict], None]] = {"sincos": _check_sincos}
+POSITION_CHECKS: dict[str, Callable[[dict], None]] = {"sincos": _check_sincos, "rope": _check_rope}
 POS_EMBED_TYPES = tuple(POSITION_CHECKS)
 
 
@@ -86,6 +101,9 @@ def check_config(cfg: dict) -> None:
         value = cfg[name]
         if not _is_int(value) or value <= 0:
             raise InputError(f"`{name}` must be a positive integer; got {value!r}.")
+    single = cfg["num_single_layers"]
+    if not _is_int(single) or single < 0:
+        raise InputError(f"`num_single_layers` must be a non-negative integer; got {single!r}.")
     for name in ("cond_dim", "in_channels", "out_channels", "sample_size", "pos_embed_max_size"):
         value = cfg[name]
         if value is not None and (not _is_int(value) or value <= 0):
@@ -111,6 +129,11 @@ def check_config(cfg: dict) -> None:
         raise InputError(f"Unknown `qk_norm` {cfg['qk_norm']!r}; expected one of {QK_NORMS}.")
     if cfg["pos_embed_type"] not in POSITION_CHECKS:
         raise InputError(f"Unknown `pos_embed_type` {cfg['pos_embed_type']!r}; expected one of {POS_EMBED_TYPES}.")
+    if single and cfg["txt_pre_only_last_block"]:
+        raise InputError(
+            f"`txt_pre_only_last_block`=True drops the text output of the last double-stream block, which the "
+            f"`num_single_layers`={single} single-stream blocks read; set txt_pre_only_last_block=False (as FLUX)."
+        )
     layers = cfg["dual_attention_layers"]
     if not isinstance(layers, (list, tuple)):
         raise InputError(f"`dual_attention_layers` must be a tuple of block indices; got {layers!r}.")
@@ -165,7 +188,8 @@ def _in_compute_dtype(name: str, value: torch.Tensor, dtype: torch.dtype) -> tor
     )
 
 
-def _timestep(value, batch: int, device) -> torch.Tensor:
+def _timestep(value, batch: int, device, name: str = "timestep") -> torch.Tensor:
+    """A number, a list or array of numbers, or a tensor -> float [B] (a scalar is repeated)."""
     if isinstance(value, torch.Tensor):
         timestep = value
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -175,15 +199,16 @@ def _timestep(value, batch: int, device) -> torch.Tensor:
     elif type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None and value.dtype.kind in "iuf":
         timestep = torch.as_tensor(value)
     else:
-        raise InputError(f"`timestep` must be a number or a tensor of numbers in [0, 1000] (sigma * 1000), [B] or a "
-                         f"scalar; got {value!r} ({type(value).__name__}).")
+        what = "in [0, 1000] (sigma * 1000)" if name == "timestep" else "(the guidance scale)"
+        raise InputError(f"`{name}` must be a number or a tensor of numbers {what}, [B] or a scalar; got {value!r} "
+                         f"({type(value).__name__}).")
     if timestep.dtype == torch.bool or timestep.is_complex():
-        raise InputError(f"`timestep` is {timestep.dtype}; expected real numbers in [0, 1000].")
+        raise InputError(f"`{name}` is {timestep.dtype}; expected real numbers.")
     timestep = timestep.to(device=device, dtype=torch.float32 if not timestep.is_floating_point() else timestep.dtype)
     if timestep.ndim == 0:
         timestep = timestep.expand(batch)
     if timestep.ndim != 1:
-        raise InputError(f"`timestep` has shape {tuple(timestep.shape)}; expected [B] or a scalar.")
+        raise InputError(f"`{name}` has shape {tuple(timestep.shape)}; expected [B] or a scalar.")
     return timestep
 
 
@@ -226,9 +251,10 @@ def _warn_if_not_finite(named: dict[str, torch.Tensor]) -> None:
                       "the model's output will not be finite either.", RuntimeWarning, stacklevel=3)
 
 
-def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections, timestep, mask):
+def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections, timestep, mask, img_ids=None):
     """Check the forward inputs of `model` and return `(hidden_states, encoder_hidden_states, pooled_projections,
-    timestep [B], mask)`: the floats in the model's compute dtype (where lossless), the mask as bool or None."""
+    timestep [B], mask)`: the floats in the model's compute dtype (where lossless), the mask as bool or None.
+    (`img_ids` given to a rotary model lets tokens come in any number; `check_flux_inputs` checks them.)"""
     cfg = model.config
     cond_dim = cfg.cond_dim or cfg.hidden_size
     hidden_states = _tensor("hidden_states", hidden_states,
@@ -242,15 +268,21 @@ def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections
         _, c, h, w = hidden_states.shape
         if c != model.in_channels:
             raise InputError(f"`hidden_states` has {c} channels; expected in_channels={model.in_channels} ([B, C, H, W]).")
-        p, limit = cfg.patch_size, model.pos_grid_size * cfg.patch_size
+        p = cfg.patch_size
+        limit = None if model.pos_grid_size is None else model.pos_grid_size * p
         for name, size in (("height", h), ("width", w)):
             if size < p or size % p:
                 raise InputError(f"`hidden_states` {name} {size} is not a positive multiple of patch_size={p}.")
-            if size > limit:
+            if limit is not None and size > limit:
                 raise InputError(
                     f"`hidden_states` {name} {size} exceeds the position grid: at most pos_embed_max_size * "
                     f"patch_size = {limit}."
                 )
+    elif hidden_states.ndim == 3 and img_ids is not None and cfg.pos_embed_type == "rope":
+        if hidden_states.shape[2] != cfg.img_dim or hidden_states.shape[1] == 0:
+            raise InputError(
+                f"`hidden_states` tokens have shape {tuple(hidden_states.shape)}; expected [B, N > 0, img_dim={cfg.img_dim}]."
+            )
     elif hidden_states.ndim == 3:
         if tuple(hidden_states.shape[1:]) != (cfg.img_tokens, cfg.img_dim):
             raise InputError(
@@ -305,6 +337,61 @@ def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections
     _warn_if_not_finite({"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
                          "pooled_projections": pooled_projections, "timestep": timestep})
     return hidden_states, encoder_hidden_states, pooled_projections, timestep, mask
+
+
+def check_flux_inputs(model, hidden_states, encoder_hidden_states, img_ids, txt_ids, guidance):
+    """The FLUX-style inputs against the config; returns (img_ids, txt_ids, guidance [B]) on the input's device
+    (ids as float), None where not given. `img_ids` / `txt_ids` only for `pos_embed_type="rope"`; `guidance` exactly
+    when the model has a guidance embedding."""
+    cfg = model.config
+    device = hidden_states.device
+    if cfg.pos_embed_type != "rope":
+        for name, value in (("img_ids", img_ids), ("txt_ids", txt_ids)):
+            if value is not None:
+                raise InputError(
+                    f"`{name}` is read by models with pos_embed_type='rope' (rotary positions); this model has "
+                    f"pos_embed_type={cfg.pos_embed_type!r}. Leave it out."
+                )
+    else:
+        axes = len(cfg.axes_dims_rope)
+        if hidden_states.ndim == 4:
+            p = cfg.patch_size
+            num_img = (hidden_states.shape[2] // p) * (hidden_states.shape[3] // p)
+        else:
+            num_img = hidden_states.shape[1]
+        expected = {"img_ids": (num_img, "image tokens"), "txt_ids": (encoder_hidden_states.shape[1], "text tokens")}
+        ids = {"img_ids": img_ids, "txt_ids": txt_ids}
+        for name, value in ids.items():
+            if value is None:
+                continue
+            count, what = expected[name]
+            if not isinstance(value, torch.Tensor) or value.ndim != 2 or tuple(value.shape) != (count, axes):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise InputError(
+                    f"`{name}` has shape {shape}; expected [{count}, {axes}]: one id of len(axes_dims_rope)={axes} "
+                    f"numbers for each of the {count} {what} (the same for every sample, as diffusers' FLUX)."
+                )
+            ids[name] = value.to(device=device, dtype=torch.float32)
+        img_ids, txt_ids = ids["img_ids"], ids["txt_ids"]
+    if cfg.guidance_embeds:
+        if guidance is None:
+            raise InputError(
+                "`guidance` is required: this model has a guidance embedding (guidance_embeds=True, as FLUX.1 "
+                "[dev]); pass the guidance scale, e.g. guidance=torch.full([batch], 3.5)."
+            )
+        batch = hidden_states.shape[0]
+        guidance = _timestep(guidance, batch, device, name="guidance")
+        if tuple(guidance.shape) != (batch,):
+            raise InputError(f"`guidance` has shape {tuple(guidance.shape)}; expected [B] = [{batch}] or a scalar.")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(guidance).all()):
+            warnings.warn("`guidance` holds NaN or infinite values; the model's output will not be finite either.",
+                          RuntimeWarning, stacklevel=3)
+    elif guidance is not None:
+        raise InputError(
+            "`guidance` was given, but this model has no guidance embedding (guidance_embeds=False, as FLUX.1 "
+            "[schnell]); leave it out."
+        )
+    return img_ids, txt_ids, guidance
 
 
 # ----------------------------------------------------------------------------------------------------------

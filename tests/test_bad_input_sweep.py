@@ -65,6 +65,9 @@ def accepted(id, run, check):
 # Fixtures built on first use
 # ----------------------------------------------------------------------------------------------------------
 TINY = dict(img_dim=16, txt_dim=8, cond_dim=12, img_tokens=16, txt_tokens=10, hidden_size=32, depth=2, num_heads=2)
+# FLUX-style: rotary positions over (0, row, col) ids, one single-stream block, a guidance embedding
+ROPE = dict(TINY, pos_embed_type="rope", axes_dims_rope=(4, 6, 6), num_single_layers=1, txt_pre_only_last_block=False,
+            guidance_embeds=True)
 
 
 class Context:
@@ -79,6 +82,11 @@ class Context:
             for parameter in model.parameters():
                 parameter.normal_(0.0, 0.1)
         return model
+
+    @cached_property
+    def rope_model(self):
+        torch.manual_seed(0)
+        return MMDiTTransformer2DModel(**ROPE).eval()
 
     @cached_property
     def bf16_model(self):
@@ -219,6 +227,14 @@ CONFIG = [
     clear("grid larger than positions", lambda c, t: build(pos_embed_max_size=3), "larger than `pos_embed_max_size`=3"),
     clear("sample_size beyond positions", lambda c, t: build(sample_size=16), "`sample_size`=16 latent pixels exceeds"),
     clear("sample_size not whole patches", lambda c, t: build(sample_size=7), "`sample_size`=7 (latent pixels) must be"),
+    clear("rope axes not the head width", lambda c, t: build(**{**ROPE, "axes_dims_rope": (4, 4, 4)}), "`axes_dims_rope`=(4, 4, 4) must be"),
+    clear("rope odd axis", lambda c, t: build(**{**ROPE, "axes_dims_rope": (5, 5, 6)}), "positive even numbers"),
+    clear("rope_theta 0", lambda c, t: build(**{**ROPE, "rope_theta": 0}), "`rope_theta` must be a positive number"),
+    clear("rope_theta NaN", lambda c, t: build(**{**ROPE, "rope_theta": NAN}), "`rope_theta` must be a positive number"),
+    clear("num_single_layers -1", lambda c, t: build(num_single_layers=-1), "`num_single_layers` must be a non-negative"),
+    clear("single blocks after a pre-only block", lambda c, t: build(num_single_layers=1), "set txt_pre_only_last_block=False"),
+    accepted("rope with hidden 36 (no sin-cos table)", lambda c, t: build(**{**ROPE, "hidden_size": 36, "axes_dims_rope": (6, 6, 6)}),
+             lambda r, c: r.config.hidden_size == 36),
     clear("unknown preset", lambda c, t: MMDiTTransformer2DModel.from_preset("huge"), "Unknown preset 'huge'"),
     clear("preset with depth 0", lambda c, t: MMDiTTransformer2DModel.from_preset("tiny", depth=0), "`depth` must be"),
     accepted("img_tokens 12: a 3 x 4 grid", lambda c, t: build(img_tokens=12).img_grid, lambda r, c: r == (3, 4)),
@@ -268,6 +284,18 @@ FORWARD = [
     warned("NaN latents", lambda c, t: fwd(c, hidden_states=torch.full((2, 4, 8, 8), NAN)), "`hidden_states` holds NaN"),
     warned("inf pooled", lambda c, t: fwd(c, pooled_projections=torch.full((2, 12), INF)), "`pooled_projections` holds NaN or infinite"),
     warned("NaN timestep", lambda c, t: fwd(c, timestep=torch.tensor([NAN, 1.0])), "`timestep` holds NaN"),
+    clear("img_ids to a sin-cos model", lambda c, t: fwd(c, img_ids=torch.zeros(16, 3)), "`img_ids` is read by models with pos_embed_type='rope'"),
+    clear("guidance to a model without", lambda c, t: fwd(c, guidance=torch.full((2,), 3.5)), "`guidance` was given, but"),
+    clear("rope: guidance missing", lambda c, t: fwd(c, c.rope_model), "`guidance` is required"),
+    clear("rope: guidance '3.5'", lambda c, t: fwd(c, c.rope_model, guidance="3.5"), "`guidance` must be a number"),
+    clear("rope: guidance of 3", lambda c, t: fwd(c, c.rope_model, guidance=torch.full((3,), 3.5)), "`guidance` has shape (3,)"),
+    clear("rope: img_ids of 15 tokens", lambda c, t: fwd(c, c.rope_model, guidance=3.5, img_ids=torch.zeros(15, 3)), "`img_ids` has shape (15, 3); expected [16, 3]"),
+    clear("rope: txt_ids with 2 axes", lambda c, t: fwd(c, c.rope_model, guidance=3.5, txt_ids=torch.zeros(5, 2)), "`txt_ids` has shape (5, 2)"),
+    warned("rope: NaN guidance", lambda c, t: fwd(c, c.rope_model, guidance=NAN), "`guidance` holds NaN"),
+    accepted("rope: latents beyond the token grid", lambda c, t: fwd(c, c.rope_model, guidance=3.5, hidden_states=torch.randn(2, 4, 12, 16)),
+             lambda r, c: r.shape == (2, 4, 12, 16) and finite(r)),
+    accepted("rope: scalar guidance", lambda c, t: fwd(c, c.rope_model, guidance=3.5),
+             lambda r, c: same(r, fwd(c, c.rope_model, guidance=torch.full((2,), 3.5)))),
     accepted("float16 latents: cast", lambda c, t: fwd(c, hidden_states=inputs()["hidden_states"].half()),
              lambda r, c: same(r, fwd(c, hidden_states=inputs()["hidden_states"].half().float()))),
     accepted("bfloat16 everything: cast", lambda c, t: fwd(c, **inputs(dtype=torch.bfloat16)),

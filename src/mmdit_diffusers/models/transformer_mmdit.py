@@ -261,6 +261,7 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         from diffusers import FluxTransformer2DModel
 
         if isinstance(model_or_path, (str, os.PathLike)):
+            check_local_source(model_or_path, "from_flux")
             flux = FluxTransformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
         elif isinstance(model_or_path, FluxTransformer2DModel):
             flux = model_or_path

@@ -599,6 +599,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="ours with PyTorch's own bf16 kernels on the CPU (no mmdit_diffusers.cpu_bf16)")
     kernels.add_argument("--fp32-kernels-for-bf16", action="store_true",
                          help="ours with mmdit_diffusers.cpu_bf16 on the CPU even where it has bf16 instructions")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="keep PyTorch's SDPA off its cuDNN kernel (both models): diffusers' FluxTransformer2DModel "
+                             "hits an illegal memory access in its backward at flux-wide size (torch 2.11, H200)")
     parser.add_argument("--memory", nargs="*", default=None, help="configs for the memory section")
     parser.add_argument("--padding", nargs="*", default=None, help="configs for the text-padding section")
 
@@ -616,6 +619,8 @@ def setup(args) -> torch.device:
     )
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     clock = args.clock
     if clock == "auto":
         clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
@@ -640,6 +645,7 @@ def run(args, device, log=print) -> dict:
     result["clock"] = clock_name()
     result["environment"]["malloc_keeps_freed_memory"] = getattr(args, "malloc_keeps_freed_memory", False)
     result["environment"]["fp32_kernel_for_cpu_bf16"] = FP32_KERNELS_FOR_BF16 and device.type == "cpu"
+    result["environment"]["cudnn_attention"] = device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled()
     log(f"device {result['environment'].get('gpu', result['environment']['cpu'])}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock_name()}; load average {result['environment']['load_average']}")
     peaks = measure_peaks(device)

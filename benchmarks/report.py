@@ -41,7 +41,7 @@ def memory_table(memory: list[dict]) -> str:
         for label in ("ours", "sd3"):
             e = m[label]
             out.append(
-                f"| {m['config']} {m['dtype']} | {label} | {e['plain']['peak_mib']:.1f} MiB | "
+                f"| {m['config']} {m['dtype']} | {'ours' if label == 'ours' else 'diffusers'} | {e['plain']['peak_mib']:.1f} MiB | "
                 f"{e['checkpointed']['peak_mib']:.1f} MiB | **{e['peak_reduction']:.1f}x** | "
                 f"{e['plain']['held_mib']:.1f} -> {e['checkpointed']['held_mib']:.1f} MiB | {e['held_reduction']:.1f}x | "
                 f"{e['plain']['saved_for_backward_mib']:.1f} MiB |"

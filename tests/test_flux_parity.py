@@ -406,3 +406,38 @@ def test_cpu_bf16_kernels_reach_the_single_stream_attention():
         out = mmdit(**{k: v.to(torch.bfloat16) if k in half else v for k, v in ours.items()}).sample
     assert out.dtype == torch.bfloat16
     assert (out.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_first_block_cache_computes_what_it_computes_on_flux():
+    """diffusers' First Block Cache, the same config on both: the second call, barely changed, runs the first
+    block only and reuses the other blocks' (single-stream ones included) residuals, on ours as on FLUX."""
+    from diffusers import FirstBlockCacheConfig
+
+    flux = make_flux()
+    mmdit = MMDiTTransformer2DModel.from_flux(flux)
+    ours, theirs = flux_inputs(flux)
+    near_ours = dict(ours, hidden_states=ours["hidden_states"] + 1e-3)
+    near_theirs = dict(theirs, hidden_states=theirs["hidden_states"] + 1e-3)
+    exact_near = outputs(flux, mmdit, near_ours, near_theirs)[1]
+    height, width = ours["hidden_states"].shape[-2:]
+    cached = {}
+    for model, first, near in ((flux, theirs, near_theirs), (mmdit, ours, near_ours)):
+        model.enable_cache(FirstBlockCacheConfig(threshold=1e9))  # never recompute after the first call
+        with torch.no_grad():
+            with model.cache_context("cond"):
+                model(**first)
+            with model.cache_context("cond"):
+                cached[model] = model(**near).sample
+        model.disable_cache()
+    assert (cached[mmdit] - unpatchify(cached[flux], 2, height, width)).abs().max() <= TOLERANCE
+    assert (cached[mmdit] - exact_near).abs().max() > 1e-6  # the cached blocks were not rerun
+
+
+def test_compile_repeated_blocks_compiles_both_kinds_of_block():
+    flux = make_flux(num_layers=1, num_single_layers=2)
+    mmdit = MMDiTTransformer2DModel.from_flux(flux)
+    mmdit.compile_repeated_blocks(backend="eager", fullgraph=True)
+    blocks = [*mmdit.transformer_blocks, *mmdit.single_transformer_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert_parity(flux, mmdit, *flux_inputs(flux))
+    torch._dynamo.reset()

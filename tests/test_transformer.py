@@ -223,10 +223,7 @@ def test_fresh_blocks_are_the_identity(options):
         for i, block in enumerate(model.transformer_blocks):
             img_out, txt_out = block(img, txt, vec)
             assert torch.equal(img_out, img)
-            if model.config.txt_pre_only_last_block and i == len(model.transformer_blocks) - 1:
-                assert txt_out is None
-            else:
-                assert torch.equal(txt_out, txt)
+            assert torch.equal(txt_out, txt)  # a pre-only block (the last by default) returns its text input
 
 
 # ----------------------------------------------------------------------------------------------------------

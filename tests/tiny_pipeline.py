@@ -93,10 +93,10 @@ def tiny_clip(vocab_size: int, seed: int) -> CLIPTextModelWithProjection:
         return CLIPTextModelWithProjection(config).eval()
 
 
-def tiny_t5(vocab_size: int, seed: int) -> T5EncoderModel:
+def tiny_t5(vocab_size: int, seed: int, width: int = T5_DIM) -> T5EncoderModel:
     config = T5Config(
         vocab_size=vocab_size,
-        d_model=T5_DIM,
+        d_model=width,
         d_kv=16,
         d_ff=64,
         num_layers=2,
@@ -111,7 +111,7 @@ def tiny_t5(vocab_size: int, seed: int) -> T5EncoderModel:
         return T5EncoderModel(config).eval()
 
 
-def tiny_vae(seed: int) -> AutoencoderKL:
+def tiny_vae(seed: int, latent_channels: int = LATENT_CHANNELS, shift_factor: float | None = 0.0609) -> AutoencoderKL:
     with _seeded(seed):
         return AutoencoderKL(
             in_channels=3,
@@ -120,11 +120,11 @@ def tiny_vae(seed: int) -> AutoencoderKL:
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
             block_out_channels=(8, 8),
             layers_per_block=1,
-            latent_channels=LATENT_CHANNELS,
+            latent_channels=latent_channels,
             norm_num_groups=4,
             sample_size=32,
             scaling_factor=1.5035,
-            shift_factor=0.0609,
+            shift_factor=shift_factor,
             use_quant_conv=False,
             use_post_quant_conv=False,
         ).eval()
@@ -134,49 +134,58 @@ def tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
-def tiny_sd3_transformer(seed: int, pooled_dim: int = 2 * CLIP_DIM) -> SD3Transformer2DModel:
+def tiny_sd3_transformer(seed: int, pooled_dim: int = 2 * CLIP_DIM, text_dim: int = T5_DIM,
+                         latent_channels: int = LATENT_CHANNELS, in_channels: int | None = None) -> SD3Transformer2DModel:
+    """`in_channels` defaults to `latent_channels`; an inpainting transformer takes 2 * latent_channels + 1."""
     with _seeded(seed):
         model = SD3Transformer2DModel(
             sample_size=SAMPLE_SIZE,
             patch_size=2,
-            in_channels=LATENT_CHANNELS,
+            in_channels=in_channels or latent_channels,
             num_layers=2,
             attention_head_dim=8,
             num_attention_heads=4,
-            joint_attention_dim=T5_DIM,
+            joint_attention_dim=text_dim,
             caption_projection_dim=32,
             pooled_projection_dim=pooled_dim,
-            out_channels=LATENT_CHANNELS,
+            out_channels=latent_channels,
             pos_embed_max_size=16,
         )
         return _randomize(model, 0.05)
 
 
-def tiny_sd3_components(seed: int = 0, with_t5: bool = True) -> dict:
-    """The components of a tiny diffusers `StableDiffusion3Pipeline` (two CLIPs, optionally T5)."""
+def tiny_sd3_components(seed: int = 0, with_t5: bool = True, t5_dim: int = T5_DIM,
+                        latent_channels: int = LATENT_CHANNELS, shift_factor: float | None = 0.0609) -> dict:
+    """The components of a tiny diffusers `StableDiffusion3Pipeline` (two CLIPs, optionally T5).
+
+    `t5_dim` is also the transformer's text width: 32 (< the two CLIPs' 64) is the layout of diffusers' own SD3
+    test components, where SD3 cuts the CLIP states to the T5 width. SD3's inpainting pipeline takes 16 latent
+    channels only (`latent_channels=16`)."""
     clip_tokenizer, t5_tokenizer = tiny_tokenizers()
     clip_tokenizer_2, _ = tiny_tokenizers()
     components = dict(
-        transformer=tiny_sd3_transformer(seed),
+        transformer=tiny_sd3_transformer(seed, text_dim=t5_dim, latent_channels=latent_channels),
         scheduler=tiny_scheduler(),
-        vae=tiny_vae(seed + 1),
+        vae=tiny_vae(seed + 1, latent_channels, shift_factor),
         text_encoder=tiny_clip(len(clip_tokenizer), seed + 2),
         tokenizer=clip_tokenizer,
         text_encoder_2=tiny_clip(len(clip_tokenizer), seed + 3),
         tokenizer_2=clip_tokenizer_2,
-        text_encoder_3=tiny_t5(len(t5_tokenizer), seed + 4) if with_t5 else None,
+        text_encoder_3=tiny_t5(len(t5_tokenizer), seed + 4, t5_dim) if with_t5 else None,
         tokenizer_3=t5_tokenizer if with_t5 else None,
     )
     return components
 
 
-def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True) -> StableDiffusion3Pipeline:
-    return StableDiffusion3Pipeline(**tiny_sd3_components(seed, with_t5), image_encoder=None, feature_extractor=None)
+def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True, **layout) -> StableDiffusion3Pipeline:
+    """`layout`: `t5_dim`, `latent_channels`, `shift_factor` (see `tiny_sd3_components`)."""
+    components = tiny_sd3_components(seed, with_t5, **layout)
+    return StableDiffusion3Pipeline(**components, image_encoder=None, feature_extractor=None)
 
 
-def save_tiny_sd3_pipeline(path: str | os.PathLike, seed: int = 0, with_t5: bool = True) -> str:
+def save_tiny_sd3_pipeline(path: str | os.PathLike, seed: int = 0, with_t5: bool = True, **layout) -> str:
     """Save a tiny diffusers `StableDiffusion3Pipeline` to `path` (diffusers format: model_index.json + folders)."""
-    tiny_sd3_pipeline(seed, with_t5).save_pretrained(path)
+    tiny_sd3_pipeline(seed, with_t5, **layout).save_pretrained(path)
     return str(path)
 
 

@@ -22,7 +22,10 @@ _EXPORTS = {
     "PRESETS": ".models",
     "paper_preset": ".models",
     "MMDiTPipeline": ".pipelines",
+    "MMDiTFluxPipeline": ".pipelines",
     "MMDiTPipelineOutput": ".pipelines",
+    "MMDiTImg2ImgPipeline": ".pipelines",
+    "MMDiTInpaintPipeline": ".pipelines",
     "InputError": ".errors",
     # diffusers' pipeline loader looks up, in the library that model_index.json names, both the component's class
     # and its loadable base class by name ("ModelMixin"); re-exporting it makes "mmdit_diffusers" itself the
@@ -37,6 +40,12 @@ if TYPE_CHECKING:
 
     from .errors import InputError  # noqa: F401
     from .models import PRESETS, MMDiTTransformer2DModel, paper_preset  # noqa: F401
-    from .pipelines import MMDiTPipeline, MMDiTPipelineOutput  # noqa: F401
+    from .pipelines import (  # noqa: F401
+        MMDiTFluxPipeline,
+        MMDiTImg2ImgPipeline,
+        MMDiTInpaintPipeline,
+        MMDiTPipeline,
+        MMDiTPipelineOutput,
+    )
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

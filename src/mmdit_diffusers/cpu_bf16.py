@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models.attention import MMDiTAttention, MMDiTAttnProcessor
+from .models.attention import MMDiTAttention, MMDiTAttnProcessor, register_processor_for_hooks
 from .models.single_stream import SingleStreamAttention
 
 
@@ -107,3 +107,6 @@ class BF16ViaFP32AttnProcessor(MMDiTAttnProcessor):
         with torch.autocast("cpu", enabled=False):
             out = super().attend(query.float(), key.float(), value.float(), attn_mask)
         return out.to(torch.bfloat16)
+
+
+register_processor_for_hooks(BF16ViaFP32AttnProcessor)

@@ -252,7 +252,7 @@ def sd3_state_dict_to_mmdit(state_dict: Mapping[str, torch.Tensor], config: Mapp
         expected = _sd3_position_table(config)
         # the stored table is rounded to the checkpoint's dtype (fp16 / bf16 for published weights)
         atol = 1e-5 + torch.finfo(table.dtype).eps
-        if expected.shape != table.shape or not torch.allclose(expected, table.float().cpu(), atol=atol):
+        if expected.shape != table.shape or not torch.allclose(expected.cpu(), table.float().cpu(), atol=atol):
             raise ValueError(f"SD3 `{SD3_POSITION_TABLE}` differs from the sin-cos table its config implies.")
     relayout = lambda module, t: sd3_tensor_to_mmdit(module, t, config)  # noqa: E731
     return _convert(state_dict, sd3_module_name_to_mmdit, relayout, "SD3")

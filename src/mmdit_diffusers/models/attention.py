@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
@@ -187,8 +188,9 @@ class MMDiTAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __call__(self, attn: MMDiTAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+    def __call__(self, attn: MMDiTAttention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb=None, **kwargs):
         query, key, value = attn.image_qkv(hidden_states)
         if encoder_hidden_states is not None:
             txt = attn.text_qkv(encoder_hidden_states)
@@ -237,3 +239,18 @@ class MMDiTAttnProcessor:
             f"different text padding (`encoder_attention_mask`). Use a backend that takes masks "
             f"({', '.join(sorted(MASKED_BACKENDS))}), one prompt per batch, or prompts of equal length."
         )
+
+
+def skip_attention_output(attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+    """What a skipped attention returns (diffusers' LayerSkip with `skip_attention`): its inputs, shaped as the
+    processor's output."""
+    return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+def register_processor_for_hooks(processor_class: type) -> None:
+    """Make `processor_class` known to diffusers' hooks (AttentionProcessorRegistry), without importing every model
+    diffusers registers itself (as `blocks` does for the block)."""
+    AttentionProcessorRegistry._registry[processor_class] = AttentionProcessorMetadata(skip_attention_output)
+
+
+register_processor_for_hooks(MMDiTAttnProcessor)

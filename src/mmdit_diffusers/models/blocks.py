@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.models.attention import FeedForward as DiffusersFeedForward
 
 from .attention import MMDiTAttention
 
@@ -66,11 +68,12 @@ class AdaLNModulation(nn.Module):
         return {name: Modulation(*vectors[i * n : (i + 1) * n]) for i, name in enumerate(self.sublayers)}
 
 
-class FeedForward(nn.Module):
-    """fc1 -> GELU (tanh) -> fc2."""
+class FeedForward(DiffusersFeedForward):
+    """fc1 -> GELU (tanh) -> fc2. A diffusers `FeedForward` (as SD3's `ff`), so that diffusers' hooks find it
+    (LayerSkip's `skip_ff`), with our own layers and names: diffusers' constructor is not run."""
 
     def __init__(self, dim: int, mlp_ratio: float):
-        super().__init__()
+        nn.Module.__init__(self)
         hidden = int(dim * mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -100,9 +103,10 @@ class Stream(nn.Module):
 
 
 class MMDiTBlock(nn.Module):
-    """Double-stream block: (hidden_states, encoder_hidden_states) -> the same, image first; the text result is None
-    after a `context_pre_only` block. Attention modules as SD3's `JointTransformerBlock`: `attn` (joint) and `attn2`
-    (dual attention), diffusers `Attention`s with processors."""
+    """Double-stream block: (hidden_states, encoder_hidden_states) -> the same, image first. A `context_pre_only`
+    block (SD3's last) returns its text input unchanged: nothing reads it, and diffusers' cache hooks (First Block
+    Cache) take residuals of both outputs. Attention modules as SD3's `JointTransformerBlock`: `attn` (joint) and
+    `attn2` (dual attention), diffusers `Attention`s with processors."""
 
     def __init__(
         self,
@@ -128,7 +132,7 @@ class MMDiTBlock(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`attention_mask` [B, L] bool over the text tokens (True = attend); `image_rotary_emb` (cos, sin) over the
         (text, image) sequence; `joint_attention_kwargs` go to the attention processors, as SD3."""
         kwargs = joint_attention_kwargs or {}
@@ -147,6 +151,14 @@ class MMDiTBlock(nn.Module):
             hidden_states = hidden_states + img_mod.attn2.gate * self.attn2(img_mod.attn2.modulate(img_norm), **kwargs)
         hidden_states = self.img.feed_forward(hidden_states, img_mod.mlp)
         if self.context_pre_only:
-            return hidden_states, None
+            return hidden_states, encoder_hidden_states
         encoder_hidden_states = encoder_hidden_states + txt_mod.attn.gate * txt_attn
         return hidden_states, self.txt.feed_forward(encoder_hidden_states, txt_mod.mlp)
+
+
+# diffusers' cache hooks (First Block Cache, LayerSkip, ...) read a block's inputs and outputs through this registry.
+# Written into the table directly: `TransformerBlockRegistry.register` would first import every model diffusers
+# registers itself (~1 s); the table keeps this entry when diffusers fills in its own on first use.
+_METADATA = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1)
+_METADATA._cls = MMDiTBlock
+TransformerBlockRegistry._registry[MMDiTBlock] = _METADATA

@@ -1,9 +1,10 @@
 """MMDiTTransformer2DModel: the Multimodal Diffusion Transformer (Esser et al. 2024, arXiv 2403.03206).
 
-Its sibling modules, bottom up: `attention` (Q/K/V projections, the attention kernel, joint attention over both
-streams), `embeddings` (patches, positions, the conditioning vector), `rope` (FLUX's rotary positions over token
-ids), `blocks` (named AdaLN modulation, the `Stream` used for image and text, the double-stream `MMDiTBlock`),
-`single_stream` (FLUX's single-stream block), `presets` (named sizes).
+Its sibling modules, bottom up: `attention` (the diffusers attention module with SD3's names and its processor,
+joint attention over both streams through diffusers' attention dispatch), `embeddings` (patches, positions, the
+conditioning vector), `rope` (FLUX's rotary positions over token ids), `blocks` (named AdaLN modulation, the `Stream`
+(modulation and MLP) used for image and text, the double-stream `MMDiTBlock`), `single_stream` (FLUX's single-stream
+block), `presets` (named sizes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -55,7 +57,7 @@ from .validation import (
 )
 
 
-class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The MMDiT: an image stream and a text stream, each with its own weights, joined in every block by one
     attention over both sequences, and conditioned through AdaLN-Zero on
@@ -65,13 +67,17 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
 
     Parts, in forward order: `x_embedder` + `pos_embed` (image tokens), `context_embedder` (text tokens),
     `timestep_mlp` + `pooled_text_mlp` (`vec`), `transformer_blocks` (`MMDiTBlock`: an `img` and a `txt` `Stream`,
-    each modulated by named shift / scale / gate vectors per sub-layer, joined by one `attention`), `norm_out`
-    (shift / scale of the final norm) and `proj_out`; FLUX-style configs add `guidance_mlp` (to `vec`) and
-    `single_transformer_blocks` (`SingleStreamBlock`, after the double-stream ones), and rotate queries and keys
-    by `pos_embed` (`RotaryPositionEmbedding`) instead of adding positions to the image tokens. Plain `nn.Linear`
-    layers and PyTorch's `scaled_dot_product_attention` throughout; `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the
-    kernels from outside for bfloat16 on CPUs without bfloat16 instructions. `from_sd3` / `to_sd3` convert diffusers'
-    SD3 transformer through `mmdit_diffusers.conversion.sd3`.
+    each modulated by named shift / scale / gate vectors per sub-layer, joined by the joint attention `attn`, a
+    diffusers `Attention` with SD3's names; `attn2` in dual-attention blocks), `norm_out` (shift / scale of the final
+    norm) and `proj_out`; FLUX-style configs add `guidance_mlp` (to `vec`) and `single_transformer_blocks`
+    (`SingleStreamBlock`, after the double-stream ones), and rotate queries and keys by `pos_embed`
+    (`RotaryPositionEmbedding`) instead of adding positions to the image tokens. Plain `nn.Linear` layers; attention
+    through processors (`attn_processors`, `set_attn_processor`) and diffusers' attention dispatch
+    (`set_attention_backend`); `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the kernels from outside
+    for bfloat16 on CPUs without bfloat16 instructions. diffusers' cache hooks (`enable_cache`),
+    `compile_repeated_blocks()` and `enable_layerwise_casting()` work as for SD3 and FLUX. `from_sd3` / `to_sd3` and
+    `from_flux` / `to_flux` convert diffusers' SD3 and FLUX transformers through `mmdit_diffusers.conversion.sd3` and
+    `.flux`; checkpoints of the first layout load through `mmdit_diffusers.conversion.legacy`.
 
     Parameters:
         img_dim (`int`): Feature size of one image token, a patch of the latent: `in_channels * patch_size**2`.
@@ -118,8 +124,13 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["MMDiTBlock", "SingleStreamBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _no_split_modules = ["MMDiTBlock", "SingleStreamBlock"]  # as SD3's ["JointTransformerBlock"], FLUX's two
+    _repeated_blocks = ["MMDiTBlock", "SingleStreamBlock"]  # compile_repeated_blocks(): one compilation per kind
+    # Layerwise casting (e.g. float8 storage) leaves these in the compute dtype, the layers SD3 leaves: the patch
+    # embedding (SD3's pos_embed.proj, our x_embedder), the AdaLN modulations (SD3's norm1*, our *.modulation; a
+    # single-stream block's `norm`, as FLUX's), the final norm and the QK-norms. No module is kept in float32 on
+    # load (`_keep_in_fp32_modules`), as SD3.
+    _skip_layerwise_casting_patterns = ["pos_embed", "x_embedder", "norm", "modulation"]
 
     @register_to_config
     def __init__(

@@ -18,7 +18,8 @@ from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
 
 def execution_device(pipeline) -> torch.device:
-    models = [(name, getattr(pipeline, name, None)) for name in pipeline.config.keys() if not name.startswith("_")]
+    # components are instance attributes; other config entries (`sampler_defaults`) would warn through `getattr`
+    models = [(name, vars(pipeline).get(name)) for name in pipeline.config.keys() if not name.startswith("_")]
     models = [(name, model) for name, model in models if isinstance(model, torch.nn.Module)]
     for _, model in models:
         for module in _modules(model):

@@ -1,6 +1,6 @@
 """Saving and loading helpers of `MMDiTPipeline`: the `pipeline.py` shim, package-root class names in
-`model_index.json`, diffusers' registry of loadable libraries (for Hub repos), and diffusers-format SD3 / SD3.5
-folders."""
+`model_index.json`, diffusers' registry of loadable libraries (for Hub repos), and diffusers-format SD3 / SD3.5 and
+FLUX.1 folders."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import os
 import re
 
-from diffusers import DiffusionPipeline, SD3Transformer2DModel
+from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
@@ -22,9 +22,11 @@ PACKAGE = "mmdit_diffusers"
 SHIM_FILE = "pipeline.py"
 SHIM_MODULE = "pipeline"  # `custom_pipeline="pipeline"`: diffusers looks for `<folder>/pipeline.py`
 SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
+FLUX_TRANSFORMER_CLASS = "FluxTransformer2DModel"
+FLUX_PIPELINE_CLASSES = ("FluxPipeline", "MMDiTFluxPipeline")  # diffusers' and ours (`_class_name`)
 # pipelines whose folders have MMDiTPipeline's components (a missing one is a broken folder, not another kind)
 SD3_LAYOUT_PIPELINES = ("MMDiTPipeline", "StableDiffusion3Pipeline")
-UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's IP-Adapter parts
+UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's and FLUX.1's IP-Adapter parts
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # what a Hub repo id looks like ("org/name")
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
@@ -91,27 +93,61 @@ def transformer_class_name(pretrained_model_name_or_path, kwargs: dict) -> str |
     return config.get("_class_name")
 
 
-def load_converted_sd3_transformer(pretrained_model_name_or_path, kwargs: dict):
-    """Load the folder's `SD3Transformer2DModel` with the pipeline's loading options and convert it."""
-    from ..models.transformer_mmdit import MMDiTTransformer2DModel
+def pipeline_config(pretrained_model_name_or_path, kwargs: dict) -> dict | None:
+    """The folder's `model_index.json` (None when there is none)."""
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    try:
+        return DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub_kwargs)
+    except (OSError, ValueError):
+        return None
 
+
+def is_flux_folder(pretrained_model_name_or_path, kwargs: dict) -> bool:
+    """Whether the folder is a FLUX.1 pipeline: saved by diffusers' `FluxPipeline` or our `MMDiTFluxPipeline`, or
+    holding a `FluxTransformer2DModel`."""
+    config = pipeline_config(pretrained_model_name_or_path, kwargs)
+    if config is None:
+        return False
+    transformer = config.get("transformer")
+    transformer_class = transformer[1] if isinstance(transformer, (list, tuple)) and len(transformer) == 2 else None
+    return config.get("_class_name") in FLUX_PIPELINE_CLASSES or transformer_class == FLUX_TRANSFORMER_CLASS
+
+
+def _transformer_options(kwargs: dict) -> dict:
+    """The pipeline's loading options (`dtype`, `variant`, Hub options, ...) as the transformer's."""
     options = {k: kwargs[k] for k in (*HUB_KWARGS, "variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers >= 0.42 says `dtype`
     if isinstance(dtype, dict):
         dtype = dtype.get("transformer", dtype.get("default"))
     if dtype is not None:
         options["dtype"] = dtype
+    return options
+
+
+def load_converted_sd3_transformer(pretrained_model_name_or_path, kwargs: dict):
+    """Load the folder's `SD3Transformer2DModel` with the pipeline's loading options and convert it."""
+    from ..models.transformer_mmdit import MMDiTTransformer2DModel
+
+    options = _transformer_options(kwargs)
     sd3 = SD3Transformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
     logger.info("Converting the SD3 transformer to MMDiTTransformer2DModel.")
     return MMDiTTransformer2DModel.from_sd3(sd3)
 
 
+def load_converted_flux_transformer(pretrained_model_name_or_path, kwargs: dict):
+    """Load the folder's `FluxTransformer2DModel` with the pipeline's loading options and convert it."""
+    from ..models.transformer_mmdit import MMDiTTransformer2DModel
+
+    options = _transformer_options(kwargs)
+    flux = FluxTransformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
+    logger.info("Converting the FLUX.1 transformer to MMDiTTransformer2DModel.")
+    return MMDiTTransformer2DModel.from_flux(flux)
+
+
 def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
-    """Components of an SD3.5 folder that MMDiTPipeline does not use and that are not empty there."""
-    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-    try:
-        config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub_kwargs)
-    except (OSError, ValueError):
+    """Components of an SD3.5 or FLUX.1 folder that our pipelines do not use and that are not empty there."""
+    config = pipeline_config(pretrained_model_name_or_path, kwargs)
+    if config is None:
         return []
     return [name for name in UNUSED_SD3_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
 
@@ -145,11 +181,11 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
     config = DiffusionPipeline.load_config(folder)
     folder_class = config.get("_class_name")
     missing = [name for name in expected if name not in passed and name not in optional and config.get(name) is None]
-    if missing and folder_class not in SD3_LAYOUT_PIPELINES:
+    if missing and folder_class not in (*SD3_LAYOUT_PIPELINES, *FLUX_PIPELINE_CLASSES):
         components = sorted(name for name, entry in config.items() if isinstance(entry, (list, tuple)) and entry[0])
         raise InputError(
             f"Cannot load {folder} as an MMDiTPipeline: it is a {folder_class} folder (components: "
-            f"{', '.join(components) or 'none'}), not an SD3 / SD3.5 / MMDiT pipeline, which has "
+            f"{', '.join(components) or 'none'}), not an SD3 / SD3.5 / FLUX.1 / MMDiT pipeline, which has "
             f"{', '.join(name for name in expected if name not in optional)}. Load it with diffusers' "
             f"DiffusionPipeline.from_pretrained."
         )

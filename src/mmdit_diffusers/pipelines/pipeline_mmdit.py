@@ -23,12 +23,13 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..errors import InputError
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from . import call_checks, loading
 from .execution_device import execution_device
 from .latents import denormalize_latents, vae_scale_factor
 from .lora import MMDiTLoraLoaderMixin
-from .text_encoding import TextConditioning, encode_text, uses_text_mask
+from .text_encoding import TextConditioning, encode_text, needs_second_clip, uses_text_mask
 
 logger = logging.get_logger(__name__)
 
@@ -52,6 +53,24 @@ EXAMPLE = """
 
 # `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Pipeline's.
 SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0}
+SECOND_CLIP = ("text_encoder_2", "tokenizer_2")
+T5 = ("text_encoder_3", "tokenizer_3")
+
+
+class OptionalComponents:
+    """`_optional_components`, which diffusers reads in two senses, answered in each.
+
+    On the class (`from_pretrained`, `from_pipe`): the components a saved folder may leave out: T5, and the second
+    CLIP, which transformers trained on one CLIP's pooled text (e.g. the Shapes pipeline) have none of. On a pipeline
+    (`save_pretrained`, diffusers' optional-component tests): what this pipeline runs without: T5 always (its part of
+    the sequence becomes zeros, as SD3 without T5), the second CLIP only where the transformer does not take its
+    pooled output (an SD3-layout transformer cannot run without it).
+    """
+
+    def __get__(self, pipe, owner=None) -> list[str]:
+        if pipe is None:
+            return [*SECOND_CLIP, *T5]
+        return [*T5] if needs_second_clip(pipe) else [*SECOND_CLIP, *T5]
 
 
 @dataclass
@@ -72,7 +91,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         vae ([`AutoencoderKL`]): Latents <-> images; latents are normalised by the config's `scaling_factor` and
             `shift_factor`: `z = (encode(x) - shift_factor) * scaling_factor`.
         text_encoder ([`CLIPTextModelWithProjection`]) and tokenizer ([`CLIPTokenizer`]): The first CLIP.
-        text_encoder_2, tokenizer_2 (*optional*): A second CLIP (SD3's OpenCLIP bigG), concatenated on channels.
+        text_encoder_2, tokenizer_2: A second CLIP (SD3's OpenCLIP bigG), concatenated on channels. Needed where the
+            transformer takes both CLIPs' pooled outputs (SD3's layout); `None` for one-CLIP transformers.
         text_encoder_3 ([`T5EncoderModel`], *optional*) and tokenizer_3 ([`T5TokenizerFast`], *optional*): T5, whose
             states follow the CLIP states in the sequence. Without it the T5 part is zeros, as SD3 without T5.
 
@@ -87,8 +107,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    _optional_components = OptionalComponents()
     _callback_tensor_inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
+    _sd3_call_defaults = SD3_CALL_DEFAULTS  # the SD3 pipeline's defaults this class follows
 
     def __init__(
         self,
@@ -123,7 +144,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         )
         self.register_sampler_defaults(**(sampler_defaults or {}))
         self.vae_scale_factor = vae_scale_factor(vae)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # latent-channel tensors given as images are taken as latents (img2img, inpainting), as SD3's
+        latent_channels = vae.config.latent_channels if vae is not None else 16
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, vae_latent_channels=latent_channels)
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else CLIP_TOKENS
         self.default_sample_size = getattr(transformer, "sample_size", None) or 128
         self.patch_size = transformer.config.patch_size if transformer is not None else 2
@@ -133,16 +156,16 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         its config: `save_pretrained` writes them to `model_index.json` (so a Hub push carries them), `from_pretrained`
         reads them back, and `__call__` uses them for the arguments its caller leaves out. The scheduler's own
         settings (shift, `stochastic_sampling`) already travel in `scheduler/scheduler_config.json`."""
-        unknown = sorted(set(defaults) - set(SD3_CALL_DEFAULTS))
+        unknown = sorted(set(defaults) - set(self._sd3_call_defaults))
         if unknown:
-            raise ValueError(f"`sampler_defaults` has unknown keys {unknown}; expected some of {sorted(SD3_CALL_DEFAULTS)}.")
+            raise ValueError(f"`sampler_defaults` has unknown keys {unknown}; expected some of {sorted(self._sd3_call_defaults)}.")
         self.register_to_config(sampler_defaults=dict(defaults) or None)
 
     def _call_default(self, name: str, value):
         """`value` when the caller passed one, else the folder's stored default, else SD3's."""
         if value is not None:
             return value
-        return (self.config.get("sampler_defaults") or {}).get(name, SD3_CALL_DEFAULTS[name])
+        return (self.config.get("sampler_defaults") or {}).get(name, self._sd3_call_defaults[name])
 
     def register_modules(self, **kwargs):
         """As diffusers, but our own classes are recorded by the package root (see `_name_components_by_package_root`)."""
@@ -176,10 +199,16 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         """diffusers' `from_pretrained`, also for diffusers-format SD3 / SD3.5 folders and repos: their
         `SD3Transformer2DModel` is loaded with the same options (`dtype`, `variant`, ...) and converted to
         `MMDiTTransformer2DModel`; their IP-Adapter image encoder and feature extractor are not loaded. Before a
-        Hub repo is loaded our package is registered with diffusers' loader (`loading.register_with_diffusers`)."""
+        Hub repo is loaded our package is registered with diffusers' loader (`loading.register_with_diffusers`).
+        A FLUX.1 folder (diffusers' `FluxPipeline`, or one saved by `MMDiTFluxPipeline`) gives an
+        `MMDiTFluxPipeline` (see there)."""
         path = pretrained_model_name_or_path
         if not os.path.isdir(path):
             loading.register_with_diffusers()
+        if cls is MMDiTPipeline and loading.is_flux_folder(path, kwargs):
+            from .pipeline_mmdit_flux import MMDiTFluxPipeline
+
+            return MMDiTFluxPipeline.from_pretrained(path, **kwargs)
         expected, _ = cls._get_signature_keys(cls)
         loading.check_local_components(path, sorted(expected), cls._optional_components, kwargs)
         if "transformer" not in kwargs and loading.transformer_class_name(path, kwargs) == loading.SD3_TRANSFORMER_CLASS:
@@ -316,16 +345,17 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
                 )
 
         positive = positive.repeat(num_images_per_prompt)
-        negative = negative.repeat(num_images_per_prompt) if negative is not None else None
-        outputs = (
-            positive.embeds,
-            negative.embeds if negative else None,
-            positive.pooled,
-            negative.pooled if negative else None,
-        )
+        prompt_embeds, pooled_prompt_embeds, prompt_attention_mask = positive.embeds, positive.pooled, positive.mask
+        negative_prompt_embeds = negative_pooled_prompt_embeds = negative_prompt_attention_mask = None
+        if negative is not None:
+            negative = negative.repeat(num_images_per_prompt)
+            negative_prompt_embeds, negative_pooled_prompt_embeds = negative.embeds, negative.pooled
+            negative_prompt_attention_mask = negative.mask
+        # returned by name, as SD3's: diffusers' pipeline tests read `__call__` argument names off these statements
         if return_attention_mask:
-            outputs += (positive.mask, negative.mask if negative else None)
-        return outputs
+            return (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                    prompt_attention_mask, negative_prompt_attention_mask)
+        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     # ----------------------------------------------------------------------------------------------------------
     # Checks and latents
@@ -438,14 +468,13 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
-    def _timesteps(self, num_inference_steps, sigmas, mu, latents, device):
+    def _timesteps(self, num_inference_steps, sigmas, mu, height, width, device):
         """The scheduler's timesteps; with dynamic shifting, `mu` from the image token count as SD3 unless given."""
         config = self.scheduler.config
         if mu is None and config.get("use_dynamic_shifting", None):
-            height, width = latents.shape[-2:]
-            image_tokens = (height // self.patch_size) * (width // self.patch_size)
+            side = self.vae_scale_factor * self.patch_size
             mu = resolution_shift_mu(
-                image_tokens,
+                (height // side) * (width // side),
                 config.get("base_image_seq_len", 256),
                 config.get("max_image_seq_len", 4096),
                 config.get("base_shift", 0.5),
@@ -492,6 +521,10 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
     def interrupt(self):
         return self._interrupt
 
+    @property
+    def skip_guidance_layers(self):
+        return self._skip_guidance_layers
+
     # ----------------------------------------------------------------------------------------------------------
     # Generation
     # ----------------------------------------------------------------------------------------------------------
@@ -526,6 +559,10 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (SD3's signature)
         max_sequence_length: int | None = None,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
@@ -557,10 +594,31 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
                 `latents`, `prompt_embeds`, `pooled_prompt_embeds` replace the pipeline's.
             callback_on_step_end_tensor_inputs: Which of those tensors the callback receives.
             max_sequence_length: T5 tokens (default 256, or fewer when the transformer's `txt_tokens` is smaller).
+            skip_guidance_layers: Skip-layer guidance (SD3.5; SD3.5 Medium uses `[7, 8, 9]`): blocks the transformer
+                skips in one more evaluation of the positive prompt per step; the guided velocity moves away from
+                it by `skip_layer_guidance_scale * (v_positive - v_skipped)`. Needs classifier-free guidance.
+            skip_layer_guidance_scale: Weight of that term (SD3's 2.8).
+            skip_layer_guidance_start, skip_layer_guidance_stop: Fractions of the steps between which it applies:
+                steps `i` with `start * steps < i < stop * steps` (SD3's 0.01 and 0.2).
             mu: Dynamic-shift parameter; computed from the image size when the scheduler shifts dynamically.
 
         Examples:
         """
+        return self._generate(NoiseStart(), **call_arguments(locals()))
+
+    def _generate(
+        self,
+        start: "NoiseStart",
+        *,
+        prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas, guidance_scale,
+        negative_prompt, negative_prompt_2, negative_prompt_3, num_images_per_prompt, generator, latents,
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+        prompt_attention_mask, negative_prompt_attention_mask, output_type, return_dict, joint_attention_kwargs,
+        clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length,
+        skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop, skip_layer_guidance_start, mu,
+    ) -> MMDiTPipelineOutput | tuple:
+        """The generation of every MMDiT pipeline (arguments: `__call__`'s). `start` says where sampling starts: from
+        noise (text-to-image), or from an image (`MMDiTImg2ImgPipeline`, `MMDiTInpaintPipeline`)."""
         steps_given = num_inference_steps is not None
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         guidance_scale = self._call_default("guidance_scale", guidance_scale)
@@ -596,7 +654,15 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
             num_images_per_prompt=num_images_per_prompt,
             latents=latents,
         )
+        self._check_skip_layer_guidance(
+            skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop,
+            guidance_scale,
+        )
+        start.check(self, output_type)
         self._guidance_scale = guidance_scale
+        self._skip_guidance_layers = skip_guidance_layers
+        self._skip_layer_guidance_scale = skip_layer_guidance_scale
+        self._skip_layer_guidance_range = (skip_layer_guidance_start, skip_layer_guidance_stop)
         self._clip_skip = clip_skip
         self._joint_attention_kwargs = joint_attention_kwargs
         self._interrupt = False
@@ -633,35 +699,44 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
         dtype = self.transformer.dtype  # SD3 uses the text encoders' dtype: the same unless they differ
         prompt_embeds, pooled_prompt_embeds = prompt_embeds.to(dtype), pooled_prompt_embeds.to(dtype)
 
-        # 2. Noise and timesteps
-        latents = self.prepare_latents(
-            batch_size, self.transformer.in_channels, height, width, dtype, device, generator, latents
-        )
-        timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, latents, device)
-        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        # 2. Timesteps, and the latents they start from
+        timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, height, width, device)
+        timesteps, num_inference_steps = start.timesteps(self, timesteps, num_inference_steps)
         self._num_timesteps = len(timesteps)
+        latents = start.latents(self, batch_size, height, width, dtype, device, generator, latents, timesteps)
+
+        # 3. Denoising
+        latents = self._denoise(
+            start, latents, timesteps, num_inference_steps, (prompt_embeds, pooled_prompt_embeds, text_mask),
+            generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )
+
+        # 4. Images
+        image = latents if output_type == "latent" else start.images(self, latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return MMDiTPipelineOutput(images=image)
+
+    def _denoise(self, start, latents, timesteps, num_inference_steps, text, generator, callback_on_step_end,
+                 callback_on_step_end_tensor_inputs) -> torch.Tensor:
+        """The sampling loop: per step one guided velocity, a scheduler step, `start.after_step` (inpainting puts
+        the known region back), the callback. `text`: (prompt_embeds, pooled_prompt_embeds, text mask or None)."""
+        prompt_embeds, pooled_prompt_embeds, text_mask = text
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         # a stochastic scheduler (e.g. `stochastic_sampling=True`) draws its step noise from the caller's generator
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-
-        # 3. Denoising: one transformer call per step for both halves of the guidance batch
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                velocity = self.transformer(
-                    hidden_states=model_input,
-                    encoder_hidden_states=prompt_embeds,
-                    pooled_projections=pooled_prompt_embeds,
-                    timestep=t.expand(model_input.shape[0]),
-                    encoder_attention_mask=text_mask,
-                    joint_attention_kwargs=self.joint_attention_kwargs,
-                    return_dict=False,
-                )[0]
-                if self.do_classifier_free_guidance:
-                    uncond, cond = velocity.chunk(2)
-                    velocity = uncond + self.guidance_scale * (cond - uncond)
+                velocity = self._guided_velocity(
+                    start.model_input(model_input), t, prompt_embeds, pooled_prompt_embeds, text_mask,
+                    skip_layers=self._skip_layers_at(i, num_inference_steps),
+                )
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0]
+                latents = start.after_step(self, i, timesteps, latents)
 
                 if callback_on_step_end is not None:
                     step_tensors = dict(
@@ -675,13 +750,100 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin):
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
+        return latents
 
-        # 4. Images
-        image = latents if output_type == "latent" else self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return MMDiTPipelineOutput(images=image)
+    def _guided_velocity(self, model_input, t, prompt_embeds, pooled_prompt_embeds, text_mask, skip_layers=None):
+        """The velocity of one step: one transformer call for both halves of the guidance batch, then
+        `v = v_neg + guidance_scale * (v_pos - v_neg)`; with `skip_layers` (skip-layer guidance, SD3.5) one more call
+        on the positive half with those blocks skipped, and `v += skip_layer_guidance_scale * (v_pos - v_skipped)`."""
+        velocity = self.transformer(
+            hidden_states=model_input,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled_prompt_embeds,
+            timestep=t.expand(model_input.shape[0]),
+            encoder_attention_mask=text_mask,
+            joint_attention_kwargs=self.joint_attention_kwargs,
+            return_dict=False,
+        )[0]
+        if not self.do_classifier_free_guidance:
+            return velocity
+        uncond, cond = velocity.chunk(2)
+        velocity = uncond + self.guidance_scale * (cond - uncond)
+        if skip_layers:
+            positive_input, positive_embeds, positive_pooled = (x.chunk(2)[1] for x in (model_input, prompt_embeds, pooled_prompt_embeds))
+            skipped = self.transformer(
+                hidden_states=positive_input,
+                encoder_hidden_states=positive_embeds,
+                pooled_projections=positive_pooled,
+                timestep=t.expand(positive_input.shape[0]),
+                encoder_attention_mask=None if text_mask is None else text_mask.chunk(2)[1],
+                joint_attention_kwargs=self.joint_attention_kwargs,
+                return_dict=False,
+                skip_layers=skip_layers,
+            )[0]
+            velocity = velocity + (cond - skipped) * self._skip_layer_guidance_scale
+        return velocity
+
+    def _skip_layers_at(self, step: int, num_inference_steps: int) -> list[int] | None:
+        """The blocks skip-layer guidance skips at `step`, None where it does not apply (SD3's rule: guidance on,
+        `start * steps < step < stop * steps`)."""
+        begin, end = self._skip_layer_guidance_range
+        if self._skip_guidance_layers is None or not self.do_classifier_free_guidance:
+            return None
+        if not (step > num_inference_steps * begin and step < num_inference_steps * end):
+            return None
+        return list(self._skip_guidance_layers)
+
+    def _check_skip_layer_guidance(self, layers, scale, begin, end, guidance_scale) -> None:
+        if layers is None:
+            return
+        depth = len(self.transformer.transformer_blocks)
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < depth for i in layers):
+            raise InputError(
+                f"`skip_guidance_layers` must be a list of block indices in [0, {depth}) (the transformer has {depth} "
+                f"blocks); got {layers!r}."
+            )
+        for name, value in (("skip_layer_guidance_start", begin), ("skip_layer_guidance_stop", end)):
+            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise InputError(f"`{name}` must be a fraction of the steps in [0, 1]; got {value!r}.")
+        if not isinstance(scale, (int, float)):
+            raise InputError(f"`skip_layer_guidance_scale` must be a number; got {scale!r}.")
+        if guidance_scale <= 1:
+            logger.warning("`skip_guidance_layers` has no effect without classifier-free guidance (guidance_scale > 1).")
+
+
+class NoiseStart:
+    """Where sampling starts, for text-to-image: Gaussian noise at the first timestep, decoded at the end.
+
+    The hooks `_generate` calls, which `MMDiTImg2ImgPipeline` / `MMDiTInpaintPipeline` implement to start from an
+    image instead: `check` (their inputs), `timesteps` (cut by `strength`), `latents` (the starting latents),
+    `model_input` (extra input channels), `after_step` (put the known region back), `images` (decode).
+    """
+
+    def check(self, pipe, output_type) -> None:
+        pass
+
+    def timesteps(self, pipe, timesteps, num_inference_steps):
+        return timesteps, num_inference_steps
+
+    def latents(self, pipe, batch_size, height, width, dtype, device, generator, latents, timesteps):
+        channels = pipe.transformer.in_channels
+        return pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
+
+    def model_input(self, model_input):
+        return model_input
+
+    def after_step(self, pipe, step, timesteps, latents):
+        return latents
+
+    def images(self, pipe, latents, output_type):
+        return pipe.decode_latents(latents, output_type)
+
+
+def call_arguments(call_locals: dict, *start_arguments: str) -> dict:
+    """A pipeline `__call__`'s arguments (its `locals()`, read first thing) for `_generate`: all but `self` and the
+    ones its start object takes (`start_arguments`)."""
+    return {k: v for k, v in call_locals.items() if k not in ("self", "__class__", *start_arguments)}
 
 
 def resolution_shift_mu(image_tokens: int, base_tokens: int, max_tokens: int, base_shift: float, max_shift: float) -> float:

@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logit_std", type=positive_float, default=1.0)
     g.add_argument("--mode_scale", type=finite_float, default=1.29,
                    help=f"Of the 'mode' density, in [-1, {MODE_SCALE_MAX:.3f}] (a density on [0, 1] only there).")
+    g.add_argument("--guidance_scale", type=finite_float, default=3.5,
+                   help="The value fed to the guidance embedding of transformers that have one (`guidance_embeds`, "
+                   "FLUX.1 [dev]), as diffusers' FLUX training scripts; validation images of FLUX pipelines are drawn "
+                   "with it too. Ignored by transformers without a guidance embedding.")
     g.add_argument("--resolution_shift", type=_shift, default=1.0,
                    help="Shift sampled sigmas: s' = shift*s / (1 + (shift-1)*s); 1 = none, 'scheduler' = the "
                    "pipeline scheduler's `shift`.")
@@ -178,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=positive_int, default=4, help="Images per prompt.")
     g.add_argument("--validation_steps", type=positive_int, default=500)
     g.add_argument("--validation_inference_steps", type=positive_int, default=28)
-    g.add_argument("--validation_guidance_scale", type=non_negative_float, default=5.0)
+    g.add_argument("--validation_guidance_scale", type=non_negative_float, default=5.0,
+                   help="Classifier-free guidance of the validation images (FLUX pipelines: `true_cfg_scale`, "
+                   "against the empty prompt; 1 turns it off).")
 
     g = p.add_argument_group("hub")
     g.add_argument("--push_to_hub", action=argparse.BooleanOptionalAction, default=False,

@@ -200,7 +200,7 @@ def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_si
         config["txt_tokens"] = max(int(config.get("txt_tokens", 0)), seq_len)
     if "sample_size" not in overrides:
         config["sample_size"] = latent_side
-    if "pos_embed_max_size" not in overrides:
+    if "pos_embed_max_size" not in overrides and config.get("pos_embed_type") != "rope":  # RoPE has no grid limit
         config["pos_embed_max_size"] = max(int(config.get("pos_embed_max_size") or 0), grid)
     try:
         return MMDiTTransformer2DModel(**config)
@@ -218,6 +218,8 @@ def check_resolution(resolution: int, vae, transformer) -> int:
             f"{scale * patch}; try {max(scale * patch, resolution // (scale * patch) * scale * patch)}."
         )
     side = resolution // scale
+    if transformer.pos_grid_size is None:  # rotary positions: any size
+        return side
     limit = transformer.pos_grid_size * patch
     if side > limit:
         raise InputError(
@@ -423,6 +425,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     latent_side = check_resolution(args.resolution, vae, transformer)
     check_text(transformer, text_shape)
     use_mask = bool(getattr(transformer.config, "use_text_attention_mask", False))
+    # FLUX.1 [dev]-style guidance embedding: fed a constant (--guidance_scale), as diffusers' FLUX scripts
+    guidance_value = args.guidance_scale if transformer.config.get("guidance_embeds", False) else None
     prompt_encoder.resolve_length()
     ddp_kwargs.find_unused_parameters = not transformer.config.txt_pre_only_last_block
 
@@ -538,6 +542,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
             return None
         if not (accelerator.is_main_process or fsdp):
             return None
+        from ..pipelines import MMDiTFluxPipeline
         from .validation import generate_rows, grid_of_rows, log_grid, save_grid
 
         if ema is not None:
@@ -546,10 +551,14 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         was_training = model.training
         model.eval()
         pipe.transformer = transformer if fsdp else model
+        # FLUX pipelines: `guidance_scale` is the distilled guidance (the value trained with), CFG is `true_cfg_scale`
+        flux = isinstance(pipe, MMDiTFluxPipeline)
+        guidance_scale = args.guidance_scale if flux else args.validation_guidance_scale
         try:
             rows = generate_rows(pipe, args.validation_prompt, args.num_validation_images, args.resolution,
-                                 args.validation_inference_steps, args.validation_guidance_scale, seed, device,
-                                 validation_embeddings, prompt_encoder.max_sequence_length)
+                                 args.validation_inference_steps, guidance_scale, seed, device,
+                                 validation_embeddings, prompt_encoder.max_sequence_length,
+                                 true_cfg_scale=args.validation_guidance_scale if flux else None)
         finally:
             model.train(was_training)
             if ema is not None:
@@ -581,7 +590,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         loader = data.make_dataloader(dataset, sampler, args.dataloader_num_workers)
         for batch in loader:
             with accelerator.accumulate(transformer):
-                loss = _compute_loss(batch, transformer, vae, prompt_encoder, rng, args, shift, use_mask, device)
+                loss = _compute_loss(batch, transformer, vae, prompt_encoder, rng, args, shift, use_mask, device,
+                                     guidance_value)
                 reduced = accelerator.reduce(loss.detach().float(), reduction="mean")
                 if not torch.isfinite(reduced):
                     raise TrainingDivergedError(
@@ -704,7 +714,8 @@ def _last_good(path: str | None) -> str:
             "diverges again).")
 
 
-def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, args, shift, use_mask, device):
+def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, args, shift, use_mask, device,
+                  guidance_value: float | None = None):
     with torch.no_grad():
         if "latent_params" in batch:
             params = batch["latent_params"].to(device)
@@ -727,6 +738,7 @@ def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, arg
         timestep=sigmas_to_timesteps(sigmas),
         encoder_attention_mask=text.mask if use_mask else None,
         return_dict=False,
+        **({} if guidance_value is None else {"guidance": torch.full((bsz,), guidance_value, device=device)}),
     )[0]
     return flow_matching_loss(pred, target, loss_weighting(args.weighting_scheme, sigmas))
 

@@ -103,16 +103,15 @@ class PromptEncoder:
         return self.encode(batch["caption"], drop)
 
     def pipeline_kwargs(self, prompts: list[str]) -> list[dict]:
-        """Precomputed pipeline arguments (prompt and "" negative) per prompt, for validation after `free()`."""
+        """Precomputed pipeline arguments (prompt and "" negative) per prompt, for validation after `free()`: the
+        conditioning of the pipeline's `encode_prompt` (one pass of each encoder over the prompt and "")."""
         out = []
         for prompt in prompts:
             with torch.no_grad():
-                embeds, neg, pooled, neg_pooled, mask, neg_mask = self.pipe.encode_prompt(
-                    prompt=[prompt], device=self.device, do_classifier_free_guidance=True, return_attention_mask=True,
-                    max_sequence_length=self.max_sequence_length)
-            out.append({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
-                        "negative_pooled_prompt_embeds": neg_pooled, "prompt_attention_mask": mask,
-                        "negative_prompt_attention_mask": neg_mask})
+                positive, negative = self._join(self._encode_each({name: [prompt, ""] for name in self.encoders})).split(1)
+            out.append({"prompt_embeds": positive.embeds, "negative_prompt_embeds": negative.embeds,
+                        "pooled_prompt_embeds": positive.pooled, "negative_pooled_prompt_embeds": negative.pooled,
+                        "prompt_attention_mask": positive.mask, "negative_prompt_attention_mask": negative.mask})
         return out
 
     # ---------------------------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ def grid_of_rows(rows: list[list[Image.Image]]) -> Image.Image:
 @torch.no_grad()
 def generate_rows(pipe, prompts: list[str], num_images: int, resolution: int, num_inference_steps: int,
                   guidance_scale: float, seed: int, device, prompt_embeddings: list[dict] | None = None,
-                  max_sequence_length: int | None = None) -> list[list[Image.Image]]:
+                  max_sequence_length: int | None = None, true_cfg_scale: float | None = None) -> list[list[Image.Image]]:
     """Images for each prompt. `prompt_embeddings` (one dict of pipeline keyword arguments per prompt:
     prompt_embeds, pooled_prompt_embeds, their negatives and masks) replaces the prompts when the text
-    encoders were freed after caching."""
+    encoders were freed after caching. `true_cfg_scale` (FLUX pipelines, whose `guidance_scale` is the distilled
+    guidance): classifier-free guidance against the empty prompt."""
     rows = []
     pipe.set_progress_bar_config(disable=True)
     for k, prompt in enumerate(prompts):
@@ -33,10 +34,14 @@ def generate_rows(pipe, prompts: list[str], num_images: int, resolution: int, nu
         kwargs = dict(height=resolution, width=resolution, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, generator=generator, num_images_per_prompt=num_images,
                       output_type="pil")
+        if true_cfg_scale is not None:
+            kwargs["true_cfg_scale"] = true_cfg_scale
         if prompt_embeddings is not None:
             kwargs.update({name: value.to(device) for name, value in prompt_embeddings[k].items()})
         else:
             kwargs["prompt"] = prompt
+            if true_cfg_scale is not None:
+                kwargs["negative_prompt"] = ""
             if max_sequence_length is not None:
                 kwargs["max_sequence_length"] = max_sequence_length
         rows.append(list(pipe(**kwargs).images))

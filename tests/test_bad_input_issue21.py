@@ -10,12 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_pipeline import T5_TOKENS, save_tiny_sd3_pipeline, tiny_mmdit_pipeline, tiny_sd3_transformer, write_dataset
+from tiny_pipeline import tiny_mmdit_pipeline, tiny_sd3_transformer, write_dataset
 
 from mmdit_diffusers import MMDiTPipeline, MMDiTTransformer2DModel
 from mmdit_diffusers.cli import main as cli

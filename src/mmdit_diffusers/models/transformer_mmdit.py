@@ -46,15 +46,8 @@ from .embeddings import (
 from .presets import PRESETS, RECOMMENDED
 from .rope import RotaryPositionEmbedding, image_ids, text_ids
 from .single_stream import SingleStreamBlock
-from .validation import (
-    check_config,
-    check_flux_inputs,
-    check_inputs,
-    check_loading_info,
-    check_local_source,
-    check_sd3_source,
-    pretrained_problem,
-)
+from .loading_checks import check_loading_info, check_local_source, check_sd3_source, pretrained_problem
+from .validation import check_config, check_flux_inputs, check_inputs
 
 
 class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin):
@@ -247,15 +240,14 @@ class MMDiTTransformer2DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixi
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' `from_pretrained`; a failure or a partial load is explained (`validation.pretrained_problem`,
-        `validation.check_loading_info`): an SD3 folder points to `from_sd3`, a damaged file or weights of another
-        depth are named."""
+        """diffusers' `from_pretrained`; a failure or a partial load is explained (`loading_checks`): an SD3 folder
+        points to `from_sd3`, a damaged file or weights of another depth are named."""
         want_info = kwargs.pop("output_loading_info", False)
         check_local_source(pretrained_model_name_or_path, "from_pretrained")
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError, TypeError) as error:
-            problem = pretrained_problem(cls, pretrained_model_name_or_path, kwargs, error)
+            problem = pretrained_problem(cls, pretrained_model_name_or_path, kwargs)
             if problem is None:
                 raise
             raise InputError(problem) from error

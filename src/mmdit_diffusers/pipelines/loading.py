@@ -7,14 +7,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 
 from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
 from ..errors import InputError
-from ..files import safetensors_problem
+from ..files import is_missing_local_path, safetensors_problem
 
 logger = logging.get_logger(__name__)
 
@@ -27,7 +26,6 @@ FLUX_PIPELINE_CLASSES = ("FluxPipeline", "MMDiTFluxPipeline")  # diffusers' and 
 # pipelines whose folders have MMDiTPipeline's components (a missing one is a broken folder, not another kind)
 SD3_LAYOUT_PIPELINES = ("MMDiTPipeline", "StableDiffusion3Pipeline")
 UNUSED_SD3_COMPONENTS = ("image_encoder", "feature_extractor")  # SD3.5's and FLUX.1's IP-Adapter parts
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # what a Hub repo id looks like ("org/name")
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 SHIM_SOURCE = '''"""Lets diffusers' generic loader build this folder's pipeline:
@@ -165,8 +163,7 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
     """Name the component when a local pipeline folder lacks one (diffusers' own errors name a file or list every
     component), the folder's pipeline class when it is another kind of pipeline, and the file when a component's
     safetensors weights are damaged (from their headers). Hub repos are left to diffusers."""
-    if not os.path.exists(folder) and (REPO_ID.fullmatch(os.fspath(folder)) is None or
-                                       os.fspath(folder).startswith((".", "/"))):
+    if is_missing_local_path(folder):
         raise InputError(f"Cannot load the pipeline from {folder}: no such folder (and not a Hub repo id such as "
                          "'stabilityai/stable-diffusion-3.5-medium').")
     if not os.path.isdir(folder):

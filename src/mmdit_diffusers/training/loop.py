@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..files import write_text_atomically
+from ..files import is_missing_local_path, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
 from . import checkpointing, data
 from .flow_matching import (
@@ -126,8 +125,7 @@ def _pipeline_cls():
 def load_pipeline(args):
     """The starting pipeline (its transformer is skipped when --model_config builds a new one)."""
     path = args.pretrained_model_name_or_path
-    looks_like_repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
-    if not os.path.exists(path) and not looks_like_repo_id:
+    if is_missing_local_path(path):
         raise InputError(f"--pretrained_model_name_or_path {path!r}: no such folder (nor a Hub repo id).")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise InputError(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder (no model_index.json).")

@@ -35,5 +35,5 @@ mkdir -p "$out"
 [ -f "$out/transformer/model_index.json" ] || .venv/bin/accelerate launch --multi_gpu --num_processes 2 \
     --num_machines 1 --mixed_precision no --dynamo_backend no \
     -m mmdit_diffusers.train --config configs/train_shapes.yaml --resume_from_checkpoint latest
-$cli export "$out/transformer" pipelines/mmdit-shapes
-$cli evaluate --json "$out/scores.json" --grid "$out/evaluate-grid.png"
+$cli export "$out/transformer" pipelines/mmdit-shapes --overwrite
+$cli evaluate --json "$out/scores.json" --grid "$out/evaluate-grid.png" --overwrite

@@ -150,7 +150,7 @@ def test_bad_model_config(capsys, base_dir, tmp_path, data_dir):
         (["--weighting_scheme", "lognormal"], "argument --weighting_scheme: invalid choice: 'lognormal'"),
         (["--caption_dropout_prob", "1.5"], "must be a probability"),
         (["--resolution_shift", "-2"], "positive number or 'scheduler'"),
-        (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+        (["--learning_rate", "-1"], "argument --learning_rate: must be a positive number, got -1"),
         (["--model_config", "tiny", "--rank", "4"], "cannot be combined with LoRA"),
         (["--dataset_name", "x"], "exactly one of --train_data_dir"),
     ],

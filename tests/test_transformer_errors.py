@@ -93,7 +93,7 @@ def test_non_positive_optional_sizes(name):
 
 
 def test_non_positive_mlp_ratio():
-    with pytest.raises(ValueError, match=r"`mlp_ratio` must be positive"):
+    with pytest.raises(ValueError, match=r"`mlp_ratio` must be a positive number"):
         build(mlp_ratio=0)
 
 
@@ -130,7 +130,7 @@ def test_latents_with_the_wrong_channel_count(model):
 
 @pytest.mark.parametrize("hw, name, size", [((7, 8), "height", 7), ((8, 5), "width", 5)])
 def test_latent_side_not_a_multiple_of_patch_size(model, hw, name, size):
-    with pytest.raises(ValueError, match=rf"`hidden_states` {name} {size} is not a multiple of patch_size=2"):
+    with pytest.raises(ValueError, match=rf"`hidden_states` {name} {size} is not a positive multiple of patch_size=2"):
         forward(model, hidden_states=torch.randn(2, 4, *hw))
 
 

@@ -6,8 +6,9 @@ complete file (or folder) or the new one, never a mix. Temporary names start wit
 `atomic_file(path, overwrite=False)` publishes with a hard link instead, which fails rather than replace a file
 that appeared meanwhile.
 
-`output_problem(path, overwrite)` and `folder_problem(path)` say, before any work, why a file or folder could not
-be written (it exists, a file stands where a folder should, the place is read-only), or None; the callers turn
+`is_missing_local_path(path)` tells a mistyped local path from a Hub repo id. `safetensors_problem(path)` says
+why a weights file is damaged, from its header. `output_problem(path, overwrite)` and `folder_problem(path)` say,
+before any work, why a file or folder could not be written (it exists, a file stands where a folder should, the place is read-only), or None; the callers turn
 the answer into an `InputError` naming their option. `free_path(path)` is `path`, or `name-2.png`, `name-3.png`,
 ... when that exists.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -147,7 +149,7 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
     except OSError as error:
-        return f"cannot write in {existing} ({error.strerror or error})"
+        return f"{existing} is not writable ({error.strerror or error})"
     os.close(fd)
     os.unlink(probe)
     return None
@@ -162,6 +164,16 @@ def output_problem(path: str | os.PathLike, overwrite: bool = False) -> str | No
     if path.exists() and not overwrite:
         return "exists; pass --overwrite to replace it, or choose another name"
     return folder_problem(path.parent)
+
+
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def is_missing_local_path(path: str | os.PathLike) -> bool:
+    """Whether `path` names nothing on disk and cannot be a Hub repo id ("org/name"): a local path given wrong, which
+    loaders should refuse rather than send to the Hub."""
+    text = os.fspath(path)
+    return not os.path.exists(text) and (_REPO_ID.fullmatch(text) is None or text.startswith((".", "/")))
 
 
 def free_path(path: str | os.PathLike) -> Path:
@@ -204,3 +216,10 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     if size < expected:
         return f"is truncated: its header describes {expected:,} bytes, the file has {size:,}"
     return None
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the header of a complete safetensors file (see `safetensors_problem`)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")).decode("utf-8"))
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in table:
-        print(f"mmdit-diffusers: unknown command {name!r}; expected one of {', '.join(table)}.", file=sys.stderr)
+        print(f"error: unknown command {name!r}; expected one of {', '.join(table)}.", file=sys.stderr)
         print(usage(table), file=sys.stderr)
         return EXIT_BAD_INPUT
     return run_command(name, rest)

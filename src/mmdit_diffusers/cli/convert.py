@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..files import atomic_directory
+from ..files import atomic_directory, folder_problem
 
 HELP = "convert an SD3/SD3.5 transformer folder to MMDiT and back"
 PROG = "mmdit-diffusers convert"
@@ -123,12 +123,13 @@ def check_destination(dst: Path, overwrite: bool, protected: tuple[Path, ...]) -
     resolved = dst.resolve()
     if any(resolved == p.resolve() or p.resolve().is_relative_to(resolved) for p in protected):
         raise InputError(f"DST {dst} would replace the source; choose another folder.")
-    if not dst.exists():
-        return
-    if not dst.is_dir():
+    if dst.exists() and not dst.is_dir():
         raise InputError(f"DST {dst} exists and is not a folder.")
-    if any(dst.iterdir()) and not overwrite:
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise InputError(f"DST {dst} exists and is not empty; pass --overwrite to replace it.")
+    problem = folder_problem(dst.parent)
+    if problem:
+        raise InputError(f"DST {dst}: {problem}.")
 
 
 def write_atomically(model, dst: Path) -> None:

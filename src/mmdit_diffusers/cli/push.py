@@ -12,6 +12,7 @@ The token is never printed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import InputError
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     }
     card_data = {key: value for key, value in card_data.items() if value}
     samples = [(prompt, image) for image, prompt in (args.sample or [])]
+    for _, image in samples:  # before any network traffic
+        if not os.path.isfile(image):
+            raise InputError(f"--sample {image}: no such image file")
     try:
         commit = push_folder(
             args.path,

@@ -176,6 +176,9 @@ def push_to_hub(
 
     `variant` is passed to `save_pretrained`; `subfolder` is the repo folder to upload into (`path_in_repo`). The
     Hub repo the object was loaded from becomes the card's `base_model` unless `card_data` names one."""
+    if not callable(getattr(model_or_pipeline, "save_pretrained", None)):
+        raise TypeError(f"`model_or_pipeline` must be an MMDiTPipeline or MMDiTTransformer2DModel (anything with "
+                        f"save_pretrained); got {type(model_or_pipeline).__name__}.")
     card_data = dict(card_data or {})
     base = _base_model(model_or_pipeline, repo_id)
     if base and "base_model" not in card_data:

@@ -32,7 +32,7 @@ from ..conversion.flux import (
 from ..conversion.legacy import is_legacy_layout, legacy_state_dict_to_current
 from ..conversion.sd3 import mmdit_config_to_sd3, mmdit_state_dict_to_sd3, sd3_config_to_mmdit, sd3_state_dict_to_mmdit
 from ..errors import InputError
-from .attention import QK_NORMS, MMDiTAttnProcessor
+from .attention import MMDiTAttnProcessor
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
 from .embeddings import (
     TIMESTEP_CHANNELS,
@@ -45,12 +45,12 @@ from .embeddings import (
     unpatchify,
 )
 from .ip_adapter import MMDiTIPAdapterLoadersMixin
+from .loading_checks import check_loading_info, check_local_source, check_sd3_source, pretrained_problem
 from .presets import PRESETS, RECOMMENDED
 from .rope import RotaryPositionEmbedding, image_ids, text_ids
 from .single_file import MMDiTSingleFileMixin
 from .single_stream import SingleStreamBlock
-
-POS_EMBED_TYPES = ("sincos", "rope")
+from .validation import check_config, check_flux_inputs, check_inputs
 
 
 class MMDiTTransformer2DModel(
@@ -164,7 +164,7 @@ class MMDiTTransformer2DModel(
         guidance_embeds: bool = False,
     ):
         super().__init__()
-        _check_config(locals())
+        check_config(locals())
         self.in_channels = in_channels or img_dim // patch_size**2
         self.out_channels = out_channels or self.in_channels
         self.img_grid = token_grid(img_tokens)
@@ -233,14 +233,11 @@ class MMDiTTransformer2DModel(
         `from_pretrained_kwargs`), as an MMDiT with the same weights and dtype (`mmdit_diffusers.conversion.sd3`)."""
         from diffusers import SD3Transformer2DModel
 
-        if isinstance(model_or_path, (str, os.PathLike)):
-            sd3 = SD3Transformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
-        elif isinstance(model_or_path, SD3Transformer2DModel):
+        check_sd3_source(model_or_path, from_pretrained_kwargs)
+        if isinstance(model_or_path, SD3Transformer2DModel):
             sd3 = model_or_path
         else:
-            raise TypeError(
-                f"`model_or_path` must be an SD3Transformer2DModel or a folder path; got {type(model_or_path).__name__}."
-            )
+            sd3 = SD3Transformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
         model = cls(**sd3_config_to_mmdit(sd3.config))
         _load_converted(model, sd3_state_dict_to_mmdit(sd3.state_dict(), model.config), "SD3")
         return _same_dtype(model, sd3)
@@ -257,6 +254,22 @@ class MMDiTTransformer2DModel(
         return _same_dtype(sd3, self)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`; a failure or a partial load is explained (`loading_checks`): an SD3 folder
+        points to `from_sd3`, a damaged file or weights of another depth are named."""
+        want_info = kwargs.pop("output_loading_info", False)
+        check_local_source(pretrained_model_name_or_path, "from_pretrained")
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, RuntimeError, TypeError) as error:
+            problem = pretrained_problem(cls, pretrained_model_name_or_path, kwargs)
+            if problem is None:
+                raise
+            raise InputError(problem) from error
+        check_loading_info(cls, pretrained_model_name_or_path, kwargs, info)
+        return (model, info) if want_info else model
+
+    @classmethod
     def from_flux(cls, model_or_path, **from_pretrained_kwargs) -> "MMDiTTransformer2DModel":
         """A diffusers `FluxTransformer2DModel` (FLUX.1 [dev], [schnell], ...), or a diffusers-format folder / repo id
         holding one (read with `from_pretrained_kwargs`, e.g. `subfolder="transformer"`), as an MMDiT with the same
@@ -266,6 +279,7 @@ class MMDiTTransformer2DModel(
         from diffusers import FluxTransformer2DModel
 
         if isinstance(model_or_path, (str, os.PathLike)):
+            check_local_source(model_or_path, "from_flux")
             flux = FluxTransformer2DModel.from_pretrained(model_or_path, **from_pretrained_kwargs)
         elif isinstance(model_or_path, FluxTransformer2DModel):
             flux = model_or_path
@@ -345,12 +359,12 @@ class MMDiTTransformer2DModel(
         Returns:
             `Transformer2DModelOutput(sample=...)` shaped like `hidden_states` (with `out_channels`), or a tuple.
         """
-        latent_input = hidden_states.ndim == 4
-        timestep, txt_mask = self._check_inputs(
-            hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask, img_ids
+        hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_mask = check_inputs(
+            self, hidden_states, encoder_hidden_states, pooled_projections, timestep, encoder_attention_mask, img_ids
         )
-        img_ids, txt_ids, guidance = self._check_flux_inputs(hidden_states, encoder_hidden_states, img_ids, txt_ids,
-                                                             guidance)
+        img_ids, txt_ids, guidance = check_flux_inputs(self, hidden_states, encoder_hidden_states, img_ids, txt_ids,
+                                                       guidance)
+        latent_input = hidden_states.ndim == 4
         skip = self._check_block_options(block_controlnet_hidden_states, skip_layers)
         attention_kwargs = dict(joint_attention_kwargs or {})
         lora_scale = attention_kwargs.pop("scale", 1.0)
@@ -419,128 +433,6 @@ class MMDiTTransformer2DModel(
             raise InputError(f"`skip_layers` {bad} are not block indices; expected integers in 0..{depth - 1}.")
         return frozenset(skip_layers)
 
-    def _check_inputs(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, mask, img_ids=None):
-        """Shape checks with messages that name the argument; returns (timestep [B], bool mask or None)."""
-        cfg = self.config
-        if hidden_states.ndim == 4:
-            _, c, h, w = hidden_states.shape
-            if c != self.in_channels:
-                raise ValueError(f"`hidden_states` has {c} channels; expected in_channels={self.in_channels} ([B, C, H, W]).")
-            p = cfg.patch_size
-            limit = None if self.pos_grid_size is None else self.pos_grid_size * p
-            for name, size in (("height", h), ("width", w)):
-                if size % p:
-                    raise ValueError(f"`hidden_states` {name} {size} is not a multiple of patch_size={p}.")
-                if limit is not None and size > limit:
-                    raise ValueError(
-                        f"`hidden_states` {name} {size} exceeds the position grid: at most pos_embed_max_size * "
-                        f"patch_size = {limit}."
-                    )
-        elif hidden_states.ndim == 3 and img_ids is not None and cfg.pos_embed_type == "rope":
-            if hidden_states.shape[2] != cfg.img_dim:
-                raise InputError(
-                    f"`hidden_states` tokens have shape {tuple(hidden_states.shape)}; expected [B, N, img_dim={cfg.img_dim}]."
-                )
-        elif hidden_states.ndim == 3:
-            if tuple(hidden_states.shape[1:]) != (cfg.img_tokens, cfg.img_dim):
-                raise ValueError(
-                    f"`hidden_states` tokens have shape {tuple(hidden_states.shape)}; expected "
-                    f"[B, img_tokens={cfg.img_tokens}, img_dim={cfg.img_dim}]."
-                )
-        else:
-            raise ValueError(
-                f"`hidden_states` must be latents [B, C, H, W] or tokens [B, img_tokens, img_dim]; got shape "
-                f"{tuple(hidden_states.shape)}."
-            )
-        batch = hidden_states.shape[0]
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.txt_dim:
-            raise ValueError(
-                f"`encoder_hidden_states` has shape {tuple(encoder_hidden_states.shape)}; expected [B, L, txt_dim={cfg.txt_dim}]."
-            )
-        if encoder_hidden_states.shape[1] > cfg.txt_tokens:
-            raise ValueError(
-                f"`encoder_hidden_states` has {encoder_hidden_states.shape[1]} tokens; the model accepts at most "
-                f"txt_tokens={cfg.txt_tokens}."
-            )
-        cond_dim = cfg.cond_dim or cfg.hidden_size
-        if pooled_projections.ndim != 2 or pooled_projections.shape[-1] != cond_dim:
-            raise ValueError(
-                f"`pooled_projections` has shape {tuple(pooled_projections.shape)}; expected [B, cond_dim={cond_dim}]."
-            )
-        timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
-        if timestep.ndim != 1:
-            raise ValueError(f"`timestep` has shape {tuple(timestep.shape)}; expected [B] or a scalar.")
-        sizes = {
-            "hidden_states": batch,
-            "encoder_hidden_states": encoder_hidden_states.shape[0],
-            "pooled_projections": pooled_projections.shape[0],
-            "timestep": timestep.shape[0],
-        }
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"Batch sizes disagree: {sizes}.")
-        if mask is not None:
-            expected = tuple(encoder_hidden_states.shape[:2])
-            if tuple(mask.shape) != expected:
-                raise ValueError(
-                    f"`encoder_attention_mask` has shape {tuple(mask.shape)}; expected [B, L] = {list(expected)}."
-                )
-            mask = mask.to(device=hidden_states.device) > 0
-        return timestep, mask
-
-    def _check_flux_inputs(self, hidden_states, encoder_hidden_states, img_ids, txt_ids, guidance):
-        """The FLUX-style inputs against the config, with messages that name the argument; returns (img_ids,
-        txt_ids, guidance [B]) on the input's device (ids as float), None where not given."""
-        cfg = self.config
-        device = hidden_states.device
-        if cfg.pos_embed_type != "rope":
-            for name, value in (("img_ids", img_ids), ("txt_ids", txt_ids)):
-                if value is not None:
-                    raise InputError(
-                        f"`{name}` is read by models with pos_embed_type='rope' (rotary positions); this model has "
-                        f"pos_embed_type={cfg.pos_embed_type!r}. Leave it out."
-                    )
-        else:
-            axes = len(cfg.axes_dims_rope)
-            if hidden_states.ndim == 4:
-                p = cfg.patch_size
-                num_img = (hidden_states.shape[2] // p) * (hidden_states.shape[3] // p)
-            else:
-                num_img = hidden_states.shape[1]
-            expected = {"img_ids": (num_img, "image tokens"), "txt_ids": (encoder_hidden_states.shape[1], "text tokens")}
-            ids = {"img_ids": img_ids, "txt_ids": txt_ids}
-            for name, value in ids.items():
-                if value is None:
-                    continue
-                count, what = expected[name]
-                if not isinstance(value, torch.Tensor) or value.ndim != 2 or tuple(value.shape) != (count, axes):
-                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise InputError(
-                        f"`{name}` has shape {shape}; expected [{count}, {axes}]: one id of len(axes_dims_rope)={axes} "
-                        f"numbers for each of the {count} {what} (the same for every sample, as diffusers' FLUX)."
-                    )
-                ids[name] = value.to(device=device, dtype=torch.float32)
-            img_ids, txt_ids = ids["img_ids"], ids["txt_ids"]
-        if cfg.guidance_embeds:
-            if guidance is None:
-                raise InputError(
-                    "`guidance` is required: this model has a guidance embedding (guidance_embeds=True, as FLUX.1 "
-                    "[dev]); pass the guidance scale, e.g. guidance=torch.full([batch], 3.5)."
-                )
-            guidance = torch.as_tensor(guidance, device=device, dtype=torch.float32)
-            batch = hidden_states.shape[0]
-            if guidance.ndim == 0:
-                guidance = guidance.expand(batch)
-            if tuple(guidance.shape) != (batch,):
-                raise InputError(f"`guidance` has shape {tuple(guidance.shape)}; expected [B] = [{batch}] or a scalar.")
-        elif guidance is not None:
-            raise InputError(
-                "`guidance` was given, but this model has no guidance embedding (guidance_embeds=False, as FLUX.1 "
-                "[schnell]); leave it out."
-            )
-        return img_ids, txt_ids, guidance
-
 
 def _load_converted(model: nn.Module, state_dict: dict, source: str) -> None:
     expected = set(model.state_dict())
@@ -574,64 +466,3 @@ def _drop_shared_padding(txt: torch.Tensor, txt_mask: torch.Tensor | None, txt_i
         txt, txt_mask = txt[:, keep], txt_mask[:, keep]
         txt_ids = None if txt_ids is None else txt_ids[keep]
     return txt, (None if bool(txt_mask.all()) else txt_mask), txt_ids
-
-
-def _check_config(cfg: dict) -> None:
-    """Refuse impossible configurations with a message that names the option."""
-    for name in ("img_dim", "txt_dim", "img_tokens", "txt_tokens", "hidden_size", "depth", "num_heads", "patch_size"):
-        value = cfg[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-    single = cfg["num_single_layers"]
-    if not isinstance(single, int) or isinstance(single, bool) or single < 0:
-        raise ValueError(f"`num_single_layers` must be a non-negative integer; got {single!r}.")
-    for name in ("cond_dim", "in_channels", "out_channels", "sample_size", "pos_embed_max_size"):
-        value = cfg[name]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise ValueError(f"`{name}` must be a positive integer or None; got {value!r}.")
-    if not cfg["mlp_ratio"] > 0:
-        raise ValueError(f"`mlp_ratio` must be positive; got {cfg['mlp_ratio']!r}.")
-    if cfg["hidden_size"] % cfg["num_heads"]:
-        raise ValueError(f"`hidden_size`={cfg['hidden_size']} is not divisible by `num_heads`={cfg['num_heads']}.")
-    p2 = cfg["patch_size"] ** 2
-    if cfg["in_channels"] is None and cfg["img_dim"] % p2:
-        raise ValueError(f"`img_dim`={cfg['img_dim']} is not a multiple of patch_size**2={p2}.")
-    if cfg["in_channels"] is not None and cfg["img_dim"] != cfg["in_channels"] * p2:
-        raise ValueError(
-            f"`img_dim`={cfg['img_dim']} must equal in_channels * patch_size**2 = {cfg['in_channels']} * {p2}."
-        )
-    if cfg["qk_norm"] not in QK_NORMS:
-        raise ValueError(f"Unknown `qk_norm` {cfg['qk_norm']!r}; expected one of {QK_NORMS}.")
-    if cfg["pos_embed_type"] not in POS_EMBED_TYPES:
-        raise ValueError(f"Unknown `pos_embed_type` {cfg['pos_embed_type']!r}; expected one of {POS_EMBED_TYPES}.")
-    if cfg["pos_embed_type"] == "rope":
-        _check_rope_config(cfg)
-    if single and cfg["txt_pre_only_last_block"]:
-        raise ValueError(
-            f"`txt_pre_only_last_block`=True drops the text output of the last double-stream block, which the "
-            f"`num_single_layers`={single} single-stream blocks read; set txt_pre_only_last_block=False (as FLUX)."
-        )
-    bad = [i for i in cfg["dual_attention_layers"] if not 0 <= i < cfg["depth"]]
-    if bad:
-        raise ValueError(f"`dual_attention_layers` {bad} out of range for depth={cfg['depth']} (valid: 0..{cfg['depth'] - 1}).")
-    grid = token_grid(cfg["img_tokens"])
-    if cfg["pos_embed_max_size"] is not None and max(grid) > cfg["pos_embed_max_size"]:
-        raise ValueError(
-            f"`img_tokens`={cfg['img_tokens']} is read on a {grid[0]} x {grid[1]} grid, larger than "
-            f"`pos_embed_max_size`={cfg['pos_embed_max_size']}."
-        )
-
-
-def _check_rope_config(cfg: dict) -> None:
-    axes, head_dim = cfg["axes_dims_rope"], cfg["hidden_size"] // cfg["num_heads"]
-    valid = isinstance(axes, (tuple, list)) and len(axes) > 0 and all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 and d % 2 == 0 for d in axes
-    )
-    if not valid or sum(axes) != head_dim:
-        raise ValueError(
-            f"`axes_dims_rope`={axes!r} must be positive even numbers summing to the head dimension hidden_size // "
-            f"num_heads = {head_dim} (FLUX.1: (16, 56, 56) for 128)."
-        )
-    theta = cfg["rope_theta"]
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise ValueError(f"`rope_theta` must be a positive number; got {theta!r}.")

@@ -5,6 +5,7 @@ FLUX.1 folders."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
@@ -12,6 +13,7 @@ from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
 from ..errors import InputError
+from ..files import is_missing_local_path, safetensors_problem
 
 logger = logging.get_logger(__name__)
 
@@ -148,10 +150,30 @@ def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
     return [name for name in UNUSED_FLUX_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
 
 
+def _model_class(config_path: str) -> str | None:
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("_class_name") if isinstance(config, dict) else None
+
+
 def check_local_components(folder, expected: list[str], optional: list[str], passed: dict) -> None:
     """Name the component when a local pipeline folder lacks one (diffusers' own errors name a file or list every
-    component). Hub repos are left to diffusers."""
-    if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):
+    component), the folder's pipeline class when it is another kind of pipeline, and the file when a component's
+    safetensors weights are damaged (from their headers). Hub repos are left to diffusers."""
+    if is_missing_local_path(folder):
+        raise InputError(f"Cannot load the pipeline from {folder}: no such folder (and not a Hub repo id such as "
+                         "'stabilityai/stable-diffusion-3.5-medium').")
+    if not os.path.isdir(folder):
+        return
+    if not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):
+        model_class = _model_class(os.path.join(folder, "config.json"))
+        if model_class is not None:
+            raise InputError(f"Cannot load {folder} as a pipeline: it is a model folder ({model_class}, config.json; no "
+                             f"model_index.json). Load it with {model_class}.from_pretrained, or pass it to the pipeline "
+                             "as a component.")
         return
     config = DiffusionPipeline.load_config(folder)
     folder_class = config.get("_class_name")
@@ -173,8 +195,16 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
                 f"Cannot load the pipeline from {folder}: its model_index.json has no `{name}` component. Add it to "
                 f"the folder or pass `{name}=...` to `from_pretrained`."
             )
-        if isinstance(entry, (list, tuple)) and entry[0] is not None and not os.path.isdir(os.path.join(folder, name)):
+        if not (isinstance(entry, (list, tuple)) and entry[0] is not None):
+            continue
+        component_dir = os.path.join(folder, name)
+        if not os.path.isdir(component_dir):
             raise ValueError(
                 f"Cannot load the pipeline from {folder}: component `{name}` ({entry[1]}) is listed in model_index.json "
                 f"but its folder `{name}/` is missing. Restore it or pass `{name}=...` to `from_pretrained`."
             )
+        for file in sorted(f for f in os.listdir(component_dir) if f.endswith(".safetensors")):
+            problem = safetensors_problem(os.path.join(component_dir, file))
+            if problem:
+                raise InputError(f"Cannot load the pipeline from {folder}: component `{name}`'s weights file "
+                                 f"{name}/{file} {problem}.")

@@ -32,7 +32,7 @@ from transformers import (
 
 from ..errors import InputError
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
-from . import loading
+from . import call_checks, loading
 from .execution_device import execution_device
 from .ip_adapter import MMDiTIPAdapterMixin
 from .latents import denormalize_latents, vae_scale_factor
@@ -644,10 +644,20 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
     ) -> MMDiTPipelineOutput | tuple:
         """The generation of every MMDiT pipeline (arguments: `__call__`'s). `start` says where sampling starts: from
         noise (text-to-image), or from an image (`MMDiTImg2ImgPipeline`, `MMDiTInpaintPipeline`)."""
+        steps_given = num_inference_steps is not None
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         guidance_scale = self._call_default("guidance_scale", guidance_scale)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = call_checks.check_call(
+            self, prompts={"text_encoder": prompt, "text_encoder_2": prompt if prompt_2 is None else prompt_2,
+                           "text_encoder_3": prompt if prompt_3 is None else prompt_3},
+            height=height, width=width, num_inference_steps=num_inference_steps, steps_given=steps_given,
+            sigmas=sigmas, guidance_scale=guidance_scale, generator=generator,
+            negative_given=any((negative_prompt, negative_prompt_2, negative_prompt_3)) or negative_prompt_embeds is not None,
+            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
+            output_type=output_type, latents=latents, mu=mu, joint_attention_kwargs=joint_attention_kwargs,
+        )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(

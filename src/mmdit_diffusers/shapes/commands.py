@@ -111,6 +111,7 @@ def build_dataset_parser() -> argparse.ArgumentParser:
 def run_dataset(args: argparse.Namespace) -> int:
     if Path(args.output_dir).exists() and not args.overwrite:
         raise InputError(f"{args.output_dir} already exists; pass --overwrite to replace it")
+    _output_folder(args.output_dir, "OUTPUT_DIR", overwrite=True)
     from .dataset import write_dataset
 
     print(write_dataset(args.output_dir, args.num_images, seed=args.seed, overwrite=args.overwrite))

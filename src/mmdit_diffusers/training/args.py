@@ -25,6 +25,7 @@ from ..arguments import (
     seed,
 )
 from ..errors import InputError
+from ..files import folder_problem
 from .flow_matching import WEIGHTING_SCHEMES
 
 DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # both streams, SD3 names
@@ -249,7 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Consistency checks that need no files (those come in the loop, before any step)."""
+    """Consistency checks, and whether --output_dir can be written; the inputs (data, pipeline, checkpoints) are
+    checked in the loop, before any step."""
     if not args.pretrained_model_name_or_path:
         raise InputError(
             "--pretrained_model_name_or_path is required: an MMDiTPipeline folder or Hub id (its VAE and text "
@@ -271,9 +273,11 @@ def check_args(args: argparse.Namespace) -> None:
             f"--mode_scale {args.mode_scale}: the 'mode' density needs a scale in [{MODE_SCALE_MIN:g}, "
             f"{MODE_SCALE_MAX:.3f}] (outside it, sampled sigmas leave [0, 1])."
         )
-    for option in ("output_dir", "logging_dir"):
-        if not str(getattr(args, option)).strip():
-            raise InputError(f"--{option} is empty; give a folder name.")
+    output_dir = os.path.abspath(args.output_dir)
+    for option, folder in (("--output_dir", output_dir), ("--logging_dir", os.path.join(output_dir, args.logging_dir))):
+        problem = folder_problem(folder)
+        if problem:
+            raise InputError(f"{option} {folder}: {problem}.")
     if args.push_to_hub and args.hub_model_id is None:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     if args.report_to == "none":

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..files import folder_problem, write_text_atomically
+from ..files import is_missing_local_path, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
 from . import checkpointing, data
 from .flow_matching import (
@@ -126,8 +125,7 @@ def _pipeline_cls():
 def load_pipeline(args):
     """The starting pipeline (its transformer is skipped when --model_config builds a new one)."""
     path = args.pretrained_model_name_or_path
-    looks_like_repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
-    if not os.path.exists(path) and not looks_like_repo_id:
+    if is_missing_local_path(path):
         raise InputError(f"--pretrained_model_name_or_path {path!r}: no such folder (nor a Hub repo id).")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise InputError(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder (no model_index.json).")
@@ -332,10 +330,6 @@ def train(args: Namespace) -> TrainResult:
     output_dir = os.path.abspath(args.output_dir)
 
     # 1. cheap checks --------------------------------------------------------------------------------------
-    for option, folder in (("--output_dir", output_dir), ("--logging_dir", os.path.join(output_dir, args.logging_dir))):
-        problem = folder_problem(folder)
-        if problem:
-            raise InputError(f"{option} {folder}: {problem}.")
     resume_path = checkpointing.resolve_resume(args.resume_from_checkpoint, output_dir)
     resume_state = checkpointing.read_state(resume_path) if resume_path else None
     if resume_state:
@@ -506,9 +500,11 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         except Exception as e:
             damage = checkpointing.damaged_files(resume_path)
             if damage:
+                others = [os.path.basename(p) for _, p in checkpointing.list_checkpoints(output_dir)
+                          if os.path.abspath(p) != os.path.abspath(resume_path)]
                 raise InputError(
-                    f"checkpoint {resume_path} is damaged: {'; '.join(damage)}. Resume from an earlier checkpoint "
-                    f"({', '.join(os.path.basename(p) for _, p in checkpointing.list_checkpoints(output_dir)) or 'none'})."
+                    f"checkpoint {resume_path} is damaged: {'; '.join(damage)}. Resume from another checkpoint "
+                    f"({', '.join(others) or f'none in {output_dir}'}) or start again."
                 ) from None
             raise InputError(
                 f"checkpoint {resume_path} does not match this run ({type(e).__name__}: {e}); resume with the same "

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from lora_fixtures import CLIP_TARGETS, peft_lora
 from mmdit_diffusers import InputError, MMDiTPipeline
 from sd3_original_layout import peft_lora_to_kohya, tiny_sd3_single_file_pipeline
 from tiny_pipeline import _seeded, tiny_mmdit_pipeline
-
-CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # what kohya trains in a CLIP
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +84,13 @@ def test_diffusers_lora_file_with_text_encoder_keys_equals_sd3_on_the_same_file(
     sd3, ours = _pipelines(sd3_folder)
     base = _images(ours)
     layers, metadata = {}, {}
-    with _seeded(1):
-        # SD3's `ff_context` names the file as SD3's (its `proj_out` rows are in SD3's order; see
-        # `convert_lora_state_dict` for a file with none of SD3's own module names)
-        transformer_targets = ["to_q", "to_k", "to_v", "add_k_proj", "to_add_out", "ff_context.net.2", "proj_out"]
-        for name, targets in (("transformer", transformer_targets),
-                              ("text_encoder", CLIP_TARGETS), ("text_encoder_2", ["q_proj", "fc2"])):
-            config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-            inject_adapter_in_model(config, getattr(sd3, name))  # (transformers' add_adapter wants a newer peft)
-            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(getattr(sd3, name))
-            metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    # SD3's `ff_context` names the file as SD3's (its `proj_out` rows are in SD3's order; see
+    # `convert_lora_state_dict` for a file with none of SD3's own module names)
+    transformer_targets = ["to_q", "to_k", "to_v", "add_k_proj", "to_add_out", "ff_context.net.2", "proj_out"]
+    for seed, (name, targets) in enumerate((("transformer", transformer_targets),
+                                            ("text_encoder", CLIP_TARGETS), ("text_encoder_2", ["q_proj", "fc2"]))):
+        layers[f"{name}_lora_layers"], metadata[f"{name}_lora_adapter_metadata"] = peft_lora(
+            getattr(sd3, name), targets, seed=1 + seed)
     StableDiffusion3Pipeline.save_lora_weights(tmp_path, **layers, **metadata)  # diffusers' own writer
     sd3, _ = _pipelines(sd3_folder)
     sd3.load_lora_weights(tmp_path)

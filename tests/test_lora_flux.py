@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
-from peft import LoraConfig, get_peft_model_state_dict
 
+from lora_fixtures import FLUX_TARGETS, peft_lora
 from mmdit_diffusers import InputError, MMDiTTransformer2DModel
 from mmdit_diffusers.pipelines.lora import MMDiTLoraLoaderMixin, convert_lora_state_dict
 from tiny_pipeline import _seeded
@@ -77,15 +77,9 @@ def test_flux_lora_on_every_module_equals_flux():
 
 
 def test_flux_lora_file_written_by_diffusers_equals_flux_on_the_same_file(tmp_path):
-    donor = _flux(seed=3)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "ff_context.net.2", "proj_mlp",
-        "norm1.linear", "norm.linear", "guidance_embedder.linear_1", "norm_out.linear",
-    ])
-    with _seeded(4):
-        donor.add_adapter(config)
-    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(donor),
-                                   transformer_lora_adapter_metadata=config.to_dict())  # diffusers' own writer
+    layers, config = peft_lora(_flux(seed=3), FLUX_TARGETS, seed=4)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers,
+                                   transformer_lora_adapter_metadata=config)  # diffusers' own writer
     flux = _flux()
     ours = MMDiTTransformer2DModel.from_flux(flux)
     base, _ = _outputs(flux, ours)

@@ -10,7 +10,8 @@
                                               depth or size than config.json (`weights_mismatch`)
     check_loading_info(cls, path, kwargs, info)
                                               weights that loaded only in part are refused, unless the caller passed
-                                              `ignore_mismatched_sizes=True`
+                                              `ignore_mismatched_sizes=True`; an IP-Adapter saved with the
+                                              transformer is left out with a warning (`load_ip_adapter` loads it)
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import json
 import os
 import re
 
+from diffusers.utils import logging
+
 from ..errors import InputError
 from ..files import is_missing_local_path, safetensors_problem, safetensors_shapes
 
+logger = logging.get_logger(__name__)
+
 SD3_CLASS = "SD3Transformer2DModel"
+# what a loaded IP-Adapter adds to a transformer's state dict (diffusers' SD3 layout): the image projection and the
+# attention processors' own projections
+IP_ADAPTER_KEY = re.compile(r"^image_proj\.|\.processor\.")
 MMDIT_CLASS = "MMDiTTransformer2DModel"
 
 def _local_folder(path, kwargs: dict) -> str | None:
@@ -149,6 +157,11 @@ def check_loading_info(cls, path, kwargs: dict, info: dict) -> None:
     that with `ignore_mismatched_sizes=True`."""
     if kwargs.get("ignore_mismatched_sizes"):
         return
+    adapter_keys = [key for key in info.get("unexpected_keys") or [] if IP_ADAPTER_KEY.search(key)]
+    if adapter_keys:
+        logger.warning(f"{os.fspath(path)} holds an IP-Adapter's weights ({len(adapter_keys)} tensors, saved while one "
+                       "was loaded); the transformer is loaded without them: `load_ip_adapter` loads an adapter.")
+        info = {**info, "unexpected_keys": [key for key in info["unexpected_keys"] if key not in adapter_keys]}
     if not (info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys")):
         return
     folder = _local_folder(path, kwargs)

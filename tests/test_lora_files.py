@@ -33,9 +33,9 @@ def _pipelines(folder):
     return sd3, ours
 
 
-def _images(pipe) -> np.ndarray:
+def _images(pipe, **call) -> np.ndarray:
     return pipe("a red circle left of a blue square", num_inference_steps=2, height=16, width=16, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images
+                generator=torch.Generator().manual_seed(0), **call).images
 
 
 def _random_lora(pipe: StableDiffusion3Pipeline, transformer_modules=None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -99,6 +99,10 @@ def test_diffusers_lora_file_with_text_encoder_keys_equals_sd3_on_the_same_file(
     expected = _images(sd3)
     assert np.abs(expected - base).max() > 1e-2
     np.testing.assert_allclose(_images(ours), expected, atol=1e-4, rtol=0)
+    half = {"joint_attention_kwargs": {"scale": 0.5}}  # scales the CLIPs' LoRAs too, as SD3
+    expected_half = _images(sd3, **half)
+    assert np.abs(expected_half - expected).max() > 1e-3
+    np.testing.assert_allclose(_images(ours, **half), expected_half, atol=1e-4, rtol=0)
     ours.unload_lora_weights()  # text encoders included
     np.testing.assert_allclose(_images(ours), base, atol=1e-6, rtol=0)
 

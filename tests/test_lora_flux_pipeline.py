@@ -45,9 +45,9 @@ def _pipelines(folder):
     return flux, ours
 
 
-def _images(pipe) -> np.ndarray:
+def _images(pipe, **call) -> np.ndarray:
     return pipe(PROMPTS, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=T5_TOKENS, height=16,
-                width=16, output_type="np", generator=torch.Generator().manual_seed(0)).images
+                width=16, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
 
 
 def _pooled(pipe) -> torch.Tensor:
@@ -71,6 +71,10 @@ def test_flux_lora_file_with_clip_keys_equals_flux_pipeline_on_the_same_file(flu
     expected = _images(flux)
     assert np.abs(expected - base).max() > 1e-2
     np.testing.assert_allclose(_images(ours), expected, atol=1e-4, rtol=0)
+    half = {"joint_attention_kwargs": {"scale": 0.5}}  # scales the CLIP's LoRA too, as FluxPipeline
+    expected_half = _images(flux, **half)
+    assert np.abs(expected_half - expected).max() > 1e-3
+    np.testing.assert_allclose(_images(ours, **half), expected_half, atol=1e-4, rtol=0)
 
     ours.unload_lora_weights()  # the CLIP's LoRA too
     assert not hasattr(ours.text_encoder, "peft_config")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict, _load_lora_into_text_encoder
-from diffusers.utils import logging
+from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 
 from ..conversion.flux import flux_module_name_to_mmdit, flux_tensor_to_mmdit, is_flux_module_name
 from ..conversion.kohya_sd3_lora import is_kohya_lora, kohya_sd3_lora_to_peft
@@ -358,3 +359,19 @@ def convert_lora_state_dict(
 def _split_lora_key(key: str):
     match = _LORA_KEY.match(key)
     return (match["module"], match["part"], match["rest"]) if match else (key, None, "")
+
+
+@contextmanager
+def text_encoder_lora_scale(pipeline, scale: float | None):
+    """Scale the LoRAs of the first two text encoders by `scale` while encoding, as diffusers' SD3 and FLUX
+    pipelines do with `joint_attention_kwargs={"scale": s}` (SD3: both CLIPs; FLUX.1: CLIP and T5)."""
+    encoders = []
+    if USE_PEFT_BACKEND and scale is not None and scale != 1.0:
+        encoders = [e for e in (getattr(pipeline, n, None) for n in ("text_encoder", "text_encoder_2")) if e is not None]
+    for encoder in encoders:
+        scale_lora_layers(encoder, scale)
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            unscale_lora_layers(encoder, scale)

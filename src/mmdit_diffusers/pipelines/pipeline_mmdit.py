@@ -36,7 +36,7 @@ from . import call_checks, loading
 from .execution_device import execution_device
 from .ip_adapter import MMDiTIPAdapterMixin
 from .latents import denormalize_latents, vae_scale_factor
-from .lora import MMDiTLoraLoaderMixin
+from .lora import MMDiTLoraLoaderMixin, text_encoder_lora_scale
 from .single_file import MMDiTSingleFilePipelineMixin
 from .text_encoding import TextConditioning, encode_text, needs_second_clip, uses_text_mask
 
@@ -306,8 +306,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             negative_prompt_embeds, negative_pooled_prompt_embeds: Precomputed negative outputs.
             clip_skip: Take the CLIP states this many layers before the penultimate one.
             max_sequence_length: T5 tokens; `None` -> 256 or as many as the transformer's `txt_tokens` allows.
-            lora_scale: Accepted for SD3 compatibility; LoRA applies to the transformer only (scale it with
-                `joint_attention_kwargs={"scale": s}`).
+            lora_scale: Scales the text encoders' LoRAs while encoding (the CLIPs', as SD3); `__call__` passes
+                `joint_attention_kwargs["scale"]`.
             return_attention_mask: Also return the token masks.
             prompt_attention_mask, negative_prompt_attention_mask: Masks of precomputed embeddings (ones if absent).
 
@@ -318,8 +318,6 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         """
         device = device or self._execution_device
         max_sequence_length = self._resolve_max_sequence_length(max_sequence_length)
-        if lora_scale is not None and lora_scale != 1.0:
-            logger.debug("`lora_scale` has no text-encoder LoRA to scale here.")
 
         texts = []  # (prompts, prompts_2, prompts_3) of the positive and the negative side, where not given
         if prompt_embeds is None:
@@ -339,7 +337,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         encoded = []
         if texts:
             columns = ([text for side in texts for text in side[i]] for i in range(3))
-            encoded = self._encode_text(*columns, device, clip_skip, max_sequence_length).split(batch_size)
+            with text_encoder_lora_scale(self, lora_scale):
+                encoded = self._encode_text(*columns, device, clip_skip, max_sequence_length).split(batch_size)
 
         if prompt_embeds is None:
             positive = encoded.pop(0)
@@ -715,6 +714,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length,
             return_attention_mask=True,
+            lora_scale=(joint_attention_kwargs or {}).get("scale"),
         )
         batch_size = prompt_embeds.shape[0]  # prompts x num_images_per_prompt
         if self.do_classifier_free_guidance:

@@ -178,7 +178,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
             num_images_per_prompt: Each prompt's outputs are repeated this many times, in a row.
             prompt_embeds, pooled_prompt_embeds: Precomputed outputs, used instead of `prompt` (repeated per image).
             max_sequence_length: T5 tokens; `None` -> 512 or as many as the transformer's `txt_tokens` allows.
-            lora_scale: Accepted for FluxPipeline compatibility; LoRA applies to the transformer only.
+            lora_scale: Scales the text encoders' LoRAs while encoding (CLIP's and T5's, as FluxPipeline).
             prompt_attention_mask: Mask of precomputed embeddings [B, L] (ones if absent).
             return_attention_mask: Also return T5's token mask.
 
@@ -374,6 +374,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
             num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length,
             return_attention_mask=True,
+            lora_scale=(joint_attention_kwargs or {}).get("scale"),
         )
         batch_size = prompt_embeds.shape[0]  # prompts x num_images_per_prompt
         dtype = self.transformer.dtype  # FluxPipeline uses T5's dtype: the same unless they differ

@@ -147,3 +147,14 @@ def test_pickled_lora_is_refused(pipe, tmp_path):
         pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.bin")
     with pytest.raises(ValueError, match="Refusing to load a pickled LoRA"):
         pipe.load_lora_weights(os.fspath(tmp_path / "pytorch_lora_weights.bin"))
+
+
+def test_a_callback_that_returns_no_dict_is_named(pipe):
+    def callback(pipeline, step, timestep, tensors):
+        return tensors["latents"]  # a tensor, not {"latents": ...}
+
+    with pytest.raises(ValueError, match="callback_on_step_end` must return a dict .* returned a Tensor"):
+        pipe("a red circle", num_inference_steps=1, output_type="latent", callback_on_step_end=callback)
+    replaced = pipe("a red circle", num_inference_steps=1, output_type="latent",
+                    callback_on_step_end=lambda *args: None).images  # None: nothing replaced
+    assert replaced.shape[0] == 1

@@ -179,6 +179,16 @@ def check_clip_skip(pipe, clip_skip) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Precomputed text conditioning
 # ----------------------------------------------------------------------------------------------------------
+def callback_outputs(outputs) -> dict:
+    """What a `callback_on_step_end` returned: a dict of the tensors it replaces (None: nothing replaced)."""
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, dict):
+        raise InputError(f"`callback_on_step_end` must return a dict of the tensors it changes (or None); it returned "
+                         f"a {type(outputs).__name__}.")
+    return outputs
+
+
 def _rows(tensor) -> int:
     return tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.ndim else 1
 

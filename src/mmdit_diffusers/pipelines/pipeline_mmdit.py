@@ -773,7 +773,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
                         latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds
                     )
                     callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    outputs = call_checks.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                     pooled_prompt_embeds = outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)

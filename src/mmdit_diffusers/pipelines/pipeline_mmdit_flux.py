@@ -30,7 +30,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from ..errors import InputError
 from ..models.embeddings import unpatchify
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
-from . import loading
+from . import call_checks, loading
 from .latents import vae_scale_factor
 from .pipeline_mmdit import CLIP_TOKENS, MMDiTPipeline, MMDiTPipelineOutput
 from .text_encoding import FLUX_TEXT, TextConditioning, encode_text
@@ -430,7 +430,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
                 if callback_on_step_end is not None:
                     step_tensors = dict(latents=latents, prompt_embeds=prompt_embeds)
                     callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    outputs = call_checks.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = outputs.pop("latents", latents)
                     if "prompt_embeds" in outputs:
                         prompt_embeds = outputs.pop("prompt_embeds")

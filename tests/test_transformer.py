@@ -542,3 +542,27 @@ def test_lora_scale_zero_gives_the_base_output_and_is_not_sticky(model):
     assert max_diff(lora_out, base_out) > 1e-4
     assert max_diff(run(model, **kwargs, joint_attention_kwargs={"scale": 0.0}), base_out) <= 1e-6
     assert max_diff(run(model, **kwargs), lora_out) <= 1e-6
+
+
+def test_lora_scale_is_undone_when_a_block_raises(model):
+    """A LoRA-scaled call that fails inside a block (here the attention backend refuses the needed mask) leaves
+    the LoRA layers as they were: the next call's output equals a fresh model's."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from mmdit_diffusers.errors import InputError
+
+    model.add_adapter(lora_config(init_lora_weights=False), adapter_name="a")
+    kwargs = inputs(model)
+    lora_out = run(model, **kwargs)
+    half_out = run(model, **kwargs, joint_attention_kwargs={"scale": 0.5})
+    assert max_diff(half_out, lora_out) > 1e-4
+    model.set_attention_backend("_native_flash")  # PyTorch's flash kernel takes no mask (it runs on CPUs too)
+    try:
+        with pytest.raises(InputError, match="takes no attention mask"):
+            run(model, **kwargs, joint_attention_kwargs={"scale": 0.5},
+                encoder_attention_mask=padding_mask([3, TXT_LEN], TXT_LEN))
+    finally:
+        model.set_attention_backend("native")
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+    assert max_diff(run(model, **kwargs), lora_out) <= 1e-6
+    assert max_diff(run(model, **kwargs, joint_attention_kwargs={"scale": 0.5}), half_out) <= 1e-6

@@ -369,56 +369,59 @@ class MMDiTTransformer2DModel(
         attention_kwargs = dict(joint_attention_kwargs or {})
         lora_scale = attention_kwargs.pop("scale", 1.0)
         self._project_ip_adapter_image_embeds(attention_kwargs, timestep)
+        # scaled LoRA layers are unscaled however the blocks end (an InputError inside one included), as diffusers'
+        # `apply_lora_scale`, which reads only a keyword `joint_attention_kwargs`
         if USE_PEFT_BACKEND and lora_scale != 1.0:
             scale_lora_layers(self, lora_scale)
+        try:
+            p = self.config.patch_size
+            if latent_input:
+                height, width = hidden_states.shape[-2:]
+                rows, cols = height // p, width // p
+                img = patchify(hidden_states, p)
+            else:
+                (rows, cols), img = self.img_grid, hidden_states
+            rope = self.config.pos_embed_type == "rope"
+            img = self.x_embedder(img)
+            if rope:
+                img_ids = image_ids(rows, cols, img.device) if img_ids is None else img_ids
+                txt_ids = text_ids(encoder_hidden_states.shape[1], img.device) if txt_ids is None else txt_ids
+            else:
+                img = img + self.pos_embed(rows, cols).to(img.dtype)
+            txt = self.context_embedder(encoder_hidden_states)
+            vec = self.timestep_mlp(sinusoidal_timestep(timestep).to(pooled_projections.dtype))
+            if self.guidance_mlp is not None:
+                vec = vec + self.guidance_mlp(sinusoidal_guidance(guidance).to(pooled_projections.dtype))
+            vec = vec + self.pooled_text_mlp(pooled_projections)
+            txt, txt_mask, txt_ids = _drop_shared_padding(txt, txt_mask, txt_ids)
+            rotary = self.pos_embed(txt_ids, img_ids) if rope else None
 
-        p = self.config.patch_size
-        if latent_input:
-            height, width = hidden_states.shape[-2:]
-            rows, cols = height // p, width // p
-            img = patchify(hidden_states, p)
-        else:
-            (rows, cols), img = self.img_grid, hidden_states
-        rope = self.config.pos_embed_type == "rope"
-        img = self.x_embedder(img)
-        if rope:
-            img_ids = image_ids(rows, cols, img.device) if img_ids is None else img_ids
-            txt_ids = text_ids(encoder_hidden_states.shape[1], img.device) if txt_ids is None else txt_ids
-        else:
-            img = img + self.pos_embed(rows, cols).to(img.dtype)
-        txt = self.context_embedder(encoder_hidden_states)
-        vec = self.timestep_mlp(sinusoidal_timestep(timestep).to(pooled_projections.dtype))
-        if self.guidance_mlp is not None:
-            vec = vec + self.guidance_mlp(sinusoidal_guidance(guidance).to(pooled_projections.dtype))
-        vec = vec + self.pooled_text_mlp(pooled_projections)
-        txt, txt_mask, txt_ids = _drop_shared_padding(txt, txt_mask, txt_ids)
-        rotary = self.pos_embed(txt_ids, img_ids) if rope else None
-
-        # each block's arguments after (img, txt), in `MMDiTBlock.forward`'s (and `SingleStreamBlock.forward`'s)
-        # order; with sin-cos positions no rotary embedding (the positions were added to the image tokens above)
-        block_args = (vec, txt_mask, rotary, attention_kwargs or None)
-        for index, block in enumerate(self.transformer_blocks):
-            if index not in skip:
+            # each block's arguments after (img, txt), in `MMDiTBlock.forward`'s (and `SingleStreamBlock.forward`'s)
+            # order; with sin-cos positions no rotary embedding (the positions were added to the image tokens above)
+            block_args = (vec, txt_mask, rotary, attention_kwargs or None)
+            for index, block in enumerate(self.transformer_blocks):
+                if index not in skip:
+                    if torch.is_grad_enabled() and self.gradient_checkpointing:
+                        img, txt = self._gradient_checkpointing_func(block, img, txt, *block_args)
+                    else:
+                        img, txt = block(img, txt, *block_args)
+                if block_controlnet_hidden_states is not None and not block.context_pre_only:
+                    interval = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
+                    img = img + block_controlnet_hidden_states[int(index / interval)]
+            for block in self.single_transformer_blocks:
                 if torch.is_grad_enabled() and self.gradient_checkpointing:
                     img, txt = self._gradient_checkpointing_func(block, img, txt, *block_args)
                 else:
                     img, txt = block(img, txt, *block_args)
-            if block_controlnet_hidden_states is not None and not block.context_pre_only:
-                interval = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
-                img = img + block_controlnet_hidden_states[int(index / interval)]
-        for block in self.single_transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                img, txt = self._gradient_checkpointing_func(block, img, txt, *block_args)
-            else:
-                img, txt = block(img, txt, *block_args)
 
-        final = self.norm_out(vec)["final"]
-        out = self.proj_out(final.modulate(layer_norm(img)))
-        if latent_input:
-            out = unpatchify(out, p, height, width)
+            final = self.norm_out(vec)["final"]
+            out = self.proj_out(final.modulate(layer_norm(img)))
+            if latent_input:
+                out = unpatchify(out, p, height, width)
 
-        if USE_PEFT_BACKEND and lora_scale != 1.0:
-            unscale_lora_layers(self, lora_scale)
+        finally:
+            if USE_PEFT_BACKEND and lora_scale != 1.0:
+                unscale_lora_layers(self, lora_scale)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def _check_block_options(self, block_controlnet_hidden_states, skip_layers) -> frozenset[int]:

@@ -247,10 +247,15 @@ def run_fresh(code: str) -> dict:
 
 DIFFUSERS_STATE = """
 import copy, json, sys
+from diffusers.hooks._helpers import AttentionProcessorRegistry, TransformerBlockRegistry
 from diffusers.pipelines import pipeline_loading_utils as loading_utils
 def diffusers_state():
-    return copy.deepcopy({"LOADABLE_CLASSES": loading_utils.LOADABLE_CLASSES,
-                          "ALL_IMPORTABLE_CLASSES": loading_utils.ALL_IMPORTABLE_CLASSES})
+    # the hook registries are keyed by classes: their names stand for them
+    hooks = {f"{table.__name__}._registry": {f"{k.__module__}.{k.__qualname__}": repr(v)
+                                             for k, v in table._registry.items()}
+             for table in (TransformerBlockRegistry, AttentionProcessorRegistry)}
+    return {**copy.deepcopy({"LOADABLE_CLASSES": loading_utils.LOADABLE_CLASSES,
+                             "ALL_IMPORTABLE_CLASSES": loading_utils.ALL_IMPORTABLE_CLASSES}), **hooks}
 def changes(before, after):
     out = []
     for table in before:
@@ -292,7 +297,7 @@ def test_importing_models_imports_no_upper_layer_nor_the_recipe():
 
 def test_importing_models_changes_nothing_in_diffusers():
     changes = import_models_fresh()["changes"]
-    assert not changes, report(changes, "changes to diffusers' loading tables by `import mmdit_diffusers.models`")
+    assert not changes, report(changes, "changes to diffusers' tables by `import mmdit_diffusers.models`")
 
 
 def test_importing_every_module_changes_nothing_in_diffusers():

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models.attention import MMDiTAttention, MMDiTAttnProcessor, register_processor_for_hooks
+from .models.attention import MMDiTAttention, MMDiTAttnProcessor
+from .models.hooks import register_processor_for_hooks
 from .models.single_stream import SingleStreamAttention
 
 
@@ -46,6 +47,7 @@ def use_fp32_kernels_for_bf16(model: nn.Module) -> nn.Module:
     """Run `model`'s `nn.Linear` layers and MMDiT attentions on the float32 kernels for bfloat16 CPU tensors (see
     the module docstring). In place; returns `model`. Parameters, state dict and other dtypes and devices are
     unchanged. Layers added later (e.g. LoRA adapters) keep PyTorch's kernels unless this is applied again."""
+    register_processor_for_hooks(BF16ViaFP32AttnProcessor)  # diffusers' LayerSkip then skips its attention too
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = BF16ViaFP32Linear
@@ -107,6 +109,3 @@ class BF16ViaFP32AttnProcessor(MMDiTAttnProcessor):
         with torch.autocast("cpu", enabled=False):
             out = super().attend(query.float(), key.float(), value.float(), attn_mask)
         return out.to(torch.bfloat16)
-
-
-register_processor_for_hooks(BF16ViaFP32AttnProcessor)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
@@ -245,12 +244,3 @@ def skip_attention_output(attn, hidden_states, encoder_hidden_states=None, *args
     """What a skipped attention returns (diffusers' LayerSkip with `skip_attention`): its inputs, shaped as the
     processor's output."""
     return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
-
-
-def register_processor_for_hooks(processor_class: type) -> None:
-    """Make `processor_class` known to diffusers' hooks (AttentionProcessorRegistry), without importing every model
-    diffusers registers itself (as `blocks` does for the block)."""
-    AttentionProcessorRegistry._registry[processor_class] = AttentionProcessorMetadata(skip_attention_output)
-
-
-register_processor_for_hooks(MMDiTAttnProcessor)

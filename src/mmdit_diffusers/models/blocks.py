@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.attention import FeedForward as DiffusersFeedForward
 
 from .attention import MMDiTAttention
@@ -154,11 +153,3 @@ class MMDiTBlock(nn.Module):
             return hidden_states, encoder_hidden_states
         encoder_hidden_states = encoder_hidden_states + txt_mod.attn.gate * txt_attn
         return hidden_states, self.txt.feed_forward(encoder_hidden_states, txt_mod.mlp)
-
-
-# diffusers' cache hooks (First Block Cache, LayerSkip, ...) read a block's inputs and outputs through this registry.
-# Written into the table directly: `TransformerBlockRegistry.register` would first import every model diffusers
-# registers itself (~1 s); the table keeps this entry when diffusers fills in its own on first use.
-_METADATA = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1)
-_METADATA._cls = MMDiTBlock
-TransformerBlockRegistry._registry[MMDiTBlock] = _METADATA

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.attention import AttentionModuleMixin
 
 from .attention import MMDiTAttention, MMDiTAttnProcessor, _join_unfused_state, _split_fused_state, make_qk_norm
@@ -106,10 +105,3 @@ class SingleStreamBlock(nn.Module):
         if x.dtype == torch.float16:  # as diffusers' FLUX: keep float16 activations finite
             x = x.clip(-65504, 65504)
         return x[:, num_txt:], x[:, :num_txt]
-
-
-# diffusers' cache hooks (First Block Cache, LayerSkip, ...) read a block's outputs through this registry, as for
-# `MMDiTBlock` (see `blocks`): image first, then text (diffusers' FLUX block returns them the other way round).
-_METADATA = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1)
-_METADATA._cls = SingleStreamBlock
-TransformerBlockRegistry._registry[SingleStreamBlock] = _METADATA

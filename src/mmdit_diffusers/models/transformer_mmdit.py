@@ -44,6 +44,7 @@ from .embeddings import (
     token_grid,
     unpatchify,
 )
+from .hooks import register_with_diffusers_hooks
 from .ip_adapter import MMDiTIPAdapterLoadersMixin
 from .loading_checks import check_loading_info, check_local_source, check_sd3_source, pretrained_problem
 from .presets import PRESETS, RECOMMENDED
@@ -203,6 +204,7 @@ class MMDiTTransformer2DModel(
 
         self.gradient_checkpointing = False
         self._register_load_state_dict_pre_hook(_migrate_legacy_keys)
+        register_with_diffusers_hooks()  # diffusers' cache hooks read our blocks through its registries
 
     # ----------------------------------------------------------------------------------------------------------
     # Presets and helpers

@@ -88,7 +88,6 @@ class Stream(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: float, pre_only: bool = False, dual_attention: bool = False):
         super().__init__()
-        self.pre_only = pre_only
         sublayers = ("attn",) if pre_only else ("attn", "mlp", "attn2") if dual_attention else ("attn", "mlp")
         self.modulation = AdaLNModulation(dim, sublayers, gated=not pre_only)
         if not pre_only:
@@ -97,8 +96,14 @@ class Stream(nn.Module):
     def modulations(self, temb: torch.Tensor) -> StreamModulation:
         return StreamModulation(**self.modulation(temb))
 
-    def feed_forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
-        return x + mod.gate * self.mlp(mod.modulate(layer_norm(x)))
+    def update(
+        self, x: torch.Tensor, attn_out: torch.Tensor, mod: StreamModulation, attn2_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`x` plus the gated attention output (and the dual attention's, `attn2_out`), then plus the gated MLP."""
+        x = x + mod.attn.gate * attn_out
+        if attn2_out is not None:
+            x = x + mod.attn2.gate * attn2_out
+        return x + mod.mlp.gate * self.mlp(mod.mlp.modulate(layer_norm(x)))
 
 
 class MMDiTBlock(nn.Module):
@@ -145,11 +150,8 @@ class MMDiTBlock(nn.Module):
             **rope,
             **kwargs,
         )
-        hidden_states = hidden_states + img_mod.attn.gate * img_attn
-        if self.attn2 is not None:
-            hidden_states = hidden_states + img_mod.attn2.gate * self.attn2(img_mod.attn2.modulate(img_norm), **kwargs)
-        hidden_states = self.img.feed_forward(hidden_states, img_mod.mlp)
+        img_attn2 = None if self.attn2 is None else self.attn2(img_mod.attn2.modulate(img_norm), **kwargs)
+        hidden_states = self.img.update(hidden_states, img_attn, img_mod, img_attn2)
         if self.context_pre_only:
             return hidden_states, encoder_hidden_states
-        encoder_hidden_states = encoder_hidden_states + txt_mod.attn.gate * txt_attn
-        return hidden_states, self.txt.feed_forward(encoder_hidden_states, txt_mod.mlp)
+        return hidden_states, self.txt.update(encoder_hidden_states, txt_attn, txt_mod)

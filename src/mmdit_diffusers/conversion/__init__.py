@@ -10,12 +10,7 @@ from .flux import (
     mmdit_module_name_to_flux,
     mmdit_state_dict_to_flux,
 )
-from .legacy import (
-    current_module_name_to_legacy,
-    is_legacy_layout,
-    legacy_module_name_to_current,
-    legacy_state_dict_to_current,
-)
+from .legacy import is_legacy_layout, legacy_module_name_to_current, legacy_state_dict_to_current
 from .sd3 import (
     is_sd3_module_name,
     mmdit_config_to_sd3,
@@ -28,7 +23,6 @@ from .sd3 import (
 )
 
 __all__ = [
-    "current_module_name_to_legacy",
     "flux_config_to_mmdit",
     "flux_module_name_to_mmdit",
     "flux_state_dict_to_mmdit",

@@ -9,7 +9,7 @@ torch's `load_state_dict`), so checkpoints saved before keep loading with identi
     is_legacy_layout(keys)                   whether any key is in the first layout
     legacy_module_name_to_current(name)      one module (or parameter) name; unchanged if it is not a legacy name
     legacy_state_dict_to_current(state)      every key of a state dict
-    current_module_name_to_legacy(name)      the inverse (to write a first-layout checkpoint, e.g. in tests)
+    current_module_name_to_legacy(name)      the inverse, for tests that write a first-layout checkpoint (not exported)
 """
 
 from __future__ import annotations

@@ -232,6 +232,10 @@ class MMDiTFluxPipeline(MMDiTPipeline):
     # ----------------------------------------------------------------------------------------------------------
     # Properties read by callbacks (as FluxPipeline)
     # ----------------------------------------------------------------------------------------------------------
+    def _text_prefix_length(self) -> int:
+        """FLUX.1's text sequence is T5's alone: CLIP gives only the pooled vector."""
+        return 0
+
     @property
     def true_cfg_scale(self):
         return self._true_cfg_scale
@@ -314,11 +318,24 @@ class MMDiTFluxPipeline(MMDiTPipeline):
 
         Examples:
         """
+        steps_given = num_inference_steps is not None
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         guidance_scale = self._call_default("guidance_scale", guidance_scale)
         true_cfg_scale = self._call_default("true_cfg_scale", true_cfg_scale)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise InputError(f"`{name}` must be a finite number; got {value!r}.")
+        # SD3's checks; FLUX's classifier-free guidance weight is `true_cfg_scale` (`guidance_scale` is distilled)
+        height, width = call_checks.check_call(
+            self, prompts={"text_encoder": prompt, "text_encoder_2": prompt if prompt_2 is None else prompt_2},
+            height=height, width=width, num_inference_steps=num_inference_steps, steps_given=steps_given,
+            sigmas=sigmas, guidance_scale=true_cfg_scale, guidance_name="true_cfg_scale", generator=generator,
+            negative_given=any((negative_prompt, negative_prompt_2)) or negative_prompt_embeds is not None,
+            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt, clip_skip=None, callback_on_step_end=callback_on_step_end,
+            output_type=output_type, latents=latents, mu=mu, joint_attention_kwargs=joint_attention_kwargs,
+        )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
@@ -338,9 +355,6 @@ class MMDiTFluxPipeline(MMDiTPipeline):
             generator=generator,
             num_images_per_prompt=num_images_per_prompt,
         )
-        for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise InputError(f"`{name}` must be a finite number; got {value!r}.")
         batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
         latents = self._initial_latents(latents, height, width, batch_size * num_images_per_prompt)
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
@@ -412,16 +426,15 @@ class MMDiTFluxPipeline(MMDiTPipeline):
                     continue
                 self._current_timestep = t
                 model_input = torch.cat([latents] * 2) if self._do_true_cfg else latents
-                velocity = self.transformer(
+                velocity = self._velocity(  # in the cache context "cond", as FluxPipeline: cache hooks work
+                    "cond",
                     hidden_states=model_input,
                     encoder_hidden_states=text_embeds,
                     pooled_projections=text_pooled,
                     timestep=t.expand(calls),
                     guidance=guidance,
                     encoder_attention_mask=text_mask,
-                    joint_attention_kwargs=self.joint_attention_kwargs,
-                    return_dict=False,
-                )[0]
+                )
                 if self._do_true_cfg:
                     negative, positive = velocity.chunk(2)
                     velocity = negative + true_cfg_scale * (positive - negative)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 from PIL import Image
 
 from mmdit_diffusers import InputError, MMDiTFluxPipeline, MMDiTPipeline, MMDiTTransformer2DModel
@@ -62,7 +63,8 @@ CASES = {
     "tall-per-prompt": dict(height=32, num_images_per_prompt=2),
     "true-cfg-per-prompt-prompt-2": dict(height=32, width=32, num_images_per_prompt=2, negative_prompt=["a cat"] * 2,
                                          true_cfg_scale=2.5, prompt_2=["a photo", "a yellow dog"]),
-    "sigmas-one-generator-per-image": dict(sigmas=[1.0, 0.7, 0.4, 0.2], generator_per_image=True),
+    # with `sigmas`, an explicit `num_inference_steps` must be their length (SD3's check; FluxPipeline ignores it)
+    "sigmas-one-generator-per-image": dict(sigmas=[1.0, 0.7, 0.4, 0.2], num_inference_steps=4, generator_per_image=True),
 }
 
 
@@ -216,3 +218,96 @@ def test_a_text_masked_flux_style_model_does_not_see_the_padding(pipelines):
     short, long = _call(masked, max_sequence_length=10), _call(masked, max_sequence_length=T5_TOKENS)
     assert np.abs(short - long).max() <= 1e-5
     assert np.abs(short[0] - short[1]).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# diffusers' cache hooks, from the pipeline (the transformer runs in the cache context "cond", as FluxPipeline's)
+# ----------------------------------------------------------------------------------------------------------
+def _count_attention_rows(pipe) -> tuple[list[int], list]:
+    """Batch rows through the attentions' `to_q` (they run only when the attention is computed), and the hooks."""
+    rows = [0]
+    handles = [module.register_forward_pre_hook(lambda module, args: rows.__setitem__(0, rows[0] + args[0].shape[0]))
+               for name, module in pipe.transformer.named_modules() if name.endswith(".attn.to_q")]
+    return rows, handles
+
+
+def test_first_block_cache_from_the_flux_pipeline_gives_flux_pipeline_s_images(pipelines):
+    reference, ours = pipelines[True]
+    plain, plain_cfg = _call(ours), _call(ours, negative_prompt="a cat", true_cfg_scale=3.0)
+    rows, handles = _count_attention_rows(ours)
+    try:
+        ours.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never reuse: the uncached images
+        np.testing.assert_allclose(_call(ours), plain, atol=1e-6)
+        np.testing.assert_allclose(_call(ours, negative_prompt="a cat", true_cfg_scale=3.0), plain_cfg, atol=1e-6)
+        full = rows[0]
+        ours.transformer.disable_cache()
+        for pipe in (reference, ours):  # always reuse after the first step: the same skipped work on both
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+        rows[0] = 0
+        cached = _call(ours)
+        assert rows[0] < full / 2 and np.abs(cached - plain).max() > 1e-4
+        assert np.abs(cached - _call(reference)).max() <= 1e-4
+        np.testing.assert_allclose(_call(ours), cached, atol=1e-6)  # the cache starts afresh at every call
+    finally:
+        for handle in handles:
+            handle.remove()
+        for pipe in (reference, ours):
+            if pipe.transformer.is_cache_enabled:
+                pipe.transformer.disable_cache()
+
+
+def test_pyramid_attention_broadcast_from_the_flux_pipeline_reads_current_timestep(pipelines):
+    _, ours = pipelines[False]
+    plain = _call(ours)
+    rows, handles = _count_attention_rows(ours)
+    _call(ours)
+    full, seen = rows[0], []
+    try:
+        ours.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
+            spatial_attention_block_identifiers=("transformer_blocks", "single_transformer_blocks"),
+            current_timestep_callback=lambda: seen.append(ours.current_timestep) or ours.current_timestep,
+        ))
+        rows[0] = 0
+        images = _call(ours)
+    finally:
+        for handle in handles:
+            handle.remove()
+        ours.transformer.disable_cache()
+    assert rows[0] < full and np.isfinite(images).all() and np.abs(images - plain).max() > 1e-6
+    assert sorted({float(t) for t in seen}, reverse=True) == [float(t) for t in ours.scheduler.timesteps]
+    assert ours.current_timestep is None  # outside sampling
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: SD3's call checks (`call_checks.check_call`), before any model runs
+# ----------------------------------------------------------------------------------------------------------
+BAD_CALLS = {
+    "generator-a-device-name": (dict(generator="cuda"), r"`generator` must be a torch.Generator.*got 'cuda'"),
+    "sigmas-of-the-wrong-length": (dict(sigmas=[1.0, 0.5]), r"`sigmas` has 2 values but `num_inference_steps`=3"),
+    "negative-true-cfg-scale": (dict(true_cfg_scale=-1.0), r"`true_cfg_scale`=-1.0 must be a finite number >= 0"),
+    "height-not-a-multiple": (dict(height=17), r"`height`=17 px must be a positive multiple of vae_scale_factor \* patch_size"),
+    "prompt-embeds-of-another-width": (
+        dict(prompt=None, prompt_embeds=torch.zeros(2, T5_TOKENS, 7), pooled_prompt_embeds=torch.zeros(2, 32)),
+        r"`prompt_embeds` has shape \(2, 16, 7\); this transformer reads \[B, L <= \d+, txt_dim=64\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_calls_are_input_errors_that_name_the_argument(pipelines, case):
+    _, ours = pipelines[True]
+    kwargs, message = BAD_CALLS[case]
+    calls = []
+    handle = ours.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(InputError, match=message):
+            _call(ours, **kwargs)
+    finally:
+        handle.remove()
+    assert not calls  # refused before any model runs
+
+
+def test_the_memory_check_refuses_a_call_too_large_for_the_machine(pipelines):
+    _, ours = pipelines[True]
+    with pytest.raises(InputError, match=r"needs at least .* GiB of memory.*the sampler's steps"):
+        _call(ours, num_inference_steps=10**12)

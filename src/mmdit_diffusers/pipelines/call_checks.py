@@ -40,17 +40,19 @@ def check_call(pipe, *, prompts: dict[str, object], height, width, num_inference
                sigmas, guidance_scale, negative_given: bool, generator, prompt_embeds, pooled_prompt_embeds,
                negative_prompt_embeds, negative_pooled_prompt_embeds, num_images_per_prompt, clip_skip,
                callback_on_step_end, output_type: str, latents=None, mu=None,
-               joint_attention_kwargs=None) -> tuple[int, int]:
+               joint_attention_kwargs=None, guidance_name: str = "guidance_scale") -> tuple[int, int]:
     """Check a `__call__` of `pipe` and return `(height, width)` in pixels (the model's default for None).
 
     `prompts` maps each text encoder's name (`text_encoder`, ...) to the prompt(s) it reads; `steps_given` and
-    `negative_given` say whether the caller passed `num_inference_steps` and a negative prompt (text or embeddings)."""
+    `negative_given` say whether the caller passed `num_inference_steps` and a negative prompt (text or embeddings);
+    `guidance_scale` is the classifier-free guidance weight, named `guidance_name` in messages (FLUX's
+    `true_cfg_scale`)."""
     multiple = pipe.vae_scale_factor * pipe.patch_size
     maximum = max_pixels(pipe)
     default = pipe.default_sample_size * pipe.vae_scale_factor
     height = image_side("height", height, default, multiple, maximum)
     width = image_side("width", width, default, multiple, maximum)
-    check_guidance_scale(guidance_scale, negative_given)
+    check_guidance_scale(guidance_scale, negative_given, guidance_name)
     check_sigmas(sigmas, num_inference_steps if steps_given else None)
     check_generator(generator)
     check_embeds(pipe, prompt_embeds, pooled_prompt_embeds, "")
@@ -103,16 +105,16 @@ def image_side(name: str, value, default: int, multiple: int, maximum: int | Non
 # ----------------------------------------------------------------------------------------------------------
 # Sampler arguments
 # ----------------------------------------------------------------------------------------------------------
-def check_guidance_scale(guidance_scale, negative_given: bool) -> None:
+def check_guidance_scale(guidance_scale, negative_given: bool, name: str = "guidance_scale") -> None:
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise InputError(f"`guidance_scale`={guidance_scale!r} must be a finite number >= 0 (> 1 turns "
+        raise InputError(f"`{name}`={guidance_scale!r} must be a finite number >= 0 (> 1 turns "
                          "classifier-free guidance on; 1 or less is the prompt alone).")
     if guidance_scale < 1:
-        logger.warning(f"`guidance_scale`={guidance_scale} is below 1: classifier-free guidance is off, and the "
-                       "images are those of guidance_scale=1 (the prompt alone). Use a value > 1 to guide.")
+        logger.warning(f"`{name}`={guidance_scale} is below 1: classifier-free guidance is off, and the "
+                       f"images are those of {name}=1 (the prompt alone). Use a value > 1 to guide.")
     if guidance_scale <= 1 and negative_given:
-        logger.warning(f"The negative prompt is not used: `guidance_scale`={guidance_scale} <= 1 turns "
+        logger.warning(f"The negative prompt is not used: `{name}`={guidance_scale} <= 1 turns "
                        "classifier-free guidance off. Use a value > 1 for the negative prompt to act.")
 
 
@@ -275,7 +277,11 @@ def memory_needed(pipe, images: int, height: int, width: int, steps: int, guidan
     rows = images * (2 if guidance_scale > 1 else 1)
     factor = pipe.vae_scale_factor
     latent = transformer.in_channels * (height // factor) * (width // factor) * itemsize
-    tokens = pipe.tokenizer_max_length if getattr(pipe, "text_encoder", None) is not None else 1
+    # CLIP's sequence tokens, at least: SD3's 77 where it has a CLIP, none in FLUX.1's layout (CLIP gives the pooled)
+    prefix = getattr(pipe, "_text_prefix_length", None)
+    clip_tokens = prefix() if prefix is not None else \
+        pipe.tokenizer_max_length if getattr(pipe, "text_encoder", None) is not None else 0
+    tokens = max(1, clip_tokens)
     pixels = images * height * width
     needed = {
         "the sampler's steps": (steps * BYTES_PER_STEP, f"num_inference_steps={steps}"),

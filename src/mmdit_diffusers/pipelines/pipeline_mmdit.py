@@ -646,11 +646,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         steps_given = num_inference_steps is not None
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         guidance_scale = self._call_default("guidance_scale", guidance_scale)
+        cfg_name, cfg_scale = self._cfg_scale_argument(guidance_scale)
         height, width = call_checks.check_call(
-            self, prompts={"text_encoder": prompt, "text_encoder_2": prompt if prompt_2 is None else prompt_2,
-                           "text_encoder_3": prompt if prompt_3 is None else prompt_3},
+            self, prompts=self._encoder_prompts(prompt, prompt_2, prompt_3),
             height=height, width=width, num_inference_steps=num_inference_steps, steps_given=steps_given,
-            sigmas=sigmas, guidance_scale=guidance_scale, generator=generator,
+            sigmas=sigmas, guidance_scale=cfg_scale, guidance_name=cfg_name, generator=generator,
             negative_given=any((negative_prompt, negative_prompt_2, negative_prompt_3)) or negative_prompt_embeds is not None,
             prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
@@ -659,6 +659,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        latents = self._initial_latents(latents, height, width, prompt, prompt_embeds, num_images_per_prompt)
         self.check_inputs(
             prompt, prompt_2, prompt_3, height, width,
             num_inference_steps=num_inference_steps,
@@ -695,7 +696,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
 
         # 1. Text conditioning; with guidance the batch is [negative; positive]
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-         prompt_attention_mask, negative_prompt_attention_mask) = self.encode_prompt(
+         prompt_attention_mask, negative_prompt_attention_mask) = MMDiTPipeline.encode_prompt(  # subclasses' differ
+            self,
             prompt=prompt,
             prompt_2=prompt_2,
             prompt_3=prompt_3,
@@ -769,19 +771,44 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
                 latents = start.after_step(self, i, timesteps, latents)
 
                 if callback_on_step_end is not None:
-                    step_tensors = dict(
-                        latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds
+                    latents, (prompt_embeds, pooled_prompt_embeds, text_mask) = self._step_end_callback(
+                        callback_on_step_end, i, t, latents, (prompt_embeds, pooled_prompt_embeds, text_mask),
+                        callback_on_step_end_tensor_inputs,
                     )
-                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = call_checks.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    pooled_prompt_embeds = outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         self._current_timestep = None
         return latents
+
+    def _step_end_callback(self, callback, step, t, latents, text, tensor_inputs):
+        """Call `callback_on_step_end` with the tensors it asked for (SD3's: the model's text inputs, both halves of
+        the guidance batch) and take back what it replaces; returns `(latents, text)`."""
+        prompt_embeds, pooled_prompt_embeds, text_mask = text
+        step_tensors = dict(latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+        outputs = call_checks.callback_outputs(callback(self, step, t, {k: step_tensors[k] for k in tensor_inputs}))
+        latents = outputs.pop("latents", latents)
+        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+        pooled_prompt_embeds = outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
+        return latents, (prompt_embeds, pooled_prompt_embeds, text_mask)
+
+    # Where subclasses (`MMDiTFluxPipeline`) differ from SD3; SD3's answers here.
+    def _encoder_prompts(self, prompt, prompt_2, prompt_3) -> dict:
+        """The prompt(s) each text encoder reads (for the call checks)."""
+        return {"text_encoder": prompt, "text_encoder_2": prompt if prompt_2 is None else prompt_2,
+                "text_encoder_3": prompt if prompt_3 is None else prompt_3}
+
+    def _cfg_scale_argument(self, guidance_scale) -> tuple[str, float]:
+        """The classifier-free guidance weight: its argument's name and value (SD3's: `guidance_scale`)."""
+        return "guidance_scale", guidance_scale
+
+    def _initial_latents(self, latents, height, width, prompt, prompt_embeds, num_images_per_prompt):
+        """The caller's `latents` in the [B, C, h, w] layout of the sampler (SD3's are; checked in `check_inputs`)."""
+        return latents
+
+    def _model_inputs(self, model_input: torch.Tensor) -> dict:
+        """Transformer inputs besides the latents, the text and the timestep (SD3: none)."""
+        return {}
 
     def _guided_velocity(self, model_input, t, prompt_embeds, pooled_prompt_embeds, text_mask, skip_layers=None):
         """The velocity of one step: one transformer call for both halves of the guidance batch, then
@@ -794,11 +821,12 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             pooled_projections=pooled_prompt_embeds,
             timestep=t.expand(model_input.shape[0]),
             encoder_attention_mask=text_mask,
+            **self._model_inputs(model_input),
         )
         if not self.do_classifier_free_guidance:
             return velocity
         uncond, cond = velocity.chunk(2)
-        velocity = uncond + self.guidance_scale * (cond - uncond)
+        velocity = uncond + self._cfg_scale_argument(self.guidance_scale)[1] * (cond - uncond)
         if skip_layers:
             positive_input, positive_embeds, positive_pooled = (x.chunk(2)[1] for x in (model_input, prompt_embeds, pooled_prompt_embeds))
             skipped = self._velocity(
@@ -809,6 +837,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
                 timestep=t.expand(positive_input.shape[0]),
                 encoder_attention_mask=None if text_mask is None else text_mask.chunk(2)[1],
                 skip_layers=skip_layers,
+                **self._model_inputs(positive_input),
             )
             velocity = velocity + (cond - skipped) * self._skip_layer_guidance_scale
         return velocity

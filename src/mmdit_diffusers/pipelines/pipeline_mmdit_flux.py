@@ -14,7 +14,6 @@ samples differently from SD3:
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, Callable
 
@@ -32,7 +31,7 @@ from ..models.embeddings import unpatchify
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from . import call_checks, loading
 from .latents import vae_scale_factor
-from .pipeline_mmdit import CLIP_TOKENS, MMDiTPipeline, MMDiTPipelineOutput
+from .pipeline_mmdit import CLIP_TOKENS, MMDiTPipeline, MMDiTPipelineOutput, NoiseStart
 from .text_encoding import FLUX_TEXT, TextConditioning, encode_text
 
 logger = logging.get_logger(__name__)
@@ -205,10 +204,12 @@ class MMDiTFluxPipeline(MMDiTPipeline):
     # ----------------------------------------------------------------------------------------------------------
     # Latents and timesteps
     # ----------------------------------------------------------------------------------------------------------
-    def _initial_latents(self, latents: torch.Tensor | None, height: int, width: int, batch_size: int):
+    def _initial_latents(self, latents, height, width, prompt, prompt_embeds, num_images_per_prompt):
         """The caller's `latents` as [B, C, h, w]: FluxPipeline's packed [B, (h/2)(w/2), 4C] are unpacked."""
-        if latents is None:
-            return None
+        if latents is None or (prompt is None and prompt_embeds is None):
+            return latents  # nothing to unpack, or a call `check_inputs` refuses
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
+        batch_size = prompts * num_images_per_prompt
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         p, channels = self.patch_size, self.transformer.in_channels
         shape, packed = (batch_size, channels, h, w), (batch_size, (h // p) * (w // p), channels * p * p)
@@ -227,11 +228,17 @@ class MMDiTFluxPipeline(MMDiTPipeline):
             sigmas = None
         elif sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        return super()._timesteps(num_inference_steps, sigmas, mu, height, width, device)
+        timesteps = super()._timesteps(num_inference_steps, sigmas, mu, height, width, device)
+        self.scheduler.set_begin_index(0)  # as FluxPipeline
+        return timesteps
 
     # ----------------------------------------------------------------------------------------------------------
     # Properties read by callbacks (as FluxPipeline)
     # ----------------------------------------------------------------------------------------------------------
+    def _text_prefix_length(self) -> int:
+        """FLUX.1's text sequence is T5's alone: CLIP gives only the pooled vector."""
+        return 0
+
     @property
     def true_cfg_scale(self):
         return self._true_cfg_scale
@@ -241,9 +248,34 @@ class MMDiTFluxPipeline(MMDiTPipeline):
         """True classifier-free guidance (`true_cfg_scale > 1` with a negative prompt); distilled guidance is not."""
         return self._do_true_cfg
 
-    @property
-    def current_timestep(self):
-        return self._current_timestep
+    # ----------------------------------------------------------------------------------------------------------
+    # Where sampling differs from SD3's (`MMDiTPipeline._generate` / `_denoise` call these)
+    # ----------------------------------------------------------------------------------------------------------
+    def _encoder_prompts(self, prompt, prompt_2, prompt_3) -> dict:
+        return {"text_encoder": prompt, "text_encoder_2": prompt if prompt_2 is None else prompt_2}
+
+    def _cfg_scale_argument(self, guidance_scale) -> tuple[str, float]:
+        """True classifier-free guidance is weighted by `true_cfg_scale`; `guidance_scale` is the distilled input."""
+        return "true_cfg_scale", self._true_cfg_scale
+
+    def _model_inputs(self, model_input: torch.Tensor) -> dict:
+        """FLUX.1 [dev]'s `guidance` input: `guidance_scale` per row, where the transformer embeds it."""
+        if not self.transformer.config.get("guidance_embeds", False):
+            return {}
+        return {"guidance": torch.full([model_input.shape[0]], self.guidance_scale, device=model_input.device,
+                                       dtype=torch.float32)}
+
+    def _step_end_callback(self, callback, step, t, latents, text, tensor_inputs):
+        """As FluxPipeline, the callback sees (and may replace) the positive prompt's `prompt_embeds` only."""
+        prompt_embeds, pooled_prompt_embeds, text_mask = text
+        negative, positive = prompt_embeds.chunk(2) if self.do_classifier_free_guidance else (None, prompt_embeds)
+        step_tensors = dict(latents=latents, prompt_embeds=positive)
+        outputs = call_checks.callback_outputs(callback(self, step, t, {k: step_tensors[k] for k in tensor_inputs}))
+        latents = outputs.pop("latents", latents)
+        if "prompt_embeds" in outputs:
+            positive = outputs.pop("prompt_embeds").to(prompt_embeds.dtype)
+            prompt_embeds = positive if negative is None else torch.cat([negative, positive], dim=0)
+        return latents, (prompt_embeds, pooled_prompt_embeds, text_mask)
 
     # ----------------------------------------------------------------------------------------------------------
     # Generation
@@ -314,135 +346,31 @@ class MMDiTFluxPipeline(MMDiTPipeline):
 
         Examples:
         """
-        num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         guidance_scale = self._call_default("guidance_scale", guidance_scale)
         true_cfg_scale = self._call_default("true_cfg_scale", true_cfg_scale)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(
-            prompt, prompt_2, None, height, width,
-            num_inference_steps=num_inference_steps,
-            sigmas=sigmas,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            negative_prompt_attention_mask=negative_prompt_attention_mask,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            output_type=output_type,
-            generator=generator,
-            num_images_per_prompt=num_images_per_prompt,
-        )
         for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
                 raise InputError(f"`{name}` must be a finite number; got {value!r}.")
-        batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
-        latents = self._initial_latents(latents, height, width, batch_size * num_images_per_prompt)
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
         if true_cfg_scale > 1 and not has_negative:
             logger.warning(f"`true_cfg_scale`={true_cfg_scale} needs a `negative_prompt` (or its embeddings): sampling "
                            "without true classifier-free guidance.")
-        self._guidance_scale = guidance_scale
         self._true_cfg_scale = true_cfg_scale
         self._do_true_cfg = true_cfg_scale > 1 and has_negative
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._clip_skip = None
-        self._current_timestep = None
-        self._interrupt = False
-        device = self._execution_device
-
-        # 1. Text conditioning: T5 sequence, CLIP pooled; with true CFG also the negative side
-        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-         prompt_attention_mask, negative_prompt_attention_mask) = super().encode_prompt(
-            prompt=prompt,
-            prompt_2=prompt_2,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2,
-            do_classifier_free_guidance=self._do_true_cfg,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            negative_prompt_attention_mask=negative_prompt_attention_mask,
-            device=device,
-            num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            return_attention_mask=True,
-            lora_scale=(joint_attention_kwargs or {}).get("scale"),
+        # SD3's generation (checks, one encoding pass, sampling loop, decoding) with FLUX.1's differences: the
+        # hooks above, `_timesteps`, `_initial_latents`, and `_encode_text`'s layout; no third prompt, no clip_skip,
+        # no skip-layer guidance, no IP-Adapter
+        return self._generate(
+            NoiseStart(), prompt=prompt, prompt_2=prompt_2, prompt_3=None, height=height, width=width,
+            num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=None,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask, negative_prompt_attention_mask=negative_prompt_attention_mask,
+            output_type=output_type, return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
+            clip_skip=None, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length, skip_guidance_layers=None, skip_layer_guidance_scale=0.0,
+            skip_layer_guidance_stop=0.0, skip_layer_guidance_start=0.0, mu=mu,
         )
-        batch_size = prompt_embeds.shape[0]  # prompts x num_images_per_prompt
-        dtype = self.transformer.dtype  # FluxPipeline uses T5's dtype: the same unless they differ
-        use_mask = self._uses_text_mask
-
-        def model_text():
-            """The transformer's text inputs: [negative; positive] with true CFG."""
-            sides = [(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)]
-            if self._do_true_cfg:
-                sides.insert(0, (negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask))
-            embeds, pooled, mask = (torch.cat(parts, dim=0) for parts in zip(*sides))
-            return embeds.to(dtype), pooled.to(dtype), mask if use_mask else None
-
-        text_embeds, text_pooled, text_mask = model_text()
-
-        # 2. Noise and timesteps
-        latents = self.prepare_latents(
-            batch_size, self.transformer.in_channels, height, width, dtype, device, generator, latents
-        )
-        timesteps, num_inference_steps = self._timesteps(num_inference_steps, sigmas, mu, height, width, device)
-        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
-        self._num_timesteps = len(timesteps)
-        calls = batch_size * (2 if self._do_true_cfg else 1)
-        guidance = None
-        if self.transformer.config.get("guidance_embeds", False):
-            guidance = torch.full([calls], guidance_scale, device=device, dtype=torch.float32)
-        # a stochastic scheduler (e.g. `stochastic_sampling=True`) draws its step noise from the caller's generator
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        self.scheduler.set_begin_index(0)
-
-        # 3. Denoising
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                model_input = torch.cat([latents] * 2) if self._do_true_cfg else latents
-                velocity = self.transformer(
-                    hidden_states=model_input,
-                    encoder_hidden_states=text_embeds,
-                    pooled_projections=text_pooled,
-                    timestep=t.expand(calls),
-                    guidance=guidance,
-                    encoder_attention_mask=text_mask,
-                    joint_attention_kwargs=self.joint_attention_kwargs,
-                    return_dict=False,
-                )[0]
-                if self._do_true_cfg:
-                    negative, positive = velocity.chunk(2)
-                    velocity = negative + true_cfg_scale * (positive - negative)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0]
-
-                if callback_on_step_end is not None:
-                    step_tensors = dict(latents=latents, prompt_embeds=prompt_embeds)
-                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = call_checks.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
-                    latents = outputs.pop("latents", latents)
-                    if "prompt_embeds" in outputs:
-                        prompt_embeds = outputs.pop("prompt_embeds")
-                        text_embeds, text_pooled, text_mask = model_text()
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-        self._current_timestep = None
-
-        # 4. Images
-        image = latents if output_type == "latent" else self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return MMDiTPipelineOutput(images=image)

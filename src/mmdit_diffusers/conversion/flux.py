@@ -27,7 +27,8 @@ from typing import Mapping
 
 import torch
 
-from .sd3 import MAX_T5_TOKENS, _convert, is_sd3_module_name, mmdit_module_name_to_sd3, sd3_module_name_to_mmdit
+from .sd3 import (MAX_T5_TOKENS, _convert, is_sd3_module_name, mmdit_module_name_to_sd3, pooled_width,
+                  sd3_module_name_to_mmdit)
 
 FLUX_PATCH = 2  # FLUX.1 pipelines pack 2 x 2 latent patches into one token
 FLUX_ROPE_THETA = 10000  # fixed in `FluxTransformer2DModel`
@@ -201,7 +202,7 @@ def mmdit_config_to_flux(config: Mapping) -> dict:
         attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
         num_attention_heads=cfg["num_heads"],
         joint_attention_dim=cfg["txt_dim"],
-        pooled_projection_dim=cfg["cond_dim"] or cfg["hidden_size"],
+        pooled_projection_dim=pooled_width(cfg),
         guidance_embeds=bool(cfg["guidance_embeds"]),
         axes_dims_rope=tuple(cfg["axes_dims_rope"]),
     )

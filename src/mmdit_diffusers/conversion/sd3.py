@@ -184,6 +184,11 @@ def sd3_config_to_mmdit(config: Mapping) -> dict:
 _SIZES_LEFT_TO_DEFAULTS = ("in_channels", "out_channels", "sample_size", "pos_embed_max_size")
 
 
+def pooled_width(config: Mapping) -> int:
+    """The pooled-text width an MMDiT config takes: `cond_dim`, which defaults to `hidden_size`."""
+    return config["cond_dim"] or config["hidden_size"]
+
+
 def _check_sizes_set(config: Mapping) -> None:
     unset = [name for name in _SIZES_LEFT_TO_DEFAULTS if config[name] is None]
     if unset:
@@ -210,7 +215,7 @@ def mmdit_config_to_sd3(config: Mapping) -> dict:
         num_attention_heads=cfg["num_heads"],
         joint_attention_dim=cfg["txt_dim"],
         caption_projection_dim=cfg["hidden_size"],
-        pooled_projection_dim=cfg["cond_dim"] or cfg["hidden_size"],
+        pooled_projection_dim=pooled_width(cfg),
         out_channels=cfg["out_channels"],
         pos_embed_max_size=cfg["pos_embed_max_size"],
         dual_attention_layers=tuple(cfg["dual_attention_layers"]),

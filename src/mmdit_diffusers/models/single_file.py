@@ -111,9 +111,7 @@ class MMDiTSingleFileMixin:
         model_config.update(overrides)
         with init_empty_weights():
             model = cls.from_config(model_config)
-        # the sizes a config may leave to defaults, as the model resolved them (as `to_sd3` does)
-        resolved = {**model.config, "in_channels": model.in_channels, "out_channels": model.out_channels,
-                    "sample_size": model.sample_size, "pos_embed_max_size": model.pos_grid_size}
+        resolved = model.resolved_config  # the sizes a config may leave to defaults, as the model resolved them
         try:
             state_dict = sd3_state_dict_to_mmdit(original_state_dict_to_sd3(original), resolved)
         except InputError:

@@ -221,6 +221,14 @@ class MMDiTTransformer2DModel(
         """The recommended configuration for a new model (add `img_dim` and `txt_dim`)."""
         return dict(RECOMMENDED)
 
+    @property
+    def resolved_config(self) -> dict[str, Any]:
+        """The config with every size it may leave to defaults as this model resolved them: `in_channels`,
+        `out_channels`, `sample_size`, `pos_embed_max_size` (None: a rotary model has no grid limit) and `cond_dim`."""
+        return {**self.config, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "sample_size": self.sample_size, "pos_embed_max_size": self.pos_grid_size,
+                "cond_dim": self.config.cond_dim or self.config.hidden_size}
+
     def output_size(self) -> int:
         """Feature size of one output token: `out_channels * patch_size**2`."""
         return self.out_channels * self.config.patch_size**2
@@ -248,9 +256,7 @@ class MMDiTTransformer2DModel(
         """The same weights, in the same dtype, as a diffusers `SD3Transformer2DModel`."""
         from diffusers import SD3Transformer2DModel
 
-        # the sizes a config may leave to defaults, as this model resolved them
-        config = {**self.config, "in_channels": self.in_channels, "out_channels": self.out_channels,
-                  "sample_size": self.sample_size, "pos_embed_max_size": self.pos_grid_size}
+        config = self.resolved_config
         sd3 = SD3Transformer2DModel(**mmdit_config_to_sd3(config))
         _load_converted(sd3, mmdit_state_dict_to_sd3(self.state_dict(), config), "MMDiT")
         return _same_dtype(sd3, self)
@@ -297,7 +303,7 @@ class MMDiTTransformer2DModel(
         """The same weights, in the same dtype, as a diffusers `FluxTransformer2DModel` (FLUX-style configs only)."""
         from diffusers import FluxTransformer2DModel
 
-        config = {**self.config, "in_channels": self.in_channels, "out_channels": self.out_channels}
+        config = self.resolved_config
         flux = FluxTransformer2DModel(**mmdit_config_to_flux(config))
         _load_converted(flux, mmdit_state_dict_to_flux(self.state_dict(), config), "MMDiT")
         return _same_dtype(flux, self)

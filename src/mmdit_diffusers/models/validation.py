@@ -245,7 +245,7 @@ def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections
     timestep [B], mask)`: the floats in the model's compute dtype (where lossless), the mask as bool or None.
     (`img_ids` given to a rotary model lets tokens come in any number; `check_flux_inputs` checks them.)"""
     cfg = model.config
-    cond_dim = cfg.cond_dim or cfg.hidden_size
+    cond_dim = model.resolved_config["cond_dim"]
     hidden_states = _tensor("hidden_states", hidden_states,
                             f"latents [B, {model.in_channels}, H, W] or tokens [B, {cfg.img_tokens}, {cfg.img_dim}]")
     encoder_hidden_states = _tensor("encoder_hidden_states", encoder_hidden_states,

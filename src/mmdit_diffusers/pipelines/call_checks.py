@@ -199,7 +199,7 @@ def check_embeds(pipe, embeds, pooled, prefix: str) -> None:
     """`{prefix}prompt_embeds` [B, L, txt_dim] with L <= txt_tokens and `{prefix}pooled_prompt_embeds` [B, cond_dim],
     floating point, as the transformer reads them."""
     config = pipe.transformer.config
-    cond_dim = config.cond_dim or config.hidden_size
+    cond_dim = pipe.transformer.resolved_config["cond_dim"]
     for name, value, expected in ((f"{prefix}prompt_embeds", embeds, f"[B, L <= {config.txt_tokens}, "
                                    f"txt_dim={config.txt_dim}]"),
                                   (f"{prefix}pooled_prompt_embeds", pooled, f"[B, cond_dim={cond_dim}]")):

@@ -219,8 +219,7 @@ def _nets(controlnet) -> list[SD3ControlNetModel]:
 def sd3_patch_embedding(transformer) -> PatchEmbed:
     """The transformer's patch embedding and sin-cos positions as diffusers' `PatchEmbed` (SD3's `pos_embed`), for
     SD3.5's ControlNets, which use the transformer's (diffusers' `_get_pos_embed_from_transformer` reads SD3's)."""
-    config = {**transformer.config, "in_channels": transformer.in_channels, "out_channels": transformer.out_channels,
-              "sample_size": transformer.sample_size, "pos_embed_max_size": transformer.pos_grid_size}
+    config = transformer.resolved_config
     weights = {f"x_embedder.{name}": tensor for name, tensor in transformer.x_embedder.state_dict().items()}
     converted = mmdit_state_dict_to_sd3(weights, config)
     embedding = PatchEmbed(height=config["sample_size"], width=config["sample_size"], patch_size=config["patch_size"],

@@ -249,7 +249,7 @@ def join_settings(pipe) -> tuple[int | None, torch.dtype, int | None, TextLayout
 
 def pooled_text_width(transformer) -> int:
     """The width of the pooled text vector `transformer` takes (`cond_dim`, which defaults to `hidden_size`)."""
-    return transformer.config.cond_dim or transformer.config.hidden_size
+    return transformer.resolved_config["cond_dim"]
 
 
 def needs_second_clip(pipe) -> bool:

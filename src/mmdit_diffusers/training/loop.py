@@ -232,10 +232,9 @@ def check_text(transformer, text_shape) -> None:
     cfg = transformer.config
     if txt_dim != cfg.txt_dim:
         raise InputError(f"the text encoders give {txt_dim}-wide tokens; the transformer expects txt_dim={cfg.txt_dim}.")
-    if cond_dim != (cfg.cond_dim or cfg.hidden_size):
-        raise InputError(
-            f"the pooled text is {cond_dim} wide; the transformer expects cond_dim={cfg.cond_dim or cfg.hidden_size}."
-        )
+    expected = transformer.resolved_config["cond_dim"]
+    if cond_dim != expected:
+        raise InputError(f"the pooled text is {cond_dim} wide; the transformer expects cond_dim={expected}.")
     if seq_len > cfg.txt_tokens:
         raise InputError(
             f"captions encode to {seq_len} text tokens, more than the transformer's txt_tokens={cfg.txt_tokens}; "

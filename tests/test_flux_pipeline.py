@@ -280,7 +280,7 @@ def test_pyramid_attention_broadcast_from_the_flux_pipeline_reads_current_timest
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Bad input: SD3's call checks (`call_checks.check_call`), before any model runs
+# Bad input: SD3's call checks (`check_inputs`, `call_checks`), before any model runs
 # ----------------------------------------------------------------------------------------------------------
 BAD_CALLS = {
     "generator-a-device-name": (dict(generator="cuda"), r"`generator` must be a torch.Generator.*got 'cuda'"),

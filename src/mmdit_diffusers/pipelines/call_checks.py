@@ -1,12 +1,13 @@
-"""Checks of a text-to-image call, before any model runs: `check_call(pipe, ...)` refuses what cannot work with an
-`InputError` that names the argument, the value and what is expected (sizes in pixels, with the model's maximum),
-warns about what is legal but most likely not meant, and returns the image size in pixels.
+"""The checks of a pipeline call, before any model runs, one function per check; `MMDiTPipeline.check_inputs` (the one
+entry, diffusers' name) runs them in turn. Each refuses what cannot work with an `InputError` that names the argument,
+the value and what is expected (sizes in pixels, with the model's maximum), or warns about what is legal but most
+likely not meant.
 
 Refused: a size that is not a positive whole number of pixels, not a multiple of `vae_scale_factor * patch_size`
 or beyond the model's position grid; a `guidance_scale` that is not a finite number >= 0; `sigmas` that are not
 noise levels in [0, 1], or disagree with an explicit `num_inference_steps`; a `generator` that is not a
 `torch.Generator`; precomputed embeddings of another width or rank than the transformer reads; a `clip_skip` beyond
-the CLIP's layers; integer `latents`, a `mu` or LoRA scale that is not a finite number; a call whose memory, known from its steps, images and size, exceeds what the machine has
+the CLIP's layers; integer `latents` or latents of another shape than the call's noise, a `mu` or LoRA scale that is not a finite number; a call whose memory, known from its steps, images and size, exceeds what the machine has
 (`memory_needed` against `available_memory`).
 
 Warned (logged, the call goes on): `guidance_scale` below 1 (guidance is off, as at 1), a negative prompt while
@@ -34,42 +35,6 @@ logger = logging.get_logger(__name__)
 # timesteps`, as diffusers' pipelines do) creates up front.
 BYTES_PER_STEP = 640
 GIB = 2**30
-
-
-def check_call(pipe, *, prompts: dict[str, object], height, width, num_inference_steps, steps_given: bool,
-               sigmas, guidance_scale, negative_given: bool, generator, prompt_embeds, pooled_prompt_embeds,
-               negative_prompt_embeds, negative_pooled_prompt_embeds, num_images_per_prompt, clip_skip,
-               callback_on_step_end, output_type: str, latents=None, mu=None,
-               joint_attention_kwargs=None, guidance_name: str = "guidance_scale") -> tuple[int, int]:
-    """Check a `__call__` of `pipe` and return `(height, width)` in pixels (the model's default for None).
-
-    `prompts` maps each text encoder's name (`text_encoder`, ...) to the prompt(s) it reads; `steps_given` and
-    `negative_given` say whether the caller passed `num_inference_steps` and a negative prompt (text or embeddings);
-    `guidance_scale` is the classifier-free guidance weight, named `guidance_name` in messages (FLUX's
-    `true_cfg_scale`)."""
-    multiple = pipe.vae_scale_factor * pipe.patch_size
-    maximum = max_pixels(pipe)
-    default = pipe.default_sample_size * pipe.vae_scale_factor
-    height = image_side("height", height, default, multiple, maximum)
-    width = image_side("width", width, default, multiple, maximum)
-    check_guidance_scale(guidance_scale, negative_given, guidance_name)
-    check_sigmas(sigmas, num_inference_steps if steps_given else None)
-    check_generator(generator)
-    check_embeds(pipe, prompt_embeds, pooled_prompt_embeds, "")
-    check_embeds(pipe, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_")
-    check_clip_skip(pipe, clip_skip)
-    check_sampler_extras(latents, mu, joint_attention_kwargs)
-    if callback_on_step_end is not None and not callable(callback_on_step_end):
-        raise InputError(f"`callback_on_step_end` must be callable (pipe, step, timestep, kwargs) -> dict; got "
-                         f"{type(callback_on_step_end).__name__}.")
-    if isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1:
-        prompt = prompts.get("text_encoder")
-        batch = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else _rows(prompt_embeds)
-        steps = len(sigmas) if sigmas is not None else num_inference_steps
-        if isinstance(steps, int):
-            check_memory(pipe, batch * num_images_per_prompt, height, width, steps, guidance_scale, output_type)
-    warn_unknown_words(pipe, prompts)
-    return height, width
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,6 +131,36 @@ def check_generator(generator) -> None:
                          f"list of them, one per image; got {wrong[0] if wrong else generator!r}.")
 
 
+def check_generator_count(generator, batch_size: int, num_images_per_prompt: int) -> None:
+    """A list of generators: one per image (`batch_size` prompts x `num_images_per_prompt`)."""
+    effective = batch_size * num_images_per_prompt
+    if isinstance(generator, list) and len(generator) != effective:
+        raise InputError(
+            f"`generator` is a list of {len(generator)} generators, but the effective batch size is {effective} "
+            f"({batch_size} prompts x num_images_per_prompt={num_images_per_prompt}); pass one per image."
+        )
+
+
+def check_steps(num_inference_steps, sigmas) -> None:
+    if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise InputError(f"`num_inference_steps` must be an integer >= 1; got {num_inference_steps!r}.")
+
+
+def check_output(output_type, output_types, num_images_per_prompt, tensor_inputs, allowed_tensor_inputs) -> None:
+    """`output_type` one of `output_types`; `num_images_per_prompt` >= 1; `callback_on_step_end_tensor_inputs` among
+    the tensors the pipeline hands its callback (`allowed_tensor_inputs`)."""
+    if output_type not in output_types:
+        raise InputError(f"Unknown `output_type` {output_type!r}; expected one of {output_types}.")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise InputError(f"`num_images_per_prompt` must be an integer >= 1; got {num_images_per_prompt!r}.")
+    unknown = [k for k in tensor_inputs or [] if k not in allowed_tensor_inputs]
+    if unknown:
+        raise InputError(
+            f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}; expected some of "
+            f"{allowed_tensor_inputs}."
+        )
+
+
 def check_clip_skip(pipe, clip_skip) -> None:
     if clip_skip is None:
         return
@@ -181,6 +176,12 @@ def check_clip_skip(pipe, clip_skip) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Precomputed text conditioning
 # ----------------------------------------------------------------------------------------------------------
+def check_callback(callback_on_step_end) -> None:
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise InputError(f"`callback_on_step_end` must be callable (pipe, step, timestep, kwargs) -> dict; got "
+                         f"{type(callback_on_step_end).__name__}.")
+
+
 def callback_outputs(outputs) -> dict:
     """What a `callback_on_step_end` returned: a dict of the tensors it replaces (None: nothing replaced)."""
     if outputs is None:
@@ -220,6 +221,74 @@ def check_embeds(pipe, embeds, pooled, prefix: str) -> None:
     if embeds is not None and pooled is not None and embeds.shape[0] != pooled.shape[0]:
         raise InputError(f"`{prefix}prompt_embeds` holds {embeds.shape[0]} prompts but `{prefix}pooled_prompt_embeds` "
                          f"{pooled.shape[0]}; take both from one `encode_prompt` call.")
+
+
+def check_prompts(prompts: dict[str, object], negatives: dict[str, object], prompt_embeds,
+                  negative_prompt_embeds) -> None:
+    """Text or embeddings, not both: `prompts` / `negatives` map each prompt argument's name to its value."""
+    prompt = prompts.get("prompt")
+    if prompt is not None and prompt_embeds is not None:
+        raise InputError("Pass either `prompt` or `prompt_embeds`, not both.")
+    if prompt is None and prompt_embeds is None:
+        raise InputError("Pass `prompt` or `prompt_embeds` (with `pooled_prompt_embeds`).")
+    for name, value in prompts.items():
+        if name != "prompt" and value is not None and prompt_embeds is not None:
+            raise InputError(f"Pass either `{name}` or `prompt_embeds`, not both.")
+    for name, value in prompts.items():
+        if value is not None and not isinstance(value, (str, list)):
+            raise InputError(f"`{name}` must be a string or a list of strings; got {type(value).__name__}.")
+    for name, value in negatives.items():
+        if value is not None and negative_prompt_embeds is not None:
+            raise InputError(f"Pass either `{name}` or `negative_prompt_embeds`, not both.")
+
+
+def check_embeds_pairs(prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                       negative_pooled_prompt_embeds) -> None:
+    """Embeddings come with their pooled vectors, and the negative ones in the positive ones' shapes."""
+    if prompt_embeds is not None and pooled_prompt_embeds is None:
+        raise InputError(
+            "`prompt_embeds` needs `pooled_prompt_embeds` too: take both from the same `encode_prompt` call."
+        )
+    if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        raise InputError(
+            "`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too: take both from the same "
+            "`encode_prompt` call."
+        )
+    if prompt_embeds is not None and negative_prompt_embeds is not None:
+        if prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise InputError(
+                f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)} but `prompt_embeds` "
+                f"{tuple(prompt_embeds.shape)}; they must match."
+            )
+        if pooled_prompt_embeds.shape != negative_pooled_prompt_embeds.shape:
+            raise InputError(
+                f"`negative_pooled_prompt_embeds` has shape {tuple(negative_pooled_prompt_embeds.shape)} but "
+                f"`pooled_prompt_embeds` {tuple(pooled_prompt_embeds.shape)}; they must match."
+            )
+
+
+def check_attention_masks(prompt_attention_mask, prompt_embeds, negative_prompt_attention_mask,
+                          negative_prompt_embeds) -> None:
+    """A token mask [B, L] of its (precomputed) embeddings."""
+    for name, mask, embeds in (
+        ("prompt_attention_mask", prompt_attention_mask, prompt_embeds),
+        ("negative_prompt_attention_mask", negative_prompt_attention_mask, negative_prompt_embeds),
+    ):
+        if mask is not None and (embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2])):
+            expected = "[B, L] of its embeddings" if embeds is None else list(embeds.shape[:2])
+            raise InputError(f"`{name}` has shape {tuple(mask.shape)}; expected {expected}.")
+
+
+def batch_size(prompt, prompt_embeds) -> int:
+    """The prompts of a call: `prompt`'s, else the rows of `prompt_embeds`."""
+    return len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else _rows(prompt_embeds)
+
+
+def check_latents_shape(latents, layouts: dict[str, tuple]) -> None:
+    """`latents` in one of `layouts` (a description, "" for the sampler's own, -> its shape)."""
+    if latents is not None and tuple(latents.shape) not in [tuple(shape) for shape in layouts.values()]:
+        expected = ", or ".join(f"{name}{list(shape)}" for name, shape in layouts.items())
+        raise InputError(f"`latents` has shape {tuple(latents.shape)}; expected {expected}.")
 
 
 # ----------------------------------------------------------------------------------------------------------

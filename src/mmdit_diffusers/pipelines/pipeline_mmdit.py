@@ -254,11 +254,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         if max_sequence_length is None:
             return DEFAULT_T5_TOKENS if capacity is None else max(0, min(DEFAULT_T5_TOKENS, capacity))
         if not isinstance(max_sequence_length, int) or max_sequence_length < 0:
-            raise ValueError(f"`max_sequence_length` must be a non-negative integer; got {max_sequence_length!r}.")
+            raise InputError(f"`max_sequence_length` must be a non-negative integer; got {max_sequence_length!r}.")
         if max_sequence_length == 0 and self.text_encoder_3 is not None:
-            raise ValueError("`max_sequence_length` must be at least 1 with a T5 text encoder.")
+            raise InputError("`max_sequence_length` must be at least 1 with a T5 text encoder.")
         if capacity is not None and max_sequence_length > capacity:
-            raise ValueError(
+            raise InputError(
                 f"`max_sequence_length`={max_sequence_length} is too long: the transformer takes txt_tokens="
                 f"{transformer.config.txt_tokens} text tokens, {self._text_prefix_length()} of them CLIP's, so at most "
                 f"{capacity} T5 tokens."
@@ -396,83 +396,62 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         generator=None,
         num_images_per_prompt=1,
         latents=None,
-    ):
-        """Raise a `ValueError` that names the argument for every input `__call__` cannot use."""
+        guidance_scale=None,
+        clip_skip=None,
+        callback_on_step_end=None,
+        mu=None,
+        joint_attention_kwargs=None,
+    ) -> tuple[int, int]:
+        """Check a call before any model runs (diffusers' `check_inputs`, the one check of every MMDiT pipeline's
+        `__call__`): raise an `InputError` (a `ValueError`) that names the argument for every input `__call__` cannot
+        use, warn about what is legal but most likely not meant (`call_checks`), and return `(height, width)` in
+        pixels (the model's default for None). `num_inference_steps` / `guidance_scale` None: the pipeline's
+        defaults (`sampler_defaults`)."""
+        steps_given = num_inference_steps is not None
+        num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
+        cfg_name, cfg_scale = self._cfg_scale_argument(self._call_default("guidance_scale", guidance_scale))
+        negatives = {"negative_prompt": negative_prompt, "negative_prompt_2": negative_prompt_2,
+                     "negative_prompt_3": negative_prompt_3}
         multiple = self.vae_scale_factor * self.patch_size
-        for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size <= 0 or size % multiple:
-                raise ValueError(
-                    f"`{name}`={size} must be a positive multiple of vae_scale_factor * patch_size = {multiple} "
-                    f"(e.g. {max(multiple, size - size % multiple) if isinstance(size, int) else multiple})."
-                )
-        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1; got {num_inference_steps!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"Unknown `output_type` {output_type!r}; expected one of {OUTPUT_TYPES}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1; got {num_images_per_prompt!r}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}; expected some of "
-                f"{self._callback_tensor_inputs}."
-            )
+        maximum = call_checks.max_pixels(self)
+        default = self.default_sample_size * self.vae_scale_factor
+        height = call_checks.image_side("height", height, default, multiple, maximum)
+        width = call_checks.image_side("width", width, default, multiple, maximum)
+        call_checks.check_guidance_scale(
+            cfg_scale, any(negatives.values()) or negative_prompt_embeds is not None, cfg_name
+        )
+        call_checks.check_sigmas(sigmas, num_inference_steps if steps_given else None)
+        call_checks.check_generator(generator)
+        call_checks.check_embeds(self, prompt_embeds, pooled_prompt_embeds, "")
+        call_checks.check_embeds(self, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_")
+        call_checks.check_clip_skip(self, clip_skip)
+        call_checks.check_sampler_extras(latents, mu, joint_attention_kwargs)
+        call_checks.check_callback(callback_on_step_end)
+        if isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1:
+            images = call_checks.batch_size(prompt, prompt_embeds) * num_images_per_prompt
+            steps = len(sigmas) if sigmas is not None else num_inference_steps
+            if isinstance(steps, int):
+                call_checks.check_memory(self, images, height, width, steps, cfg_scale, output_type)
+        call_checks.warn_unknown_words(self, self._encoder_prompts(prompt, prompt_2, prompt_3))
 
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Pass `prompt` or `prompt_embeds` (with `pooled_prompt_embeds`).")
-        for name, value in (("prompt_2", prompt_2), ("prompt_3", prompt_3)):
-            if value is not None and prompt_embeds is not None:
-                raise ValueError(f"Pass either `{name}` or `prompt_embeds`, not both.")
-        for name, value in (("prompt", prompt), ("prompt_2", prompt_2), ("prompt_3", prompt_3)):
-            if value is not None and not isinstance(value, (str, list)):
-                raise ValueError(f"`{name}` must be a string or a list of strings; got {type(value).__name__}.")
-        negatives = (negative_prompt, negative_prompt_2, negative_prompt_3)
-        for name, value in zip(("negative_prompt", "negative_prompt_2", "negative_prompt_3"), negatives):
-            if value is not None and negative_prompt_embeds is not None:
-                raise ValueError(f"Pass either `{name}` or `negative_prompt_embeds`, not both.")
+        call_checks.check_steps(num_inference_steps, sigmas)
+        call_checks.check_output(output_type, OUTPUT_TYPES, num_images_per_prompt,
+                                 callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        call_checks.check_prompts({"prompt": prompt, "prompt_2": prompt_2, "prompt_3": prompt_3}, negatives,
+                                  prompt_embeds, negative_prompt_embeds)
+        call_checks.check_embeds_pairs(prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                                       negative_pooled_prompt_embeds)
+        call_checks.check_attention_masks(prompt_attention_mask, prompt_embeds, negative_prompt_attention_mask,
+                                          negative_prompt_embeds)
+        batch_size = call_checks.batch_size(prompt, prompt_embeds)
+        call_checks.check_generator_count(generator, batch_size, num_images_per_prompt)
+        call_checks.check_latents_shape(latents, self._latent_layouts(batch_size * num_images_per_prompt, height, width))
+        return height, width
 
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError(
-                "`prompt_embeds` needs `pooled_prompt_embeds` too: take both from the same `encode_prompt` call."
-            )
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError(
-                "`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too: take both from the same "
-                "`encode_prompt` call."
-            )
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
-                    f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)} but `prompt_embeds` "
-                    f"{tuple(prompt_embeds.shape)}; they must match."
-                )
-            if pooled_prompt_embeds.shape != negative_pooled_prompt_embeds.shape:
-                raise ValueError(
-                    f"`negative_pooled_prompt_embeds` has shape {tuple(negative_pooled_prompt_embeds.shape)} but "
-                    f"`pooled_prompt_embeds` {tuple(pooled_prompt_embeds.shape)}; they must match."
-                )
-        for name, mask, embeds in (
-            ("prompt_attention_mask", prompt_attention_mask, prompt_embeds),
-            ("negative_prompt_attention_mask", negative_prompt_attention_mask, negative_prompt_embeds),
-        ):
-            if mask is not None and (embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2])):
-                expected = "[B, L] of its embeddings" if embeds is None else list(embeds.shape[:2])
-                raise ValueError(f"`{name}` has shape {tuple(mask.shape)}; expected {expected}.")
-
-        batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
-        effective = batch_size * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != effective:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but the effective batch size is {effective} "
-                f"({batch_size} prompts x num_images_per_prompt={num_images_per_prompt}); pass one per image."
-            )
-        if latents is not None:
-            factor = self.vae_scale_factor
-            expected = (effective, self.transformer.in_channels, height // factor, width // factor)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` has shape {tuple(latents.shape)}; expected {list(expected)}.")
+    def _latent_layouts(self, batch_size, height, width) -> dict:
+        """The shapes a caller's `latents` may have (a description -> shape): SD3's [B, C, h, w]."""
+        factor = self.vae_scale_factor
+        return {"": (batch_size, self.transformer.in_channels, height // factor, width // factor)}
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
         """Gaussian noise [batch, C, height / vae_scale_factor, width / vae_scale_factor], or `latents` moved."""
@@ -643,24 +622,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
     ) -> MMDiTPipelineOutput | tuple:
         """The generation of every MMDiT pipeline (arguments: `__call__`'s). `start` says where sampling starts: from
         noise (text-to-image), or from an image (`MMDiTImg2ImgPipeline`, `MMDiTInpaintPipeline`)."""
-        steps_given = num_inference_steps is not None
-        num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
-        guidance_scale = self._call_default("guidance_scale", guidance_scale)
-        cfg_name, cfg_scale = self._cfg_scale_argument(guidance_scale)
-        height, width = call_checks.check_call(
-            self, prompts=self._encoder_prompts(prompt, prompt_2, prompt_3),
-            height=height, width=width, num_inference_steps=num_inference_steps, steps_given=steps_given,
-            sigmas=sigmas, guidance_scale=cfg_scale, guidance_name=cfg_name, generator=generator,
-            negative_given=any((negative_prompt, negative_prompt_2, negative_prompt_3)) or negative_prompt_embeds is not None,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
-            output_type=output_type, latents=latents, mu=mu, joint_attention_kwargs=joint_attention_kwargs,
-        )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        latents = self._initial_latents(latents, height, width, prompt, prompt_embeds, num_images_per_prompt)
-        self.check_inputs(
+        height, width = self.check_inputs(
             prompt, prompt_2, prompt_3, height, width,
             num_inference_steps=num_inference_steps,
             sigmas=sigmas,
@@ -678,7 +642,15 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             generator=generator,
             num_images_per_prompt=num_images_per_prompt,
             latents=latents,
+            guidance_scale=guidance_scale,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            mu=mu,
+            joint_attention_kwargs=joint_attention_kwargs,
         )
+        num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
+        guidance_scale = self._call_default("guidance_scale", guidance_scale)
+        latents = self._initial_latents(latents, height, width, prompt, prompt_embeds, num_images_per_prompt)
         self._check_skip_layer_guidance(
             skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop,
             guidance_scale,
@@ -803,7 +775,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         return "guidance_scale", guidance_scale
 
     def _initial_latents(self, latents, height, width, prompt, prompt_embeds, num_images_per_prompt):
-        """The caller's `latents` in the [B, C, h, w] layout of the sampler (SD3's are; checked in `check_inputs`)."""
+        """The caller's `latents` (checked in `check_inputs`) in the [B, C, h, w] layout of the sampler (SD3's are)."""
         return latents
 
     def _model_inputs(self, model_input: torch.Tensor) -> dict:
@@ -922,7 +894,7 @@ def resolution_shift_mu(image_tokens: int, base_tokens: int, max_tokens: int, ba
 def _as_list(prompt, name: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {prompt!r}.")
+        raise InputError(f"`{name}` must be a string or a non-empty list of strings; got {prompt!r}.")
     return prompts
 
 
@@ -932,7 +904,7 @@ def _prompt_list(prompt, default: list[str], name: str) -> list[str]:
         return default
     prompts = _as_list(prompt, name)
     if len(prompts) != len(default):
-        raise ValueError(f"`{name}` has {len(prompts)} prompts but `prompt` has {len(default)}.")
+        raise InputError(f"`{name}` has {len(prompts)} prompts but `prompt` has {len(default)}.")
     return prompts
 
 
@@ -944,7 +916,7 @@ def _negative_list(negative, batch_size: int, name: str, default: list[str] | No
         return [negative] * batch_size
     negatives = _as_list(negative, name)
     if len(negatives) != batch_size:
-        raise ValueError(f"`{name}` has {len(negatives)} prompts but the batch has {batch_size}.")
+        raise InputError(f"`{name}` has {len(negatives)} prompts but the batch has {batch_size}.")
     return negatives
 
 
@@ -952,7 +924,7 @@ def _given(embeds, pooled, mask, device, name: str) -> TextConditioning:
     """Precomputed embeddings; a missing mask is all ones (every token real)."""
     if pooled is None:
         pooled_name = "negative_pooled_prompt_embeds" if name.startswith("negative") else "pooled_prompt_embeds"
-        raise ValueError(f"`{name}_embeds` needs `{pooled_name}` too.")
+        raise InputError(f"`{name}_embeds` needs `{pooled_name}` too.")
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
     return TextConditioning(embeds.to(device), pooled.to(device), mask.to(device=device, dtype=torch.long))

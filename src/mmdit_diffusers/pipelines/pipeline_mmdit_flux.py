@@ -204,22 +204,18 @@ class MMDiTFluxPipeline(MMDiTPipeline):
     # ----------------------------------------------------------------------------------------------------------
     # Latents and timesteps
     # ----------------------------------------------------------------------------------------------------------
-    def _initial_latents(self, latents, height, width, prompt, prompt_embeds, num_images_per_prompt):
-        """The caller's `latents` as [B, C, h, w]: FluxPipeline's packed [B, (h/2)(w/2), 4C] are unpacked."""
-        if latents is None or (prompt is None and prompt_embeds is None):
-            return latents  # nothing to unpack, or a call `check_inputs` refuses
-        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
-        batch_size = prompts * num_images_per_prompt
+    def _latent_layouts(self, batch_size, height, width) -> dict:
+        """The shapes a caller's `latents` may have: [B, C, h, w], or FluxPipeline's packed [B, (h/2)(w/2), 4C]."""
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         p, channels = self.patch_size, self.transformer.in_channels
-        shape, packed = (batch_size, channels, h, w), (batch_size, (h // p) * (w // p), channels * p * p)
-        if tuple(latents.shape) == packed:
-            return unpatchify(latents, p, h, w)
-        if tuple(latents.shape) != shape:
-            raise InputError(
-                f"`latents` has shape {tuple(latents.shape)}; expected {list(shape)}, or FLUX's packed {list(packed)}."
-            )
-        return latents
+        return {"": (batch_size, channels, h, w), "FLUX's packed ": (batch_size, (h // p) * (w // p), channels * p * p)}
+
+    def _initial_latents(self, latents, height, width, prompt, prompt_embeds, num_images_per_prompt):
+        """The caller's `latents` (checked in `check_inputs`) as [B, C, h, w]: FluxPipeline's packed ones unpacked."""
+        if latents is None or latents.ndim != 3:
+            return latents
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        return unpatchify(latents, self.patch_size, h, w)
 
     def _timesteps(self, num_inference_steps, sigmas, mu, height, width, device):
         """FluxPipeline's schedule: `sigmas = linspace(1, 1/n, n)` unless given (or unless the scheduler makes its own,
@@ -256,7 +252,8 @@ class MMDiTFluxPipeline(MMDiTPipeline):
 
     def _cfg_scale_argument(self, guidance_scale) -> tuple[str, float]:
         """True classifier-free guidance is weighted by `true_cfg_scale`; `guidance_scale` is the distilled input."""
-        return "true_cfg_scale", self._true_cfg_scale
+        scale = getattr(self, "_true_cfg_scale", None)  # set by `__call__`
+        return "true_cfg_scale", self._call_default("true_cfg_scale", None) if scale is None else scale
 
     def _model_inputs(self, model_input: torch.Tensor) -> dict:
         """FLUX.1 [dev]'s `guidance` input: `guidance_scale` per row, where the transformer embeds it."""

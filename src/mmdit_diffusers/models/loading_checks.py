@@ -16,14 +16,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from diffusers.utils import logging
 
 from ..errors import InputError
-from ..files import is_missing_local_path, safetensors_problem, safetensors_shapes
+from ..files import config_class_name, is_missing_local_path, safetensors_problem, safetensors_shapes
 
 logger = logging.get_logger(__name__)
 
@@ -40,12 +39,7 @@ def _local_folder(path, kwargs: dict) -> str | None:
 
 
 def _class_name(folder: str) -> str | None:
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config.get("_class_name") if isinstance(config, dict) else None
+    return config_class_name(os.path.join(folder, "config.json"))
 
 
 def check_local_source(path, method: str) -> None:

@@ -5,7 +5,6 @@ FLUX.1 folders."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
@@ -13,7 +12,7 @@ from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
 from ..errors import InputError
-from ..files import is_missing_local_path, safetensors_problem
+from ..files import config_class_name, is_missing_local_path, safetensors_problem
 
 logger = logging.get_logger(__name__)
 
@@ -150,15 +149,6 @@ def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
     return [name for name in UNUSED_FLUX_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
 
 
-def _model_class(config_path: str) -> str | None:
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config.get("_class_name") if isinstance(config, dict) else None
-
-
 def check_local_components(folder, expected: list[str], optional: list[str], passed: dict) -> None:
     """Name the component when a local pipeline folder lacks one (diffusers' own errors name a file or list every
     component), the folder's pipeline class when it is another kind of pipeline, and the file when a component's
@@ -169,7 +159,7 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
     if not os.path.isdir(folder):
         return
     if not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):
-        model_class = _model_class(os.path.join(folder, "config.json"))
+        model_class = config_class_name(os.path.join(folder, "config.json"))
         if model_class is not None:
             raise InputError(f"Cannot load {folder} as a pipeline: it is a model folder ({model_class}, config.json; no "
                              f"model_index.json). Load it with {model_class}.from_pretrained, or pass it to the pipeline "

@@ -27,6 +27,8 @@ from ..files import config_class_name, is_missing_local_path, safetensors_proble
 logger = logging.get_logger(__name__)
 
 SD3_CLASS = "SD3Transformer2DModel"
+# the Hub options that diffusers' loaders take (`from_pretrained`, `load_config`, `from_single_file`)
+HUB_OPTIONS = ("force_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
 # what a loaded IP-Adapter adds to a transformer's state dict (diffusers' SD3 layout): the image projection and the
 # attention processors' own projections
 IP_ADAPTER_KEY = re.compile(r"^image_proj\.|\.processor\.")

@@ -26,11 +26,9 @@ from ..conversion.sd3_original import (
     original_state_dict_to_sd3,
     strip_original_prefix,
 )
-from ..errors import InputError
+from ..errors import SHOWN_KEYS as _SHOWN, InputError
+from .loading_checks import HUB_OPTIONS, SD3_CLASS
 
-HUB_OPTIONS = ("force_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
-SD3_CLASS = "SD3Transformer2DModel"
-_SHOWN = 5  # keys named in an error
 
 
 class MMDiTSingleFileMixin:

@@ -13,19 +13,19 @@ from diffusers.utils import logging
 
 from ..errors import InputError
 from ..files import config_class_name, is_missing_local_path, safetensors_problem
+from ..models.loading_checks import HUB_OPTIONS
+from ..models.loading_checks import SD3_CLASS as SD3_TRANSFORMER_CLASS  # noqa: F401 (`loading.SD3_TRANSFORMER_CLASS`)
 
 logger = logging.get_logger(__name__)
 
 PACKAGE = "mmdit_diffusers"
 SHIM_FILE = "pipeline.py"
 SHIM_MODULE = "pipeline"  # `custom_pipeline="pipeline"`: diffusers looks for `<folder>/pipeline.py`
-SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
 FLUX_TRANSFORMER_CLASS = "FluxTransformer2DModel"
 FLUX_PIPELINE_CLASSES = ("FluxPipeline", "MMDiTFluxPipeline")  # diffusers' and ours (`_class_name`)
 # pipelines whose folders have MMDiTPipeline's components (a missing one is a broken folder, not another kind)
 SD3_LAYOUT_PIPELINES = ("MMDiTPipeline", "StableDiffusion3Pipeline")
 UNUSED_FLUX_COMPONENTS = ("image_encoder", "feature_extractor")  # FLUX.1 folders' IP-Adapter parts
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 SHIM_SOURCE = '''"""Lets diffusers' generic loader build this folder's pipeline:
 
@@ -82,7 +82,7 @@ def package_root_library(library: str | None, class_name: str | None, cls: type)
 
 def transformer_class_name(pretrained_model_name_or_path, kwargs: dict) -> str | None:
     """`_class_name` of the folder's `transformer/config.json` (None when there is none)."""
-    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    hub_kwargs = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
     try:
         config = SD3Transformer2DModel.load_config(pretrained_model_name_or_path, subfolder="transformer", **hub_kwargs)
     except (OSError, ValueError):
@@ -92,7 +92,7 @@ def transformer_class_name(pretrained_model_name_or_path, kwargs: dict) -> str |
 
 def pipeline_config(pretrained_model_name_or_path, kwargs: dict) -> dict | None:
     """The folder's `model_index.json` (None when there is none)."""
-    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    hub_kwargs = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
     try:
         return DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub_kwargs)
     except (OSError, ValueError):
@@ -112,7 +112,7 @@ def is_flux_folder(pretrained_model_name_or_path, kwargs: dict) -> bool:
 
 def _transformer_options(kwargs: dict) -> dict:
     """The pipeline's loading options (`dtype`, `variant`, Hub options, ...) as the transformer's."""
-    options = {k: kwargs[k] for k in (*HUB_KWARGS, "variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
+    options = {k: kwargs[k] for k in (*HUB_OPTIONS, "variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers >= 0.42 says `dtype`
     if isinstance(dtype, dict):
         dtype = dtype.get("transformer", dtype.get("default"))

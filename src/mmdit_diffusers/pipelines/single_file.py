@@ -14,10 +14,10 @@ from diffusers.loaders.single_file import FromSingleFileMixin
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
 from ..errors import InputError
+from ..models.loading_checks import HUB_OPTIONS
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
 SD3_MODEL_TYPES = ("sd3", "sd35_medium", "sd35_large")  # diffusers' names for the checkpoints it has configs for
-HUB_OPTIONS = ("force_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
 
 
 class MMDiTSingleFilePipelineMixin(FromSingleFileMixin):

@@ -84,7 +84,7 @@ class MMDiTSingleFileMixin:
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise InputError(f"`dtype` must be a torch.dtype such as torch.bfloat16; got {dtype!r}.")
 
-        checkpoint = _read_checkpoint(pretrained_model_link_or_path_or_dict, hub, disable_mmap)
+        checkpoint = read_checkpoint(pretrained_model_link_or_path_or_dict, hub, disable_mmap)
         quantizer = None
         if quantization_config is not None:
             if not low_cpu_mem_usage:
@@ -136,19 +136,22 @@ class MMDiTSingleFileMixin:
         return model.eval()
 
 
-def _read_checkpoint(source, hub: dict, disable_mmap: bool) -> dict:
-    if isinstance(source, Mapping):
+def read_checkpoint(source, hub: dict, disable_mmap: bool,
+                    argument: str = "pretrained_model_link_or_path_or_dict") -> dict:
+    """The tensors of a single file or Hub link (or a state dict, when `argument` accepts one: its name ends in
+    `_or_dict`); a missing file is an `InputError` naming `argument`, not sent to the Hub."""
+    takes_dict = argument.endswith("_or_dict")
+    if takes_dict and isinstance(source, Mapping):
         return dict(source)
+    accepted = "a file path, a Hub link or a state dict" if takes_dict else "a file path or a Hub link"
     if not isinstance(source, (str, os.PathLike)):
-        raise InputError(
-            f"`pretrained_model_link_or_path_or_dict` must be a file path, a Hub link or a state dict; got "
-            f"{type(source).__name__}."
-        )
+        raise InputError(f"`{argument}` must be {accepted}; got {type(source).__name__}.")
     source = os.fspath(source)
     if not os.path.isfile(source) and not source.startswith(tuple(VALID_URL_PREFIXES)):
         raise InputError(
-            f"`pretrained_model_link_or_path_or_dict`: no file at {source!r}; expected a `.safetensors` or `.gguf` "
-            "file, a Hub link (https://huggingface.co/<repo_id>/blob/main/<file>) or a state dict."
+            f"`{argument}`: no file at {source!r}; expected a `.safetensors` or `.gguf` file"
+            f"{',' if takes_dict else ' or'} a Hub link (https://huggingface.co/<repo_id>/blob/main/<file>)"
+            f"{' or a state dict' if takes_dict else ''}."
         )
     return dict(load_single_file_checkpoint(source, disable_mmap=disable_mmap, **hub))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import DiffusionPipeline, SD3Transformer2DModel
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
@@ -125,20 +125,18 @@ def load_converted_sd3_transformer(pretrained_model_name_or_path, kwargs: dict):
     """Load the folder's `SD3Transformer2DModel` with the pipeline's loading options and convert it."""
     from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
-    options = _transformer_options(kwargs)
-    sd3 = SD3Transformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
     logger.info("Converting the SD3 transformer to MMDiTTransformer2DModel.")
-    return MMDiTTransformer2DModel.from_sd3(sd3)
+    return MMDiTTransformer2DModel.from_sd3(pretrained_model_name_or_path, subfolder="transformer",
+                                            **_transformer_options(kwargs))
 
 
 def load_converted_flux_transformer(pretrained_model_name_or_path, kwargs: dict):
     """Load the folder's `FluxTransformer2DModel` with the pipeline's loading options and convert it."""
     from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
-    options = _transformer_options(kwargs)
-    flux = FluxTransformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
     logger.info("Converting the FLUX.1 transformer to MMDiTTransformer2DModel.")
-    return MMDiTTransformer2DModel.from_flux(flux)
+    return MMDiTTransformer2DModel.from_flux(pretrained_model_name_or_path, subfolder="transformer",
+                                             **_transformer_options(kwargs))
 
 
 def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:

@@ -12,12 +12,15 @@
                                               weights that loaded only in part are refused, unless the caller passed
                                               `ignore_mismatched_sizes=True`; an IP-Adapter saved with the
                                               transformer is left out with a warning (`load_ip_adapter` loads it)
+    shape_diff(expected, got)                 the names missing, unexpected and of another shape, between two
+                                              name -> shape maps (also `from_single_file`'s check)
 """
 
 from __future__ import annotations
 
 import os
 import re
+from typing import Mapping
 
 from diffusers.utils import logging
 
@@ -110,6 +113,15 @@ def pretrained_problem(cls, path, kwargs: dict) -> str | None:
     return weights_mismatch(cls, folder)
 
 
+def shape_diff(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> tuple[list[str], list[str], list[str]]:
+    """How the shapes `got` (name -> shape) differ from those `expected`: the names missing, the names unexpected
+    and the names of another shape, each sorted."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    reshaped = sorted(key for key in set(expected) & set(got) if tuple(expected[key]) != tuple(got[key]))
+    return missing, unexpected, reshaped
+
+
 def weights_mismatch(cls, folder: str) -> str | None:
     """How the weights in `folder` differ from what its config.json builds: blocks, missing and unexpected tensors,
     shapes (read from the safetensors headers; the model is built on the meta device)."""
@@ -129,9 +141,7 @@ def weights_mismatch(cls, folder: str) -> str | None:
             expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
     except (InputError, TypeError, ValueError, OSError):
         return None
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    resized = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    missing, unexpected, resized = shape_diff(expected, shapes)
     if not (missing or unexpected or resized):
         return None
     parts = []

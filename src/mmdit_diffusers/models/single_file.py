@@ -27,7 +27,7 @@ from ..conversion.sd3_original import (
     strip_original_prefix,
 )
 from ..errors import SHOWN_KEYS as _SHOWN, InputError
-from .loading_checks import HUB_OPTIONS, SD3_CLASS
+from .loading_checks import HUB_OPTIONS, SD3_CLASS, shape_diff
 
 
 
@@ -192,14 +192,10 @@ def _config_from(cls, config, subfolder: str | None, hub: dict) -> dict:
 
 def _check_fits(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Every parameter present with its shape (a GGUF tensor by its dequantized shape), nothing left over."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{key}: {tuple(getattr(state_dict[key], 'quant_shape', state_dict[key].shape))} vs {tuple(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state_dict))
-        if tuple(getattr(state_dict[key], "quant_shape", state_dict[key].shape)) != tuple(expected[key].shape)
-    ]
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    got = {key: tuple(getattr(tensor, "quant_shape", tensor.shape)) for key, tensor in state_dict.items()}
+    missing, unexpected, reshaped = shape_diff(expected, got)
+    mismatched = [f"{key}: {got[key]} vs {expected[key]}" for key in reshaped]
     problems = [f"{what} ({len(keys)}): {keys[:_SHOWN]}" for what, keys in
                 (("missing", missing), ("unexpected", unexpected), ("checkpoint vs model shapes", mismatched)) if keys]
     if problems:

@@ -6,5 +6,8 @@ they would diffusers' own errors; the command line prints `error: <message>` and
 """
 
 
+SHOWN_KEYS = 5  # how many keys an error message names ("12 keys, e.g. [...]")
+
+
 class InputError(ValueError):
     """Bad input: the message names the argument, the value and what was expected."""

@@ -7,7 +7,8 @@ complete file (or folder) or the new one, never a mix. Temporary names start wit
 that appeared meanwhile.
 
 `is_missing_local_path(path)` tells a mistyped local path from a Hub repo id. `safetensors_problem(path)` says
-why a weights file is damaged, from its header. `output_problem(path, overwrite)` and `folder_problem(path)` say,
+why a weights file is damaged, from its header. `config_class_name(path)` is the `_class_name` of a config.json
+(None when it is unreadable). `output_problem(path, overwrite)` and `folder_problem(path)` say,
 before any work, why a file or folder could not be written (it exists, a file stands where a folder should, the place is read-only), or None; the callers turn
 the answer into an `InputError` naming their option. `free_path(path)` is `path`, or `name-2.png`, `name-3.png`,
 ... when that exists.
@@ -223,3 +224,13 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")).decode("utf-8"))
     return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def config_class_name(config_path: str | os.PathLike) -> str | None:
+    """The `_class_name` of a `config.json` / `model_index.json`; None when it is missing, unreadable or names none."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("_class_name") if isinstance(config, dict) else None

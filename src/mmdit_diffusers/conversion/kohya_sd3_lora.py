@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import InputError
+from ..errors import SHOWN_KEYS as _SHOWN, InputError
 from .sd3_original import original_module_from_underscored, split_original_tensor
 
 TRANSFORMER_PREFIX = "lora_unet_"
@@ -31,7 +31,6 @@ KOHYA_PREFIXES = (TRANSFORMER_PREFIX, *TEXT_ENCODER_PREFIXES, *UNSUPPORTED_PREFI
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # the modules sd-scripts targets in a CLIP text encoder (CLIPAttention, CLIPMLP), `_` for `.`
 _CLIP_MODULE = re.compile(r"^text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])$")
-_SHOWN = 5
 
 
 def is_kohya_lora(state_dict: Mapping) -> bool:

@@ -12,22 +12,26 @@
                                               weights that loaded only in part are refused, unless the caller passed
                                               `ignore_mismatched_sizes=True`; an IP-Adapter saved with the
                                               transformer is left out with a warning (`load_ip_adapter` loads it)
+    shape_diff(expected, got)                 the names missing, unexpected and of another shape, between two
+                                              name -> shape maps (also `from_single_file`'s check)
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+from typing import Mapping
 
 from diffusers.utils import logging
 
 from ..errors import InputError
-from ..files import is_missing_local_path, safetensors_problem, safetensors_shapes
+from ..files import config_class_name, is_missing_local_path, safetensors_problem, safetensors_shapes
 
 logger = logging.get_logger(__name__)
 
 SD3_CLASS = "SD3Transformer2DModel"
+# the Hub options that diffusers' loaders take (`from_pretrained`, `load_config`, `from_single_file`)
+HUB_OPTIONS = ("force_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
 # what a loaded IP-Adapter adds to a transformer's state dict (diffusers' SD3 layout): the image projection and the
 # attention processors' own projections
 IP_ADAPTER_KEY = re.compile(r"^image_proj\.|\.processor\.")
@@ -40,12 +44,7 @@ def _local_folder(path, kwargs: dict) -> str | None:
 
 
 def _class_name(folder: str) -> str | None:
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config.get("_class_name") if isinstance(config, dict) else None
+    return config_class_name(os.path.join(folder, "config.json"))
 
 
 def check_local_source(path, method: str) -> None:
@@ -114,6 +113,15 @@ def pretrained_problem(cls, path, kwargs: dict) -> str | None:
     return weights_mismatch(cls, folder)
 
 
+def shape_diff(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> tuple[list[str], list[str], list[str]]:
+    """How the shapes `got` (name -> shape) differ from those `expected`: the names missing, the names unexpected
+    and the names of another shape, each sorted."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    reshaped = sorted(key for key in set(expected) & set(got) if tuple(expected[key]) != tuple(got[key]))
+    return missing, unexpected, reshaped
+
+
 def weights_mismatch(cls, folder: str) -> str | None:
     """How the weights in `folder` differ from what its config.json builds: blocks, missing and unexpected tensors,
     shapes (read from the safetensors headers; the model is built on the meta device)."""
@@ -133,9 +141,7 @@ def weights_mismatch(cls, folder: str) -> str | None:
             expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
     except (InputError, TypeError, ValueError, OSError):
         return None
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    resized = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    missing, unexpected, resized = shape_diff(expected, shapes)
     if not (missing or unexpected or resized):
         return None
     parts = []

@@ -26,11 +26,9 @@ from ..conversion.sd3_original import (
     original_state_dict_to_sd3,
     strip_original_prefix,
 )
-from ..errors import InputError
+from ..errors import SHOWN_KEYS as _SHOWN, InputError
+from .loading_checks import HUB_OPTIONS, SD3_CLASS, shape_diff
 
-HUB_OPTIONS = ("force_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
-SD3_CLASS = "SD3Transformer2DModel"
-_SHOWN = 5  # keys named in an error
 
 
 class MMDiTSingleFileMixin:
@@ -86,7 +84,7 @@ class MMDiTSingleFileMixin:
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise InputError(f"`dtype` must be a torch.dtype such as torch.bfloat16; got {dtype!r}.")
 
-        checkpoint = _read_checkpoint(pretrained_model_link_or_path_or_dict, hub, disable_mmap)
+        checkpoint = read_checkpoint(pretrained_model_link_or_path_or_dict, hub, disable_mmap)
         quantizer = None
         if quantization_config is not None:
             if not low_cpu_mem_usage:
@@ -136,19 +134,22 @@ class MMDiTSingleFileMixin:
         return model.eval()
 
 
-def _read_checkpoint(source, hub: dict, disable_mmap: bool) -> dict:
-    if isinstance(source, Mapping):
+def read_checkpoint(source, hub: dict, disable_mmap: bool,
+                    argument: str = "pretrained_model_link_or_path_or_dict") -> dict:
+    """The tensors of a single file or Hub link (or a state dict, when `argument` accepts one: its name ends in
+    `_or_dict`); a missing file is an `InputError` naming `argument`, not sent to the Hub."""
+    takes_dict = argument.endswith("_or_dict")
+    if takes_dict and isinstance(source, Mapping):
         return dict(source)
+    accepted = "a file path, a Hub link or a state dict" if takes_dict else "a file path or a Hub link"
     if not isinstance(source, (str, os.PathLike)):
-        raise InputError(
-            f"`pretrained_model_link_or_path_or_dict` must be a file path, a Hub link or a state dict; got "
-            f"{type(source).__name__}."
-        )
+        raise InputError(f"`{argument}` must be {accepted}; got {type(source).__name__}.")
     source = os.fspath(source)
     if not os.path.isfile(source) and not source.startswith(tuple(VALID_URL_PREFIXES)):
         raise InputError(
-            f"`pretrained_model_link_or_path_or_dict`: no file at {source!r}; expected a `.safetensors` or `.gguf` "
-            "file, a Hub link (https://huggingface.co/<repo_id>/blob/main/<file>) or a state dict."
+            f"`{argument}`: no file at {source!r}; expected a `.safetensors` or `.gguf` file"
+            f"{',' if takes_dict else ' or'} a Hub link (https://huggingface.co/<repo_id>/blob/main/<file>)"
+            f"{' or a state dict' if takes_dict else ''}."
         )
     return dict(load_single_file_checkpoint(source, disable_mmap=disable_mmap, **hub))
 
@@ -189,14 +190,10 @@ def _config_from(cls, config, subfolder: str | None, hub: dict) -> dict:
 
 def _check_fits(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Every parameter present with its shape (a GGUF tensor by its dequantized shape), nothing left over."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{key}: {tuple(getattr(state_dict[key], 'quant_shape', state_dict[key].shape))} vs {tuple(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state_dict))
-        if tuple(getattr(state_dict[key], "quant_shape", state_dict[key].shape)) != tuple(expected[key].shape)
-    ]
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    got = {key: tuple(getattr(tensor, "quant_shape", tensor.shape)) for key, tensor in state_dict.items()}
+    missing, unexpected, reshaped = shape_diff(expected, got)
+    mismatched = [f"{key}: {got[key]} vs {expected[key]}" for key in reshaped]
     problems = [f"{what} ({len(keys)}): {keys[:_SHOWN]}" for what, keys in
                 (("missing", missing), ("unexpected", unexpected), ("checkpoint vs model shapes", mismatched)) if keys]
     if problems:

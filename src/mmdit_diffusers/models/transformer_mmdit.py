@@ -446,11 +446,12 @@ class MMDiTTransformer2DModel(
 
 
 def _load_converted(model: nn.Module, state_dict: dict, source: str) -> None:
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise ValueError(f"Converted {source} weights do not fit: missing {missing}, unexpected {unexpected}.")
-    model.load_state_dict(state_dict, strict=True)
+    """Load converted weights; names missing or left over are a ValueError naming them (a tensor of another shape is
+    torch's RuntimeError, as `load_state_dict` raises it). `model` is new, so what loaded before the error is moot."""
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"Converted {source} weights do not fit: missing {sorted(result.missing_keys)}, "
+                         f"unexpected {sorted(result.unexpected_keys)}.")
 
 
 def _migrate_legacy_keys(state_dict, prefix, *args) -> None:

@@ -5,28 +5,27 @@ FLUX.1 folders."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
-from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import DiffusionPipeline, SD3Transformer2DModel
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES
 from diffusers.utils import logging
 
 from ..errors import InputError
-from ..files import is_missing_local_path, safetensors_problem
+from ..files import config_class_name, is_missing_local_path, safetensors_problem
+from ..models.loading_checks import HUB_OPTIONS
+from ..models.loading_checks import SD3_CLASS as SD3_TRANSFORMER_CLASS  # noqa: F401 (`loading.SD3_TRANSFORMER_CLASS`)
 
 logger = logging.get_logger(__name__)
 
 PACKAGE = "mmdit_diffusers"
 SHIM_FILE = "pipeline.py"
 SHIM_MODULE = "pipeline"  # `custom_pipeline="pipeline"`: diffusers looks for `<folder>/pipeline.py`
-SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
 FLUX_TRANSFORMER_CLASS = "FluxTransformer2DModel"
 FLUX_PIPELINE_CLASSES = ("FluxPipeline", "MMDiTFluxPipeline")  # diffusers' and ours (`_class_name`)
 # pipelines whose folders have MMDiTPipeline's components (a missing one is a broken folder, not another kind)
 SD3_LAYOUT_PIPELINES = ("MMDiTPipeline", "StableDiffusion3Pipeline")
 UNUSED_FLUX_COMPONENTS = ("image_encoder", "feature_extractor")  # FLUX.1 folders' IP-Adapter parts
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 SHIM_SOURCE = '''"""Lets diffusers' generic loader build this folder's pipeline:
 
@@ -83,7 +82,7 @@ def package_root_library(library: str | None, class_name: str | None, cls: type)
 
 def transformer_class_name(pretrained_model_name_or_path, kwargs: dict) -> str | None:
     """`_class_name` of the folder's `transformer/config.json` (None when there is none)."""
-    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    hub_kwargs = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
     try:
         config = SD3Transformer2DModel.load_config(pretrained_model_name_or_path, subfolder="transformer", **hub_kwargs)
     except (OSError, ValueError):
@@ -93,7 +92,7 @@ def transformer_class_name(pretrained_model_name_or_path, kwargs: dict) -> str |
 
 def pipeline_config(pretrained_model_name_or_path, kwargs: dict) -> dict | None:
     """The folder's `model_index.json` (None when there is none)."""
-    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    hub_kwargs = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
     try:
         return DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub_kwargs)
     except (OSError, ValueError):
@@ -113,7 +112,7 @@ def is_flux_folder(pretrained_model_name_or_path, kwargs: dict) -> bool:
 
 def _transformer_options(kwargs: dict) -> dict:
     """The pipeline's loading options (`dtype`, `variant`, Hub options, ...) as the transformer's."""
-    options = {k: kwargs[k] for k in (*HUB_KWARGS, "variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
+    options = {k: kwargs[k] for k in (*HUB_OPTIONS, "variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers >= 0.42 says `dtype`
     if isinstance(dtype, dict):
         dtype = dtype.get("transformer", dtype.get("default"))
@@ -126,20 +125,18 @@ def load_converted_sd3_transformer(pretrained_model_name_or_path, kwargs: dict):
     """Load the folder's `SD3Transformer2DModel` with the pipeline's loading options and convert it."""
     from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
-    options = _transformer_options(kwargs)
-    sd3 = SD3Transformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
     logger.info("Converting the SD3 transformer to MMDiTTransformer2DModel.")
-    return MMDiTTransformer2DModel.from_sd3(sd3)
+    return MMDiTTransformer2DModel.from_sd3(pretrained_model_name_or_path, subfolder="transformer",
+                                            **_transformer_options(kwargs))
 
 
 def load_converted_flux_transformer(pretrained_model_name_or_path, kwargs: dict):
     """Load the folder's `FluxTransformer2DModel` with the pipeline's loading options and convert it."""
     from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
-    options = _transformer_options(kwargs)
-    flux = FluxTransformer2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **options)
     logger.info("Converting the FLUX.1 transformer to MMDiTTransformer2DModel.")
-    return MMDiTTransformer2DModel.from_flux(flux)
+    return MMDiTTransformer2DModel.from_flux(pretrained_model_name_or_path, subfolder="transformer",
+                                             **_transformer_options(kwargs))
 
 
 def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
@@ -148,15 +145,6 @@ def unused_components(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
     if config is None:
         return []
     return [name for name in UNUSED_FLUX_COMPONENTS if isinstance(config.get(name), (list, tuple)) and config[name][0]]
-
-
-def _model_class(config_path: str) -> str | None:
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config.get("_class_name") if isinstance(config, dict) else None
 
 
 def check_local_components(folder, expected: list[str], optional: list[str], passed: dict) -> None:
@@ -169,7 +157,7 @@ def check_local_components(folder, expected: list[str], optional: list[str], pas
     if not os.path.isdir(folder):
         return
     if not os.path.isfile(os.path.join(folder, DiffusionPipeline.config_name)):
-        model_class = _model_class(os.path.join(folder, "config.json"))
+        model_class = config_class_name(os.path.join(folder, "config.json"))
         if model_class is not None:
             raise InputError(f"Cannot load {folder} as a pipeline: it is a model folder ({model_class}, config.json; no "
                              f"model_index.json). Load it with {model_class}.from_pretrained, or pass it to the pipeline "

@@ -27,13 +27,12 @@ from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscal
 from ..conversion.flux import flux_module_name_to_mmdit, flux_tensor_to_mmdit, is_flux_module_name
 from ..conversion.kohya_sd3_lora import is_kohya_lora, kohya_sd3_lora_to_peft
 from ..conversion.sd3 import is_sd3_module_name, sd3_module_name_to_mmdit, sd3_tensor_to_mmdit
-from ..errors import InputError
+from ..errors import SHOWN_KEYS as _SHOWN, InputError
 
 logger = logging.get_logger(__name__)
 
 TRANSFORMER_NAME = "transformer"
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
-_SHOWN = 5  # keys named in an error
 _LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?P<rest>(\.[^.]+)*)$")
 
 

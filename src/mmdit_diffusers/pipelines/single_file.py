@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 
 from diffusers.loaders.single_file import FromSingleFileMixin
-from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
 from ..errors import InputError
+from ..models.loading_checks import HUB_OPTIONS
+from ..models.single_file import read_checkpoint
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
 SD3_MODEL_TYPES = ("sd3", "sd35_medium", "sd35_large")  # diffusers' names for the checkpoints it has configs for
-HUB_OPTIONS = ("force_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
 
 
 class MMDiTSingleFilePipelineMixin(FromSingleFileMixin):
@@ -43,7 +44,9 @@ class MMDiTSingleFilePipelineMixin(FromSingleFileMixin):
         if kwargs.get("transformer") is None and "transformer" in kwargs:
             raise InputError("`transformer=None`: the pipeline cannot run without a transformer.")
         if "transformer" not in kwargs or kwargs.get("config") is None:
-            checkpoint = _read(pretrained_model_link_or_path, kwargs)
+            hub = {name: kwargs[name] for name in HUB_OPTIONS if name in kwargs}
+            checkpoint = read_checkpoint(pretrained_model_link_or_path, hub, kwargs.get("disable_mmap", False),
+                                         "pretrained_model_link_or_path")
             if kwargs.get("config") is None and infer_diffusers_model_type(checkpoint) not in SD3_MODEL_TYPES:
                 raise InputError(
                     "Pass `config=`, a diffusers-format SD3 / SD3.5 pipeline folder or repo id: "
@@ -54,18 +57,6 @@ class MMDiTSingleFilePipelineMixin(FromSingleFileMixin):
                 options = _transformer_options(kwargs)
                 kwargs["transformer"] = MMDiTTransformer2DModel.from_single_file(checkpoint, **options)
         return super().from_single_file(pretrained_model_link_or_path, **kwargs)
-
-
-def _read(source, kwargs: dict) -> dict:
-    if not isinstance(source, (str, os.PathLike)):
-        raise InputError(
-            f"`pretrained_model_link_or_path` must be a file path or a Hub link; got {type(source).__name__}."
-        )
-    source = os.fspath(source)
-    if not os.path.isfile(source) and "://" not in source and not source.startswith(("huggingface.co/", "hf.co/")):
-        raise InputError(f"`pretrained_model_link_or_path`: no file at {source!r}.")
-    hub = {name: kwargs[name] for name in HUB_OPTIONS if name in kwargs}
-    return dict(load_single_file_checkpoint(source, disable_mmap=kwargs.get("disable_mmap", False), **hub))
 
 
 def _transformer_options(kwargs: dict) -> dict:

@@ -47,8 +47,8 @@ def main() -> None:
     samples = {name: [] for name in ("import floor", "1 image", "4 images")}
     after_load = {"1 image": [], "4 images": []}
     with tempfile.TemporaryDirectory() as tmp:
-        cases["1 image"] = cli + ["--output", f"{tmp}/one.png"]
-        cases["4 images"] = cli + ["--num_images", "4", "--output", f"{tmp}/four.png"]
+        cases["1 image"] = cli + ["--output", f"{tmp}/one.png", "--overwrite"]
+        cases["4 images"] = cli + ["--num_images", "4", "--output", f"{tmp}/four.png", "--overwrite"]
         timed(cases["4 images"])  # warm-up: file caches, .pyc
         for _ in range(args.rounds):
             for name, cmd in cases.items():

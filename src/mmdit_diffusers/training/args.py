@@ -27,6 +27,7 @@ from ..arguments import (
 from ..errors import InputError
 from ..files import folder_problem
 from .flow_matching import WEIGHTING_SCHEMES
+from .optimizers import OPTIMIZERS
 
 DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # both streams, SD3 names
 # the SD3 paper's mode density (eq. 20) is a density on [0, 1] for -1 <= s <= 2 / (pi - 2)
@@ -152,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta2", type=decay_rate, default=0.999)
     g.add_argument("--adam_weight_decay", type=non_negative_float, default=1e-2)
     g.add_argument("--adam_epsilon", type=positive_float, default=1e-8)
+    g.add_argument("--optimizer", type=str.lower, choices=OPTIMIZERS, default="adamw",
+                   help="adamw (torch), adamw8bit (bitsandbytes, CUDA only; diffusers' --use_8bit_adam) or prodigy "
+                   "(prodigyopt; finds the step size itself: use --learning_rate 1.0). The --adam_* options apply "
+                   "to all three.")
+    g.add_argument("--prodigy_beta3", type=decay_rate, default=None,
+                   help="Prodigy's step-size EMA coefficient (default: the square root of --adam_beta2).")
+    g.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True,
+                   help="Prodigy: AdamW-style decoupled weight decay.")
+    g.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="Prodigy: Adam's bias correction.")
+    g.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="Prodigy: keep the step-size estimate from growing too fast during LR warmup.")
     g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping; 0 turns it off.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: the accelerate config (or `accelerate launch --mixed_precision`).")
@@ -168,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
     g.add_argument("--checkpointing_steps", type=positive_int, default=500)
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
-                   help="Keep only the newest N checkpoints.")
+                   help="Keep only the newest N checkpoints of this run (never another run's).")
+    g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
+                   help="Start a new run in an --output_dir that holds another run's checkpoints or model: its "
+                   "checkpoints, validation grids and logs are removed at the start, its model when the new one is "
+                   "exported. Without it such a folder is refused (unless resuming that run).")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="A checkpoint folder, or 'latest' (the newest checkpoint-N in --output_dir; "
                    "starts fresh if there is none).")

@@ -8,8 +8,8 @@ A process killed at any moment therefore leaves only complete `checkpoint-N` fol
 temporary one, removed at the next start). Rotation renames the old folder to `.deleting-checkpoint-N` before
 deleting it, so a kill during deletion cannot leave a half-deleted folder that looks complete.
 
-`training_state.json` holds the optimizer step, the micro-batch position of the data stream and the seed, which
-is all the loop needs besides what `load_state` restores (weights, optimizer, LR scheduler, gradient scaler,
+`training_state.json` holds the run id (`run_folder`), the optimizer step, the micro-batch position of the data
+stream and the seed, which is all the loop needs besides what `load_state` restores (weights, optimizer, LR scheduler, gradient scaler,
 the accelerate step counter, RNG states and the registered objects: EMA and the training generator).
 
 Why not `files.atomic_directory`: every process writes its part of the folder (`save_state`), so the staging
@@ -126,7 +126,17 @@ def damaged_files(path: str) -> list[str]:
     return problems
 
 
-def _remove(path: str) -> None:
+def run_id_of(path: str) -> str | None:
+    """The `run_id` checkpoint `path` was saved by (None: unreadable, or saved before run ids existed)."""
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state.get("run_id") if isinstance(state, dict) else None
+
+
+def remove_checkpoint(path: str) -> None:
     """Rename out of the `checkpoint-N` namespace first, then delete."""
     parent, name = os.path.split(path)
     doomed = os.path.join(parent, DELETING_PREFIX + name[len(PREFIX):])
@@ -145,19 +155,21 @@ def clean_temporary(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def rotate(output_dir: str, total_limit: int | None) -> list[str]:
-    """Keep the newest `total_limit` complete checkpoints; returns the removed paths."""
+def rotate(output_dir: str, total_limit: int | None, run_id: str | None) -> list[str]:
+    """Keep the newest `total_limit` complete checkpoints of run `run_id`; returns the removed paths. Checkpoints
+    of any other run (or without a run id) are never counted nor removed."""
     if not total_limit:
         return []
-    found = list_checkpoints(output_dir)
-    removed = [path for _, path in found[: max(0, len(found) - total_limit)]]
+    found = [path for _, path in list_checkpoints(output_dir) if run_id_of(path) == run_id]
+    removed = found[: max(0, len(found) - total_limit)]
     for path in removed:
-        _remove(path)
+        remove_checkpoint(path)
     return removed
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_limit: int | None = None) -> str:
-    """Save the full training state as `output_dir/checkpoint-{step}` atomically; all processes call this."""
+    """Save the full training state as `output_dir/checkpoint-{step}` atomically; all processes call this.
+    `state["run_id"]` names the run, whose older checkpoints beyond `total_limit` are then removed."""
     tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
     final = os.path.join(output_dir, f"{PREFIX}{step}")
     if accelerator.is_main_process:
@@ -171,9 +183,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
             json.dump({**state, "global_step": step}, f, indent=2)
         fsync_tree(tmp)
         if os.path.exists(final):
-            _remove(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_directory(output_dir)
-        rotate(output_dir, total_limit)
+        rotate(output_dir, total_limit, state.get("run_id"))
     accelerator.wait_for_everyone()
     return final

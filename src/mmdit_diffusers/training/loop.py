@@ -5,12 +5,18 @@ Order of work (every check that can fail comes before the first step):
     2. the starting pipeline; the transformer (the pipeline's, or new from `--model_config`); resolution and text
        length checks; LoRA adapters; precision; gradient checkpointing;
     3. caches (latents, text embeddings), dataset and the resumable sampler;
-    4. AdamW + LR schedule, `accelerator.prepare`, EMA and the training generator registered for checkpointing,
-       `load_state` when resuming;
-    5. steps: accumulate -> loss -> finite check -> backward -> clip -> optimizer/scheduler step; on each
-       optimizer step: EMA, logs, checkpoint every `--checkpointing_steps`, validation every `--validation_steps`;
-    6. export (pipeline folder or LoRA weights), final validation grid; `train` returns a `TrainResult` whose
+    4. the optimizer (`--optimizer`) + LR schedule, `accelerator.prepare`, EMA and the training generator
+       registered for checkpointing, `load_state` when resuming;
+    5. steps: accumulate -> loss (summed on the device) -> backward; at the last micro-batch of an optimizer step:
+       clip -> one host sync (the step's loss and whether loss and gradient norm are finite, summed over the
+       processes) -> optimizer/scheduler step; then EMA, logs (loss, lr, grad_norm, steps_per_s, images_per_s),
+       checkpoint every `--checkpointing_steps`, validation every `--validation_steps`;
+    6. export (pipeline folder or LoRA weights, written beside and swapped in), final validation grid; `train` returns a `TrainResult` whose
        card data and sample images the command line writes into the model card (and pushes, if asked).
+
+The run owns its output folder (`run_folder`): after the Accelerator, the main process takes the folder's lock and
+checks that the folder holds no other run's checkpoints or model (or `--overwrite_output_dir`, or a resume of the
+same run) before anything is written there.
 
 Randomness: everything random in a step (the VAE latent sample, the noise, sigma, caption dropout) comes from
 one `torch.Generator` (`TrainingRNG`) drawn for the *global* batch on every process, each process keeping its
@@ -36,7 +42,7 @@ import torch
 from ..errors import InputError
 from ..files import is_missing_local_path, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
-from . import checkpointing, data
+from . import checkpointing, data, optimizers, run_folder
 from .flow_matching import (
     flow_matching_loss,
     loss_weighting,
@@ -327,6 +333,7 @@ def train(args: Namespace) -> TrainResult:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = os.path.abspath(args.output_dir)
+    run_folder.stop_with_launcher()
 
     # 1. cheap checks --------------------------------------------------------------------------------------
     resume_path = checkpointing.resolve_resume(args.resume_from_checkpoint, output_dir)
@@ -338,6 +345,9 @@ def train(args: Namespace) -> TrainResult:
                     f"checkpoint {resume_path} does not match this run: it was saved with --{key} "
                     f"{'on' if resume_state[key] else 'off'}, and this run has it {'on' if getattr(args, key) else 'off'}."
                 )
+        if resume_state.get("optimizer", "adamw") != args.optimizer:
+            raise InputError(f"checkpoint {resume_path} does not match this run: it was saved with --optimizer "
+                             f"{resume_state.get('optimizer', 'adamw')}, and this run has --optimizer {args.optimizer}.")
     source = data.load_source(args)
 
     ddp_kwargs = DistributedDataParallelKwargs()
@@ -354,10 +364,16 @@ def train(args: Namespace) -> TrainResult:
                          f"{args.report_to}: {e}") from None
     _check_all_processes_joined(accelerator)
     with _quiet_logging(accelerator.is_local_main_process):
+        claimed = []  # the main process's claim on output_dir (run id, lock); a refusal is raised on every process
+        _on_main_or_raise(accelerator, lambda: claimed.append(
+            run_folder.claim(output_dir, args, resume_path, resume_state)))
         try:
-            return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source)
+            return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source,
+                          claimed[0].run_id if claimed else None)
         finally:
             accelerator.end_training()  # flush and close the trackers, also after an error
+            if claimed:
+                claimed[0].release()
 
 
 def _check_all_processes_joined(accelerator) -> None:
@@ -375,7 +391,7 @@ def _check_all_processes_joined(accelerator) -> None:
         )
 
 
-def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source) -> TrainResult:
+def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source, run_id) -> TrainResult:
     from accelerate.utils import DistributedType
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -386,9 +402,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     args.seed = seed
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        checkpointing.clean_temporary(output_dir)
+    optimizers.check(args.optimizer, device)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {output_dir}; starting a new run.")
     fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -470,8 +484,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
 
     # 4. optimizer, schedule, prepare, resume -------------------------------------------------------------
     lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = optimizers.create(args, params, lr, fsdp)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=max_train_steps * world,
@@ -529,7 +542,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         shift = float(getattr(pipe.scheduler.config, "shift", 1.0))
 
     def state_for_checkpoint(step: int) -> dict:
-        return {"seed": seed, "micro_batch": step * args.gradient_accumulation_steps,
+        return {"run_id": run_id, "optimizer": args.optimizer, "seed": seed, "micro_batch": step * args.gradient_accumulation_steps,
                 "train_batch_size": args.train_batch_size, "num_processes": world,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "max_train_steps": max_train_steps, "use_lora": bool(args.use_lora), "use_ema": bool(args.use_ema)}
@@ -576,12 +589,14 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     last_checkpoint = checkpointing.latest_checkpoint(output_dir)
     losses: list[float] = []
+    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * world
 
     def run_steps(global_step: int) -> int:
         nonlocal last_checkpoint
         if global_step >= max_train_steps:
             return global_step
-        step_losses: list[float] = []
+        loss_sum = torch.zeros((), device=device)  # this process's losses since the last optimizer step
+        micro_batches = 0
         step_started = time.perf_counter()
 
         loader = data.make_dataloader(dataset, sampler, args.dataloader_num_workers)
@@ -589,38 +604,31 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
             with accelerator.accumulate(transformer):
                 loss = _compute_loss(batch, transformer, vae, prompt_encoder, rng, args, shift, use_mask, device,
                                      guidance_value)
-                reduced = accelerator.reduce(loss.detach().float(), reduction="mean")
-                if not torch.isfinite(reduced):
-                    raise TrainingDivergedError(
-                        f"the loss is {reduced.item()} at step {global_step + 1} (of {max_train_steps}); training "
-                        f"stopped before the update and saved nothing. {_last_good(last_checkpoint)}"
-                    )
+                loss_sum += loss.detach().float()
+                micro_batches += 1
                 accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    if grad_norm is not None and accelerator.mixed_precision != "fp16" and not torch.isfinite(
-                            torch.as_tensor(grad_norm)):
-                        raise TrainingDivergedError(
-                            f"the gradient norm is {float(grad_norm)} at step {global_step + 1}; training stopped "
-                            f"before the update and saved nothing. {_last_good(last_checkpoint)}"
-                        )
+                if accelerator.sync_gradients:  # the last micro-batch: check before the optimizer applies the step
+                    if args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    step_loss = _checked_step_loss(accelerator, loss_sum, micro_batches, grad_norm,
+                                                   f"at step {global_step + 1} (of {max_train_steps})",
+                                                   _last_good(last_checkpoint))
+                    loss_sum.zero_()
+                    micro_batches = 0
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_losses.append(reduced.item())
 
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             if ema is not None:
                 ema.step(params)
-            step_loss = sum(step_losses) / len(step_losses)
-            step_losses.clear()
             losses.append(step_loss)
-            now = time.perf_counter()
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_s": 1.0 / max(now - step_started, 1e-9)}
-            step_started = now
+            steps_per_s = 1.0 / max(time.perf_counter() - step_started, 1e-9)
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s,
+                    "images_per_s": steps_per_s * images_per_step}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             progress.update(1)
@@ -635,6 +643,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                 validate(f"step-{global_step:06d}", global_step)
             if global_step >= max_train_steps:
                 break
+            step_started = time.perf_counter()  # the next step's time leaves out checkpoints and validation
         return global_step
 
     try:
@@ -701,6 +710,23 @@ def _create_hub_repo(args) -> None:
             f"--push_to_hub: cannot create or reach the repository {args.hub_model_id!r} ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); log in with `hf auth login` or set HF_TOKEN."
         ) from None
+
+
+def _checked_step_loss(accelerator, loss_sum, micro_batches: int, grad_norm, where: str, last_good: str) -> float:
+    """The optimizer step's loss (mean over micro-batches and processes) after its one host sync, which also
+    decides on every process whether the loss and the gradient norm are finite; `TrainingDivergedError` if not
+    (before the update). The gradient norm is not checked under fp16, whose gradient scaler skips such steps."""
+    check_grad = grad_norm is not None and accelerator.mixed_precision != "fp16"
+    grad_norm = torch.as_tensor(grad_norm if check_grad else 0.0, device=loss_sum.device, dtype=torch.float32)
+    stats = torch.stack([loss_sum, torch.tensor(float(micro_batches), device=loss_sum.device),
+                         (~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float()])
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats, reduction="sum")
+    total, count, bad_loss, bad_grad = stats.tolist()
+    if bad_loss or bad_grad:
+        what = f"the loss is {total / count}" if bad_loss else f"the gradient norm is {grad_norm.item()}"
+        raise TrainingDivergedError(f"{what} {where}; training stopped before the update and saved nothing. {last_good}")
+    return total / count
 
 
 def _last_good(path: str | None) -> str:

@@ -614,6 +614,7 @@ BAD_OPTION_VALUES = [
     ("--checkpoints_total_limit", "0"), ("--validation_steps", "0"), ("--num_validation_images", "0"),
     ("--validation_inference_steps", "0"), ("--validation_guidance_scale", "-1"), ("--validation_guidance_scale", "nan"),
     ("--report_to", "mlflow"), ("--vae_latent", "mean"), ("--max_train_samples", "0"),
+    ("--optimizer", "sgd"), ("--prodigy_beta3", "1"),
 ]
 
 TRAINING = [

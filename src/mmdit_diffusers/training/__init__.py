@@ -9,9 +9,11 @@ One concept per module:
 - `text`: captions -> text conditioning (the pipeline's own `pipelines.text_encoding`), per-encoder caption
   dropout and the text-embedding cache.
 - `loop`: the accelerate training loop: `train(args) -> TrainResult`; `TrainingDivergedError` (non-finite loss).
-- `checkpointing`: atomic `save_state`, rotation and resume.
+- `checkpointing`: atomic `save_state`, rotation (of the run's own checkpoints) and resume.
+- `run_folder`: a run owns its `--output_dir` (manifest `run.json`, lock `.run.lock`, refusal of another run's folder).
+- `optimizers`: `--optimizer adamw|adamw8bit|prodigy`, checked before any model is loaded.
 - `validation`: PNG grids of sample images, logged to the trackers.
-- `export`: the final pipeline folder (or LoRA weights) and the model card's fields.
+- `export`: the final pipeline folder (or LoRA weights), written beside and swapped in, and the model card's fields.
 
 Bad input is `mmdit_diffusers.errors.InputError`. Training writes no model card and never talks to the Hub's
 upload API: `mmdit-diffusers train` (the command line) writes the card from the `TrainResult` and pushes. The

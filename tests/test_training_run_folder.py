@@ -61,7 +61,8 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_a_new_run_is_refused_in_another_runs_folder_resume_and_overwrite_are_not(capsys, base_dir, data_dir, tmp_path):
+def test_a_new_run_is_refused_in_another_runs_folder_resume_and_overwrite_are_not(capsys, caplog, base_dir, data_dir,
+                                                                                  tmp_path):
     out = tmp_path / "out"
     run(*argv(base_dir, data_dir, out))
     exported = weights(out)
@@ -76,8 +77,11 @@ def test_a_new_run_is_refused_in_another_runs_folder_resume_and_overwrite_are_no
     assert checkpoint_runs(out) == {"checkpoint-1": first, "checkpoint-2": first}
     assert same(weights(out), exported)
 
-    # resuming that run is allowed and continues it: same run id, the later checkpoint, a new export
-    run(*argv(base_dir, data_dir, out, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"))
+    # resuming that run is allowed and continues it: same run id, the later checkpoint, a new export; a changed
+    # training option is named in a warning (the longer run is not)
+    run(*argv(base_dir, data_dir, out, "--resume_from_checkpoint", "latest", "--max_train_steps", "3",
+              "--learning_rate", "2e-3"))
+    assert "other options than it started with: learning_rate." in caplog.text
     assert json.loads((out / "run.json").read_text())["run_id"] == first
     assert checkpoint_runs(out) == {"checkpoint-1": first, "checkpoint-2": first, "checkpoint-3": first}
     assert not same(weights(out), exported)

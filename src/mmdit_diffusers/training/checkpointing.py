@@ -9,8 +9,9 @@ temporary one, removed at the next start). Rotation renames the old folder to `.
 deleting it, so a kill during deletion cannot leave a half-deleted folder that looks complete.
 
 `training_state.json` holds the run id (`run_folder`), the optimizer step, the micro-batch position of the data
-stream and the seed, which is all the loop needs besides what `load_state` restores (weights, optimizer, LR scheduler, gradient scaler,
-the accelerate step counter, RNG states and the registered objects: EMA and the training generator).
+stream and the seed, which is all the loop needs besides what `load_state` restores (weights, optimizer, LR
+scheduler, gradient scaler, the accelerate step counter, RNG states and the registered objects: EMA and the
+training generator).
 
 Why not `files.atomic_directory`: every process writes its part of the folder (`save_state`), so the staging
 folder must have a name all processes know, and resume and clean-up must recognise leftovers by name

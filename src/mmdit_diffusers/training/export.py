@@ -45,7 +45,9 @@ def _components(index_path: str) -> list[str]:
             index = json.load(f)
     except (OSError, ValueError):
         return []
-    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)] if isinstance(index, dict) else []
+    if not isinstance(index, dict):
+        return []
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
 
 
 def _writing_folder(output_dir: str) -> str:

@@ -11,8 +11,9 @@ Order of work (every check that can fail comes before the first step):
        clip -> one host sync (the step's loss and whether loss and gradient norm are finite, summed over the
        processes) -> optimizer/scheduler step; then EMA, logs (loss, lr, grad_norm, steps_per_s, images_per_s),
        checkpoint every `--checkpointing_steps`, validation every `--validation_steps`;
-    6. export (pipeline folder or LoRA weights, written beside and swapped in), final validation grid; `train` returns a `TrainResult` whose
-       card data and sample images the command line writes into the model card (and pushes, if asked).
+    6. export (pipeline folder or LoRA weights, written beside and swapped in), final validation grid; `train`
+       returns a `TrainResult` whose card data and sample images the command line writes into the model card (and
+       pushes, if asked).
 
 The run owns its output folder (`run_folder`): after the Accelerator, the main process takes the folder's lock and
 checks that the folder holds no other run's checkpoints or model (or `--overwrite_output_dir`, or a resume of the
@@ -542,8 +543,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         shift = float(getattr(pipe.scheduler.config, "shift", 1.0))
 
     def state_for_checkpoint(step: int) -> dict:
-        return {"run_id": run_id, "optimizer": args.optimizer, "seed": seed, "micro_batch": step * args.gradient_accumulation_steps,
-                "train_batch_size": args.train_batch_size, "num_processes": world,
+        return {"run_id": run_id, "optimizer": args.optimizer, "seed": seed,
+                "micro_batch": step * args.gradient_accumulation_steps, "train_batch_size": args.train_batch_size, "num_processes": world,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "max_train_steps": max_train_steps, "use_lora": bool(args.use_lora), "use_ema": bool(args.use_ema)}
 
@@ -716,17 +717,21 @@ def _checked_step_loss(accelerator, loss_sum, micro_batches: int, grad_norm, whe
     """The optimizer step's loss (mean over micro-batches and processes) after its one host sync, which also
     decides on every process whether the loss and the gradient norm are finite; `TrainingDivergedError` if not
     (before the update). The gradient norm is not checked under fp16, whose gradient scaler skips such steps."""
-    check_grad = grad_norm is not None and accelerator.mixed_precision != "fp16"
-    grad_norm = torch.as_tensor(grad_norm if check_grad else 0.0, device=loss_sum.device, dtype=torch.float32)
-    stats = torch.stack([loss_sum, torch.tensor(float(micro_batches), device=loss_sum.device),
-                         (~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float()])
+    bad_loss = (~torch.isfinite(loss_sum)).float()
+    if grad_norm is not None and accelerator.mixed_precision != "fp16":
+        grad_norm = torch.as_tensor(grad_norm, device=loss_sum.device, dtype=torch.float32)
+        bad_grad = (~torch.isfinite(grad_norm)).float()
+    else:
+        bad_grad = torch.zeros_like(bad_loss)
+    stats = torch.stack([loss_sum, bad_loss, bad_grad])
     if accelerator.num_processes > 1:
         stats = accelerator.reduce(stats, reduction="sum")
-    total, count, bad_loss, bad_grad = stats.tolist()
-    if bad_loss or bad_grad:
-        what = f"the loss is {total / count}" if bad_loss else f"the gradient norm is {grad_norm.item()}"
+    total, any_bad_loss, any_bad_grad = stats.tolist()
+    mean = total / (micro_batches * accelerator.num_processes)  # every process runs the same number of micro-batches
+    if any_bad_loss or any_bad_grad:
+        what = f"the loss is {mean}" if any_bad_loss else f"the gradient norm is {float(grad_norm)}"
         raise TrainingDivergedError(f"{what} {where}; training stopped before the update and saved nothing. {last_good}")
-    return total / count
+    return mean
 
 
 def _last_good(path: str | None) -> str:

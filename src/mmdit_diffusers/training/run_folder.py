@@ -175,9 +175,9 @@ def claim(output_dir: str, args, resume_path: str | None, resume_state: dict | N
 def _check_owner(output_dir: str, args, resume_path: str | None, resume_state: dict | None) -> str:
     """The id of this run, once the folder may be written by it; `InputError` otherwise."""
     held, owners = _run_contents(output_dir)
-    overwrite = bool(getattr(args, "overwrite_output_dir", False))
-    options = (f"choose another --output_dir, pass --overwrite_output_dir to replace that run, or "
-               f"--resume_from_checkpoint latest to continue it")
+    overwrite = bool(args.overwrite_output_dir)
+    options = ("choose another --output_dir, pass --overwrite_output_dir to replace that run, or "
+               "--resume_from_checkpoint latest to continue it")
     if resume_path is None:
         if held and not overwrite:
             raise InputError(f"--output_dir {output_dir} holds another run's files ({_shown(held)}; run "

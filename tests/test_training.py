@@ -391,3 +391,19 @@ def test_processes_that_accelerate_leaves_alone_are_refused(base_dir, data_dir, 
     assert result.returncode != 0
     assert "WORLD_SIZE=2" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
     assert not out.exists() or not any(out.glob("checkpoint-*"))
+
+
+def test_caption_dropout_of_all_encoders_together():
+    """--caption_dropout_all_prob drops whole rows (the unconditional input) at its rate, on top of the per-encoder
+    drops; without it the draws are those of --caption_dropout_prob alone."""
+    from mmdit_diffusers.training.loop import TrainingRNG
+
+    rows = TrainingRNG(0, "cpu").caption_drop(20000, 2, 0.0, 0.25)
+    assert torch.equal(rows[:, 0], rows[:, 1])  # every encoder of a row together
+    assert abs(rows[:, 0].float().mean().item() - 0.25) < 0.02
+    both = TrainingRNG(0, "cpu").caption_drop(20000, 2, 0.1, 0.1)
+    all_dropped = both.all(dim=1).float().mean().item()
+    assert abs(all_dropped - (0.1 + 0.9 * 0.01)) < 0.01  # independent drops alone reach all encoders 1% of the time
+    alone, same = TrainingRNG(0, "cpu").caption_drop(64, 2, 0.3), TrainingRNG(0, "cpu").rand((64, 2)) < 0.3
+    assert torch.equal(alone, same)
+    assert TrainingRNG(0, "cpu").caption_drop(4, 2, 0.0, 0.0) is None

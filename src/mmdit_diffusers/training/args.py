@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption_dropout_prob", type=probability, default=0.0,
                    help="Each text encoder independently sees an empty caption with this probability "
                    "(the unconditional input of classifier-free guidance).")
+    g.add_argument("--caption_dropout_all_prob", type=probability, default=0.0,
+                   help="Every text encoder sees an empty caption together with this probability: the "
+                   "unconditional input of classifier-free guidance, trained as often as this says (with "
+                   "independent drops alone it comes up only --caption_dropout_prob ** encoders of the time).")
 
     g = p.add_argument_group("objective")
     g.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",

@@ -104,6 +104,17 @@ class TrainingRNG:
                              args.mode_scale, shift, generator=self.generator, device=self.device)
         return self._rows(full, batch)
 
+    def caption_drop(self, batch: int, num_encoders: int, each: float, every: float = 0.0) -> torch.Tensor | None:
+        """[batch, num_encoders] True where an encoder sees "": each encoder on its own with probability `each`,
+        all of them together (the unconditional input of classifier-free guidance) with probability `every`."""
+        drop = None
+        if each > 0:
+            drop = self.rand((batch, num_encoders)) < each
+        if every > 0:
+            drop_all = (self.rand((batch, 1)) < every).expand(batch, num_encoders)
+            drop = drop_all if drop is None else drop | drop_all
+        return drop
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
@@ -722,9 +733,8 @@ def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, arg
         bsz = x0.shape[0]
         noise = rng.randn(x0.shape)
         sigmas = rng.sigmas(bsz, args, shift)
-        drop = None
-        if args.caption_dropout_prob > 0:
-            drop = rng.rand((bsz, prompt_encoder.num_encoders)) < args.caption_dropout_prob
+        drop = rng.caption_drop(bsz, prompt_encoder.num_encoders, args.caption_dropout_prob,
+                                args.caption_dropout_all_prob)
         text = prompt_encoder.from_batch(batch, drop)
         x_t = noisy_latents(x0, noise, sigmas)
         target = velocity_target(x0, noise)

@@ -132,7 +132,7 @@ class TarShardSource:
     def __init__(self, paths: list[str], caption_column: str):
         self.paths, self.caption_column = paths, caption_column
         self._indexes: dict[int, list[TarSample]] = {}
-        self._files: dict[int, object] = {}
+        self._files: dict[tuple[int, int], object] = {}  # (process id, shard) -> open file
 
     num_examples = None  # only the owned shards are indexed
 
@@ -141,15 +141,20 @@ class TarShardSource:
         state["_files"] = {}
         return state
 
+    def __del__(self):
+        for f in self._files.values():
+            f.close()
+
     def samples_of(self, shard: int) -> list[TarSample]:
         if shard not in self._indexes:
             self._indexes[shard] = index_shard(self.paths[shard], self.caption_column)
         return self._indexes[shard]
 
     def _read(self, shard: int, member: tuple[int, int, str]) -> bytes:
-        f = self._files.get(shard)
+        # keyed by process: a forked dataloader worker must not share its parent's file position
+        f = self._files.get((os.getpid(), shard))
         if f is None:
-            f = self._files[shard] = open(self.paths[shard], "rb")
+            f = self._files[(os.getpid(), shard)] = open(self.paths[shard], "rb")
         f.seek(member[0])
         return f.read(member[1])
 
@@ -260,8 +265,9 @@ class DatasetStreamSource:
 
         ds = self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
         if num_processes > 1:
-            whole = ds.num_shards % num_processes == 0
-            logger.info(f"The stream has {ds.num_shards} shard(s) for {num_processes} processes: each process reads "
+            shards = getattr(ds, "num_shards", None) or ds.n_shards  # `n_shards` before datasets 3
+            whole = shards % num_processes == 0
+            logger.info(f"The stream has {shards} shard(s) for {num_processes} processes: each process reads "
                         f"{'its own shards' if whole else f'every {num_processes}th example (it reads them all)'}.")
             ds = split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
         return DatasetStream(self, ds, seed, process_index, random_flip)

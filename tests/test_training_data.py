@@ -203,6 +203,7 @@ def test_a_random_caption_of_several_fixed_by_seed_and_position(tmp_path):
 def test_auto_buckets_have_the_area_and_sides_asked_for():
     sizes = auto_buckets(1024, 16)
     assert (1024, 1024) in sizes and len(sizes) > 8
+    assert {(h, w) for w, h in sizes} == set(sizes)  # every landscape size also upright
     for w, h in sizes:
         assert w % 16 == 0 and h % 16 == 0
         assert 0.5 <= w / h <= 2.0
@@ -303,24 +304,50 @@ def common(base: str, out, *extra: str) -> list[str]:
             "--checkpointing_steps", "1000", *extra]
 
 
-def test_training_with_buckets_sees_both_shapes(base_dir, tmp_path, monkeypatch):
-    root = tmp_path / "mixed"
-    root.mkdir()
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> str:
+    """Eight images, half 48x24 and half 24x48."""
+    root = tmp_path_factory.mktemp("mixed")
     with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
         for i in range(8):
-            name = f"{i}.png"
-            picture(48, 24, i).save(root / name) if i % 2 else picture(24, 48, i).save(root / name)
-            f.write(json.dumps({"file_name": name, "text": "a red circle"}) + "\n")
-    shapes = []
+            picture(*((48, 24) if i % 2 else (24, 48)), i).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": "a red circle"}) + "\n")
+    return str(root)
+
+
+def test_training_with_buckets_sees_both_shapes(base_dir, mixed_folder, tmp_path, monkeypatch):
     from mmdit_diffusers.training import loop
 
+    shapes = []
     real = loop.data.encode_latent_params
     monkeypatch.setattr(loop.data, "encode_latent_params",
                         lambda vae, pixels: shapes.append(tuple(pixels.shape[2:])) or real(vae, pixels))
-    result = train(parse_args(common(base_dir, tmp_path / "out", "--train_data_dir", str(root), "--max_train_steps",
+    result = train(parse_args(common(base_dir, tmp_path / "out", "--train_data_dir", mixed_folder, "--max_train_steps",
                                      "4", "--aspect_ratio_buckets", "48x24", "24x48", "--random_crop")))
-    assert result.global_step == 4 and all(map(lambda x: x == x, result.losses))
-    assert set(shapes) == {(24, 48), (48, 24)}  # [height, width] of each bucket
+    assert result.global_step == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert set(shapes) == {(24, 48), (48, 24)}  # [height, width] of each bucket, one per batch
+
+
+def test_a_new_transformer_covers_the_auto_buckets(base_dir, mixed_folder, tmp_path):
+    out = tmp_path / "scratch"
+    train(parse_args(common(base_dir, out, "--train_data_dir", mixed_folder, "--max_train_steps", "1",
+                            "--model_config", '{"preset": "tiny", "depth": 1}', "--aspect_ratio_buckets", "auto")))
+    config = json.load(open(out / "transformer" / "config.json"))
+    widest = max(max(size) for size in auto_buckets(32, 2 * config["patch_size"]))  # the tiny VAE scales by 2
+    assert config["pos_embed_max_size"] * config["patch_size"] * 2 >= widest > 32
+
+
+def test_a_bucket_the_model_cannot_take_stops_before_training(base_dir, mixed_folder, tmp_path):
+    with pytest.raises(InputError, match="--aspect_ratio_buckets 96x32 gives 48x16 latents"):
+        train(parse_args(common(base_dir, tmp_path / "out", "--train_data_dir", mixed_folder, "--max_train_steps", "1",
+                                "--aspect_ratio_buckets", "32x32", "96x32")))
+    assert not (tmp_path / "out" / "transformer").exists()
+
+
+def test_training_from_a_streamed_imagefolder(base_dir, folder, tmp_path):
+    result = train(parse_args(common(base_dir, tmp_path / "out", "--dataset_name", "imagefolder", "--data_dir", folder,
+                                     "--cache_dir", str(tmp_path / "hf-cache"), "--streaming", "--max_train_steps", "2")))
+    assert result.global_step == 2 and len(result.losses) == 2
 
 
 def test_training_from_tar_shards_resumes_where_it_stopped(base_dir, tmp_path):

@@ -5,9 +5,9 @@ A bucket is a training size `(width, height)`. Each image goes to the bucket who
 sampler (`data.ResumableBatchSampler`) draws every micro-batch from one bucket, so latents of different shapes never
 share a batch.
 
-`auto` picks sizes of about `resolution`^2 pixels: widths on a grid of `step` (a multiple of the VAE scale factor
-x patch size, about resolution/16), each with the height that keeps the area nearest resolution^2 on the same
-grid, aspect ratios from 1:2 to 2:1 (`AUTO_MAX_ASPECT`).
+`auto` picks sizes of about `resolution`^2 pixels: landscape widths on a grid of `step` (a multiple of the VAE scale
+factor x patch size, about resolution/16), each with the height that keeps the area nearest resolution^2 on the
+same grid, aspect ratios up to 2:1 (`AUTO_MAX_ASPECT`), and the same sizes turned upright.
 """
 
 from __future__ import annotations
@@ -54,12 +54,11 @@ def auto_buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
     """Sizes of about resolution^2 pixels, sides multiples of `multiple`, aspect ratios within 1:2 .. 2:1,
     ordered by aspect ratio (width / height)."""
     step = multiple * max(1, round(resolution / (16 * multiple)))
-    sizes = set()
+    sizes = {(resolution // multiple * multiple,) * 2}
     for width in range(step, int(resolution * AUTO_MAX_ASPECT) + step, step):
         height = max(step, round(resolution * resolution / width / step) * step)
-        if 1 / AUTO_MAX_ASPECT <= width / height <= AUTO_MAX_ASPECT:
-            sizes.add((width, height))
-    sizes.add((resolution // multiple * multiple,) * 2)
+        if 1 <= width / height <= AUTO_MAX_ASPECT:  # landscape sizes, and the same turned upright
+            sizes |= {(width, height), (height, width)}
     return sorted(sizes, key=lambda s: (s[0] / s[1], s[0]))
 
 

@@ -17,8 +17,9 @@ Tar shards (read with the standard library's `tarfile`; no `webdataset` package)
     buffer (`--shuffle_buffer_size`, seeded; `set_epoch(e)` reshuffles each local epoch) and split with
     `datasets.distributed.split_dataset_by_node`: whole shards per process when the shard count divides by the
     process count, otherwise every P-th example (disjoint either way). Resuming at micro-batch m replays the stream
-    and skips this process's first m*B samples (undecoded): exact as long as the dataset's files are unchanged,
-    but it reads them again, which takes time on a long run. Read in the main process (no dataloader workers).
+    and skips this process's first m*B samples (undecoded; whole local epochs unread once the first epoch's length
+    is known): exact as long as the dataset's files are unchanged, but the current epoch is read again up to that
+    point. Read in the main process (no dataloader workers).
 
 Per sample, the flip (with --random_flip) and the `draw` (random crop, caption choice) come from a
 `random.Random` seeded by the seed, the local epoch and the sample's identity, so they repeat on resume.
@@ -282,9 +283,13 @@ class DatasetStream:
 
     def samples(self, start: int):
         """(position, image, captions, flip, draw) from local position `start` on; earlier ones are skipped
-        without decoding their images."""
-        source, position = self.source, 0
+        without decoding their images (whole local epochs without reading them, once the first epoch's length is
+        known)."""
+        source, position, epoch_length = self.source, 0, None
         for epoch in itertools.count():
+            if epoch_length is not None and position + epoch_length <= start:
+                position += epoch_length
+                continue
             self.dataset.set_epoch(epoch)
             offset = -1
             for offset, row in enumerate(self.dataset):
@@ -299,6 +304,7 @@ class DatasetStream:
                 position += 1
             if offset < 0:
                 raise InputError(f"the stream of {source.name!r} gives process {self.process_index} no examples.")
+            epoch_length = offset + 1
 
 
 def load_stream_source(args):

@@ -266,6 +266,13 @@ def test_tar_shards_are_disjoint_across_processes_and_resume_at_the_right_sample
         got = next(it)
         assert got["caption"] == expected["caption"] and got["flip"] == expected["flip"]
         assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    # random access (any order) agrees with walking forward, across local epochs
+    walked = [ranks[1].stream.locate(p) for p in range(40)]
+    jumping = StreamingBatches(source, 2, 0, 2, 1).stream
+    for p in (37, 5, 22, 0, 39, 6, 11):
+        assert jumping.locate(p) == walked[p]
+    assert [walked[p][2].key for p in range(6)] != [walked[p][2].key for p in range(6, 12)]
+    assert sorted(w[2].key for w in walked[:6]) == sorted(w[2].key for w in walked[6:12])
     workers = iter(StreamingBatches(source, 2, 0, 2, 0, random_flip=True, start=4).loader(dataset, 2))
     assert [next(workers)["caption"] for _ in range(3)] == [b["caption"] for b in uninterrupted[4:7]]
 
@@ -277,6 +284,39 @@ def test_tar_json_captions_give_a_random_caption(tmp_path):
     captions = [c for batch in stream_captions(make_sampler(args, source, 0, 1, 0).loader(
         TrainDataset(source, 32), 0), 12) for c in batch]
     assert {c.split()[-1] for c in captions} == {"one", "two"}
+
+
+def test_bad_shards_are_named(tmp_path):
+    (tmp_path / "packed.tar.gz").write_bytes(b"\x1f\x8b not a tar")
+    args = data_args(tmp_path, "--train_shards", str(tmp_path / "packed.tar.gz"), "--max_train_steps", "1")
+    with pytest.raises(InputError, match="packed.tar.gz is not a readable uncompressed tar"):
+        load_source(args)
+    with tarfile.open(tmp_path / "nocaption.tar", "w") as tar:
+        buf = io.BytesIO()
+        picture(8, 8, 0).save(buf, format="PNG")
+        info = tarfile.TarInfo("a/0001.png")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    args = data_args(tmp_path, "--train_shards", str(tmp_path / "nocaption.tar"), "--max_train_steps", "1")
+    with pytest.raises(InputError, match=r"sample 'a/0001' of .*nocaption.tar has no caption \(.text, .txt or .json member\); it has .png"):
+        load_source(args)
+    shards = write_shards(tmp_path / "one", num_shards=1, per_shard=2)
+    args = data_args(tmp_path, "--train_shards", *shards, "--max_train_steps", "1")
+    with pytest.raises(InputError, match="1 shard\\(s\\) for 2 processes"):
+        make_sampler(args, load_source(args), 0, 2, 0)
+
+
+def test_bucket_of_a_rotated_photo_follows_its_upright_shape(tmp_path):
+    root = tmp_path / "exif"
+    root.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40x20, shown rotated: 20 wide, 40 high
+    picture(40, 20, 1).save(root / "0.jpg", exif=exif)
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "0.jpg", "text": "a"}) + "\n")
+    source = load_image_folder(str(root))
+    assert source.size(0) == (20, 40)
+    assert nearest_bucket(*source.size(0), [(48, 24), (24, 48)]) == 1
+    assert TrainDataset(source, 32)[SampleKey(0, size=(24, 48))]["pixel_values"].shape == (3, 48, 24)
 
 
 def test_a_datasets_stream_is_disjoint_across_processes_and_resumes(folder, tmp_path):

@@ -95,22 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     g.add_argument("--image_column", default="image",
                    help="Image column of --dataset_name (a folder always uses metadata `file_name`).")
-    g.add_argument("--caption_column", default="text", help="Caption column (default: text).")
+    g.add_argument("--caption_column", default="text",
+                   help="Caption column (default: text); a list of captions there: one of them, drawn anew each epoch.")
     g.add_argument("--max_train_samples", type=positive_int, default=None,
                    help="Use only the first N examples.")
     g.add_argument("--data_dir", default=None,
                    help="`data_dir` of `datasets.load_dataset` (e.g. --dataset_name imagefolder --data_dir FOLDER).")
-    g.add_argument("--data_files", nargs="+", default=None,
+    g.add_argument("--data_files", nargs="+", default=None, metavar="FILE",
                    help="`data_files` of `datasets.load_dataset`: files or globs, or SPLIT=FILE entries.")
     g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False,
                    help="Stream --dataset_name (`load_dataset(..., streaming=True)`) instead of loading it; split "
                    "across processes, resumable. Needs --max_train_steps.")
-    g.add_argument("--train_shards", nargs="+", default=None,
+    g.add_argument("--train_shards", nargs="+", default=None, metavar="SHARD",
                    help="WebDataset-style uncompressed .tar shards (files, folders or globs), streamed: each "
                    "process reads its own shards. Needs --max_train_steps.")
     g.add_argument("--shuffle_buffer_size", type=positive_int, default=1000,
                    help="Shuffle buffer of a streamed --dataset_name.")
-    g.add_argument("--aspect_ratio_buckets", nargs="+", type=bucket_spec, default=None,
+    g.add_argument("--aspect_ratio_buckets", nargs="+", type=bucket_spec, default=None, metavar="SIZE",
                    help="Train at several sizes: 'auto' (about resolution^2 pixels, aspect ratios 1:2 to 2:1) or "
                    "WIDTHxHEIGHT sizes; each image goes to the bucket nearest its aspect ratio, each batch holds "
                    "one bucket.")

@@ -6,11 +6,11 @@ Tar shards (read with the standard library's `tarfile`; no `webdataset` package)
     of its base name (WebDataset's convention): `0001.jpg` + `0001.txt` (or `0001.json`). The image is the member
     with an image extension; the caption is the `.{caption_column}` member, else the `.txt` member, else the
     `caption_column` field of the `.json` member (a list there: several captions). Process r of P owns shards
-    r, r+P, r+2P, ... of the sorted shard list (disjoint; at least one each) and indexes their tar headers once
-    (no pixels read). Its stream is endless: local epoch e reads its shards in an order shuffled by (seed, e, r),
-    the samples of each shard in an order shuffled by (seed, e, shard). Micro-batch m is local samples
-    [m*B, (m+1)*B), found from the index without reading what comes before: resuming is exact and instant, and
-    dataloader workers each read only their own micro-batches.
+    r, r+P, r+2P, ... of the sorted shard list (disjoint; at least one each) and indexes a shard's tar headers (no
+    pixels) when its stream first reaches it. Its stream is endless: local epoch e reads its shards in an order
+    shuffled by (seed, e, r), the samples of each shard in an order shuffled by (seed, e, shard). Micro-batch m is
+    local samples [m*B, (m+1)*B), found from the indexes without reading any image before it: resuming is exact,
+    and dataloader workers each read only their own micro-batches.
 
 `datasets` streams (`IterableDataset`)
     `load_dataset(..., streaming=True)` (or a `save_to_disk` folder through `to_iterable_dataset`), shuffled with a
@@ -118,7 +118,7 @@ def index_shard(path: str, caption_column: str) -> list[TarSample]:
         image = next((members[ext] for ext in members if ext in TAR_IMAGE_EXTENSIONS), None)
         caption = next((members[ext] for ext in (caption_column, "txt", "json") if ext in members), None)
         if image is None or caption is None:
-            missing = "an image" if image is None else f"a caption (.{caption_column}, .txt or .json)"
+            missing = "image" if image is None else f"caption (.{caption_column}, .txt or .json member)"
             raise InputError(f"--train_shards: sample {key!r} of {path} has no {missing}; it has "
                              f"{', '.join('.' + e for e in members)}.")
         samples.append(TarSample(key, image, caption))
@@ -145,6 +145,9 @@ class TarShardSource:
     def __del__(self):
         for f in self._files.values():
             f.close()
+
+    def is_indexed(self, shard: int) -> bool:
+        return shard in self._indexes
 
     def samples_of(self, shard: int) -> list[TarSample]:
         if shard not in self._indexes:
@@ -198,36 +201,50 @@ class TarShardSource:
 
 
 class TarStream:
-    """Process-local endless stream over owned shards; `sample(p)` is local sample p (random access)."""
+    """Process-local endless stream over owned shards; `sample(p)` is local sample p (random access).
+
+    Shards are indexed when the stream first reaches them (a fresh run reads one shard's headers to start; a
+    resumed run indexes the shards before its position), and a cursor makes walking forward cheap."""
 
     def __init__(self, source: TarShardSource, shards: list[int], seed: int, process_index: int, random_flip: bool):
         self.source, self.shards, self.seed = source, shards, seed
         self.process_index, self.random_flip = process_index, random_flip
-        self.counts = {s: len(source.samples_of(s)) for s in shards}
-        self.epoch_length = sum(self.counts.values())
-        self._plan_epoch, self._plan = None, None
+        self._cursor = (0, 0, 0)  # (local epoch, slot in the epoch's shard order, position of the slot's first sample)
+        self._orders: dict[tuple[int, int], list[int]] = {}
 
-    def _epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
-        """[(shard, sample order)] of a local epoch."""
-        if epoch != self._plan_epoch:
-            order = list(self.shards)
-            _sample_rng(self.seed, epoch, self.process_index).shuffle(order)
-            plan = []
-            for shard in order:
-                samples = list(range(self.counts[shard]))
-                _sample_rng(self.seed, epoch, os.path.basename(self.source.paths[shard])).shuffle(samples)
-                plan.append((shard, samples))
-            self._plan_epoch, self._plan = epoch, plan
-        return self._plan
+    def shard_order(self, epoch: int) -> list[int]:
+        order = list(self.shards)
+        _sample_rng(self.seed, epoch, self.process_index).shuffle(order)
+        return order
+
+    def _sample_order(self, epoch: int, shard: int) -> list[int]:
+        if (epoch, shard) not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            order = list(range(len(self.source.samples_of(shard))))
+            _sample_rng(self.seed, epoch, os.path.basename(self.source.paths[shard])).shuffle(order)
+            self._orders[(epoch, shard)] = order
+        return self._orders[(epoch, shard)]
 
     def locate(self, position: int) -> tuple[int, int, TarSample]:
         """(local epoch, shard, sample) at local position `position`."""
-        epoch, offset = divmod(position, self.epoch_length)
-        for shard, order in self._epoch_plan(epoch):
-            if offset < len(order):
-                return epoch, shard, self.source.samples_of(shard)[order[offset]]
-            offset -= len(order)
-        raise AssertionError("offset beyond the epoch")
+        epoch, slot, first = self._cursor if position >= self._cursor[2] else (0, 0, 0)
+        if slot == 0 and all(map(self.source.is_indexed, self.shards)):  # whole epochs at once
+            length = sum(len(self.source.samples_of(s)) for s in self.shards)
+            skipped = (position - first) // length
+            epoch, first = epoch + skipped, first + skipped * length
+        order = self.shard_order(epoch)
+        while True:
+            count = len(self.source.samples_of(order[slot]))
+            if position < first + count:
+                break
+            first += count
+            slot += 1
+            if slot == len(order):
+                epoch, slot, order = epoch + 1, 0, self.shard_order(epoch + 1)
+        self._cursor = (epoch, slot, first)
+        shard = order[slot]
+        return epoch, shard, self.source.samples_of(shard)[self._sample_order(epoch, shard)[position - first]]
 
     def sample(self, position: int):
         """(image, captions, flip, draw) of local sample `position`."""

@@ -128,14 +128,14 @@ def index_shard(path: str, caption_column: str) -> list[TarSample]:
 
 
 class TarShardSource:
-    """WebDataset-style tar shards (see the module docstring); a process indexes only the shards it owns."""
+    """WebDataset-style tar shards (see the module docstring); a shard is indexed when it is first needed."""
 
     def __init__(self, paths: list[str], caption_column: str):
         self.paths, self.caption_column = paths, caption_column
         self._indexes: dict[int, list[TarSample]] = {}
         self._files: dict[tuple[int, int], object] = {}  # (process id, shard) -> open file
 
-    num_examples = None  # only the owned shards are indexed
+    num_examples = None  # not counted: each process indexes only the shards its stream reaches
 
     def __getstate__(self):  # open files stay with their process (dataloader workers open their own)
         state = dict(self.__dict__)

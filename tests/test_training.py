@@ -100,9 +100,9 @@ def test_batch_order_is_a_pure_function_of_seed_and_position():
     it = iter(resumed)
     assert [next(it) for _ in range(5)] == first[7:12]
     # each epoch is a permutation; flips vary
-    epoch0 = [i for batch in first[:5] for i, _ in batch]
+    epoch0 = [key.index for batch in first[:5] for key in batch]
     assert sorted(epoch0) == list(range(10))
-    assert {flip for batch in first for _, flip in batch} == {False, True}
+    assert {key.flip for batch in first for key in batch} == {False, True}
     # two processes split each global batch of the single-process run with batch 4
     single = ResumableBatchSampler(9, 4, seed=1)  # 2 batches per epoch, 1 example dropped
     ranks = [ResumableBatchSampler(9, 2, seed=1, num_processes=2, process_index=r) for r in range(2)]

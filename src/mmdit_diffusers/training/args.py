@@ -26,6 +26,7 @@ from ..arguments import (
 )
 from ..errors import InputError
 from ..files import folder_problem
+from .buckets import bucket_spec
 from .flow_matching import WEIGHTING_SCHEMES
 
 DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # both streams, SD3 names
@@ -94,11 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     g.add_argument("--image_column", default="image",
                    help="Image column of --dataset_name (a folder always uses metadata `file_name`).")
-    g.add_argument("--caption_column", default="text", help="Caption column (default: text).")
+    g.add_argument("--caption_column", default="text",
+                   help="Caption column (default: text); a list of captions there: one of them, drawn anew each epoch.")
     g.add_argument("--max_train_samples", type=positive_int, default=None,
                    help="Use only the first N examples.")
+    g.add_argument("--data_dir", default=None,
+                   help="`data_dir` of `datasets.load_dataset` (e.g. --dataset_name imagefolder --data_dir FOLDER).")
+    g.add_argument("--data_files", nargs="+", default=None, metavar="FILE",
+                   help="`data_files` of `datasets.load_dataset`: files or globs, or SPLIT=FILE entries.")
+    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False,
+                   help="Stream --dataset_name (`load_dataset(..., streaming=True)`) instead of loading it; split "
+                   "across processes, resumable. Needs --max_train_steps.")
+    g.add_argument("--train_shards", nargs="+", default=None, metavar="SHARD",
+                   help="WebDataset-style uncompressed .tar shards (files, folders or globs), streamed: each "
+                   "process reads its own shards. Needs --max_train_steps.")
+    g.add_argument("--shuffle_buffer_size", type=positive_int, default=1000,
+                   help="Shuffle buffer of a streamed --dataset_name.")
+    g.add_argument("--aspect_ratio_buckets", nargs="+", type=bucket_spec, default=None, metavar="SIZE",
+                   help="Train at several sizes: 'auto' (about resolution^2 pixels, aspect ratios 1:2 to 2:1) or "
+                   "WIDTHxHEIGHT sizes; each image goes to the bucket nearest its aspect ratio, each batch holds "
+                   "one bucket.")
+    g.add_argument("--random_crop", action=argparse.BooleanOptionalAction, default=False,
+                   help="Crop at a random position (fixed by the seed and step) instead of the centre.")
     g.add_argument("--resolution", type=positive_int, default=512,
-                   help="Square training size: resize the short side, then centre-crop.")
+                   help="Training size: resize to cover resolution x resolution (or the aspect-ratio bucket), "
+                   "then crop (centre unless --random_crop).")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
                    help="Flip images horizontally with probability 1/2 (decided per epoch and example).")
     g.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
@@ -261,8 +282,7 @@ def check_args(args: argparse.Namespace) -> None:
             "--pretrained_model_name_or_path is required: an MMDiTPipeline folder or Hub id (its VAE and text "
             "encoders are used; add --model_config to train a new transformer from scratch)."
         )
-    if bool(args.train_data_dir) == bool(args.dataset_name):
-        raise InputError("give exactly one of --train_data_dir (a folder) or --dataset_name.")
+    check_data_args(args)
     if args.rank is not None:
         args.use_lora = True
     if args.use_lora and args.rank is None:
@@ -288,6 +308,32 @@ def check_args(args: argparse.Namespace) -> None:
         args.report_to = None
     if isinstance(args.validation_prompt, list) and not args.validation_prompt:
         args.validation_prompt = None
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    """The data options: one source, and what streams and buckets combine with."""
+    if sum(map(bool, (args.train_data_dir, args.dataset_name, args.train_shards))) != 1:
+        raise InputError("give exactly one of --train_data_dir (a folder), --dataset_name or --train_shards.")
+    for option in ("data_dir", "data_files"):
+        if getattr(args, option) and not args.dataset_name:
+            raise InputError(f"--{option} is passed to `datasets.load_dataset`; it needs --dataset_name (e.g. "
+                             "imagefolder).")
+    if args.streaming and args.train_data_dir:
+        raise InputError("--streaming applies to --dataset_name; a --train_data_dir folder is read as it is "
+                         "(for tar shards use --train_shards).")
+    streamed = "--train_shards" if args.train_shards else "--streaming" if args.streaming else None
+    if streamed:
+        if args.max_train_steps is None:
+            raise InputError(f"{streamed}: a stream has no known length; give --max_train_steps.")
+        for option in ("cache_latents", "cache_text_embeddings", "aspect_ratio_buckets", "max_train_samples"):
+            if getattr(args, option):
+                raise InputError(f"--{option} needs the whole dataset up front; it cannot be combined with "
+                                 f"{streamed}.")
+    if args.cache_latents:
+        for option in ("aspect_ratio_buckets", "random_crop"):
+            if getattr(args, option):
+                raise InputError(f"--cache_latents encodes one square centre crop per image; it cannot be combined "
+                                 f"with --{option}.")
 
 
 def args_to_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import torch
 from ..errors import InputError
 from ..files import is_missing_local_path, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
-from . import checkpointing, data
+from . import buckets, checkpointing, data
 from .flow_matching import (
     flow_matching_loss,
     loss_weighting,
@@ -178,8 +178,10 @@ def parse_model_config(value: str) -> tuple[str | None, dict]:
     return preset, overrides
 
 
-def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_side: int):
-    """A new transformer from --model_config; I/O sizes from the VAE and the encoded text."""
+def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_side: int,
+                          largest_latent_side: int | None = None):
+    """A new transformer from --model_config; I/O sizes from the VAE and the encoded text; its position grid
+    covers `largest_latent_side` (aspect-ratio buckets; default `latent_side`)."""
     from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
     preset, overrides = parse_model_config(args.model_config)
@@ -210,7 +212,8 @@ def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_si
     if "sample_size" not in overrides:
         config["sample_size"] = latent_side
     if "pos_embed_max_size" not in overrides and config.get("pos_embed_type") != "rope":  # RoPE has no grid limit
-        config["pos_embed_max_size"] = max(int(config.get("pos_embed_max_size") or 0), grid)
+        config["pos_embed_max_size"] = max(int(config.get("pos_embed_max_size") or 0), grid,
+                                           (largest_latent_side or 0) // patch)
     try:
         return MMDiTTransformer2DModel(**config)
     except (TypeError, ValueError) as e:
@@ -406,10 +409,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     if fsdp and (args.use_ema or args.use_lora):
         raise InputError("FSDP runs support full fine-tuning and training from scratch; --use_ema and LoRA "
                                   "need DDP (accelerate launch --multi_gpu).")
-    sampler = data.ResumableBatchSampler(len(source), args.train_batch_size, seed, world, rank, args.random_flip)
-    micro_per_epoch = sampler.batches_per_epoch
-    max_train_steps = args.max_train_steps or math.ceil(
-        args.num_train_epochs * micro_per_epoch / args.gradient_accumulation_steps)
+    sampler = data.make_sampler(args, source, seed, world, rank)  # bucketed in section 3 (needs the model)
     if args.push_to_hub:
         _on_main_or_raise(accelerator, lambda: _create_hub_repo(args))
 
@@ -423,7 +423,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     torch.manual_seed(seed)  # initialisation of a new transformer / LoRA weights
     if args.model_config:
         latent_side = args.resolution // vae_scale_factor(vae)
-        transformer = build_new_transformer(args, vae, text_shape, latent_side)
+        largest = buckets.largest_side(args.aspect_ratio_buckets, args.resolution) // vae_scale_factor(vae)
+        transformer = build_new_transformer(args, vae, text_shape, latent_side, largest)
         pipe.transformer = transformer
     else:
         transformer = pipe.transformer
@@ -477,7 +478,13 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         if args.validation_prompt:
             validation_embeddings = prompt_encoder.pipeline_kwargs(args.validation_prompt)
         prompt_encoder.free()
-    dataset = data.TrainDataset(source, args.resolution, latent_cache, text_cache)
+    dataset = data.TrainDataset(source, args.resolution, latent_cache, text_cache, args.random_crop)
+    if args.aspect_ratio_buckets:
+        sampler = data.make_sampler(args, source, seed, world, rank,
+                                    buckets.prepare_buckets(args, source, vae_scale_factor(vae), transformer))
+    micro_per_epoch = sampler.batches_per_epoch  # None: a stream
+    max_train_steps = args.max_train_steps or math.ceil(
+        args.num_train_epochs * micro_per_epoch / args.gradient_accumulation_steps)
 
     # 4. optimizer, schedule, prepare, resume -------------------------------------------------------------
     lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1)
@@ -580,7 +587,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         return path
 
     # 5. steps ----------------------------------------------------------------------------------------------
-    logger.info(f"{len(source)} examples, {micro_per_epoch} micro-batches per epoch, batch {args.train_batch_size} x "
+    logger.info(f"{data.num_examples(source) or 'Streamed'} examples, {micro_per_epoch or 'endless'} micro-batches per "
+                f"epoch, batch {args.train_batch_size} x "
                 f"{args.gradient_accumulation_steps} accumulation x {world} processes; {max_train_steps} steps "
                 f"({'LoRA rank %d' % args.rank if args.use_lora else 'full'}), starting at step {global_step}.")
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", unit="step",
@@ -657,7 +665,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     accelerator.wait_for_everyone()
     from . import export
 
-    result = TrainResult(output_dir=output_dir, card_data=export.card_data(args, global_step, len(source), world),
+    result = TrainResult(output_dir=output_dir, card_data=export.card_data(args, global_step, data.num_examples(source) or "streamed", world),
                          ignore_patterns=list(export.RUN_FILES), global_step=global_step,
                          max_train_steps=max_train_steps, seed=seed, losses=losses)
     final_grid = validate("final", global_step)

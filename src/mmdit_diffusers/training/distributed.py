@@ -20,12 +20,9 @@ On GPUs accelerate does everything: `accelerate launch --config_file configs/acc
 
 from __future__ import annotations
 
-import logging
 import os
 
 from ..errors import InputError
-
-logger = logging.getLogger("mmdit_diffusers.train")
 
 FSDP_ON_CPU_ENV = "MMDIT_FSDP_ON_CPU"
 EMA_FOLDER = "ema_sharded"
@@ -50,15 +47,20 @@ def resolve_fsdp(accelerator) -> bool:
     state = accelerator.state
     if state.distributed_type == DistributedType.FSDP:
         return True
-    on_cpu = _flag(FSDP_ON_CPU_ENV)
-    if not (fsdp_requested() or on_cpu):
-        return False
+    requested, on_cpu = fsdp_requested(), _flag(FSDP_ON_CPU_ENV)
     got = state.distributed_type.value
+    if not requested:
+        if on_cpu:
+            raise InputError(
+                f"{FSDP_ON_CPU_ENV}=1 shards the run of an accelerate FSDP config, but this launch has none "
+                "(ACCELERATE_USE_FSDP is not set); launch with `--config_file configs/accelerate_fsdp.yaml`."
+            )
+        return False
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise InputError(
-            f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP / {FSDP_ON_CPU_ENV}) but accelerate runs this "
-            f"as {got} with {accelerator.num_processes} process(es); FSDP needs several processes joined by "
-            "`accelerate launch` (on CPUs: ACCELERATE_USE_CPU=1 and --num_processes 2 or more)."
+            f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true) but accelerate runs this as {got} with "
+            f"{accelerator.num_processes} process(es); FSDP needs several processes joined by `accelerate launch` "
+            "(on CPUs: ACCELERATE_USE_CPU=1 and --num_processes 2 or more)."
         )
     if not on_cpu:
         raise InputError(
@@ -77,7 +79,6 @@ def resolve_fsdp(accelerator) -> bool:
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    logger.info(f"{FSDP_ON_CPU_ENV}=1: FSDP2 over gloo on {accelerator.num_processes} CPU processes.")
     return True
 
 
@@ -94,11 +95,24 @@ def wrap_blocks(accelerator, transformer) -> None:
                                             if n in present]
 
 
-def is_sharded(transformer) -> bool:
-    """Every parameter is a DTensor (what `fully_shard` leaves)."""
-    from torch.distributed.tensor import DTensor
+def describe_sharding(transformer) -> str:
+    """One log line: the `fully_shard` units, how many parameters are DTensors sharded (`Shard` placements) over
+    how many processes, and how much of the model this process holds."""
+    from collections import Counter
 
-    return all(isinstance(p, DTensor) for p in transformer.parameters())
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+
+    units = Counter(type(m).__name__.removeprefix("FSDP") for m in transformer.modules()
+                    if isinstance(m, FSDPModule) and m is not transformer)
+    params = list(transformer.parameters())
+    sharded = [p for p in params if isinstance(p, DTensor) and any(isinstance(pl, Shard) for pl in p.placements)]
+    processes = sharded[0].device_mesh.size() if sharded else 1
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    total = sum(p.numel() for p in params)
+    wrapped = ", ".join(f"{n} {name}" for name, n in sorted(units.items())) or "none"
+    return (f"FSDP2: {len(sharded)} of {len(params)} parameter tensors are DTensors sharded over {processes} "
+            f"processes (units: {wrapped}, and the root); this process holds {local:,} of {total:,} values.")
 
 
 def register_sharded_ema(accelerator, ema, names: list[str]) -> None:

@@ -353,6 +353,7 @@ def train(args: Namespace) -> TrainResult:
         raise InputError(f"accelerate cannot run with --mixed_precision {args.mixed_precision} / --report_to "
                          f"{args.report_to}: {e}") from None
     _check_all_processes_joined(accelerator)
+    args.mixed_precision = accelerator.mixed_precision  # the precision in effect (model card, trackers)
     fsdp = distributed.resolve_fsdp(accelerator)
     with _quiet_logging(accelerator.is_local_main_process):
         try:
@@ -478,6 +479,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     model = accelerator.unwrap_model(transformer)
     if fsdp:  # the parameters are now DTensor shards
         params = [p for p in transformer.parameters() if p.requires_grad]
+        logger.info(distributed.describe_sharding(transformer))
 
     ema = None
     if args.use_ema:

@@ -11,7 +11,7 @@ On GPUs accelerate does everything: `accelerate launch --config_file configs/acc
   did not get it stops with an `InputError` that names both ways out.
 - `wrap_blocks`: auto-wrap of the transformer's blocks by its `_no_split_modules` (`MMDiTBlock`,
   `SingleStreamBlock`), keeping only the classes the model has (accelerate refuses names it cannot find, and a
-  dual-stream-only model has no `SingleStreamBlock`).
+  dual-stream-only model has no `SingleStreamBlock`); `describe_sharding` logs what `fully_shard` made of it.
 - `register_sharded_ema`: the EMA of an FSDP run is the EMA of each process's shards (its shadow parameters are
   DTensors like the parameters); checkpoints save and load it with torch.distributed.checkpoint, each process
   its own shards. accelerate's `register_for_checkpointing` would pickle the main process's shards only.

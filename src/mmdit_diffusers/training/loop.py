@@ -486,7 +486,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         ema = EMAModel(params, decay=args.ema_decay, model_cls=type(model), model_config=model.config)
         ema.to(device)
         if fsdp:
-            distributed.register_sharded_ema(accelerator, ema, [n for n, p in transformer.named_parameters() if p.requires_grad])
+            names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+            distributed.register_sharded_ema(accelerator, ema, names)
         else:
             accelerator.register_for_checkpointing(ema)
     rng = TrainingRNG(seed, device, world, rank)

@@ -125,7 +125,8 @@ def test_yaml_config_and_command_line_precedence(tmp_path):
 
 
 def test_shipped_configs(base_dir, data_dir, tmp_path):
-    """configs/train_tiny.yaml runs as shipped (shortened); configs/accelerate_fsdp.yaml is FULL_SHARD over MMDiTBlock."""
+    """configs/train_tiny.yaml runs as shipped (shortened); configs/accelerate_fsdp.yaml is FULL_SHARD over the model's
+    blocks (its `_no_split_modules`)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "tiny"
     result = run(["--config", os.path.join(root, "configs", "train_tiny.yaml"), "--pretrained_model_name_or_path",
@@ -144,7 +145,7 @@ def test_shipped_configs(base_dir, data_dir, tmp_path):
 
     fsdp = yaml.safe_load(open(os.path.join(root, "configs", "accelerate_fsdp.yaml")))
     assert fsdp["distributed_type"] == "FSDP"
-    assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "MMDiTBlock"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp["fsdp_config"]  # the trainer wraps the blocks the model has
     assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True  # FULL_SHARD
     assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 

@@ -4,12 +4,17 @@ Argument names follow diffusers' example training scripts. A YAML file given wit
 same options by their names (`learning_rate: 1.0e-4`, `use_ema: true`, `validation_prompt: [a, b]`,
 `model_config: {preset: tiny, depth: 1}`); its values are read first and the command line is read after
 them, so the command line wins. Every problem is an `InputError` naming the option.
+
+Settings that accelerate also has (`mixed_precision`) follow one rule: the command line wins over the YAML
+(`--config`), the YAML over the accelerate config (`accelerate launch --mixed_precision` and the accelerate config
+file reach the process as `ACCELERATE_MIXED_PRECISION`). A conflict is logged with both values.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -33,6 +38,9 @@ DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,
 # the SD3 paper's mode density (eq. 20) is a density on [0, 1] for -1 <= s <= 2 / (pi - 2)
 MODE_SCALE_MIN, MODE_SCALE_MAX = -1.0, 2.0 / (math.pi - 2.0)
 DEFAULT_LORA_RANK = 16
+ACCELERATE_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from its flags / config file
+
+logger = logging.getLogger("mmdit_diffusers.train")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_epsilon", type=positive_float, default=1e-8)
     g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping; 0 turns it off.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Default: the accelerate config (or `accelerate launch --mixed_precision`).")
+                   help="Wins over `mixed_precision` in --config, which wins over the accelerate config "
+                   "(`accelerate launch --mixed_precision`, ACCELERATE_MIXED_PRECISION); a conflict is logged.")
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
@@ -267,11 +276,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--mixed_precision", default=None)
     known, _ = pre.parse_known_args(argv)
     tokens = _config_tokens(parser, known.config) if known.config else []
     args = parser.parse_args(tokens + argv)
     check_args(args)
+    _log_precision_conflicts(args, known.mixed_precision, pre.parse_known_args(tokens)[0].mixed_precision)
     return args
+
+
+def _log_precision_conflicts(args: argparse.Namespace, command_line: str | None, config: str | None) -> None:
+    """Log (main process) every setter that `args.mixed_precision` overrides: the command line beats the YAML, the
+    one that set it beats the accelerate config. None of them set: accelerate's own value applies."""
+    launch = os.environ.get(ACCELERATE_MIXED_PRECISION, "").strip().lower()
+    if args.mixed_precision is None or os.environ.get("RANK", "0") != "0":
+        return
+    if command_line is not None:
+        winner = f"--mixed_precision {command_line} (command line)"
+        if config is not None and config != command_line:
+            logger.warning(f"{winner} overrides mixed_precision: {config} in --config {args.config}.")
+    else:
+        winner = f"mixed_precision: {config} in --config {args.config}"
+    if launch and launch != args.mixed_precision:
+        logger.warning(f"{winner} overrides the accelerate config's mixed precision {launch} "
+                       f"({ACCELERATE_MIXED_PRECISION}, from `accelerate launch --mixed_precision` or its config "
+                       "file); leave it out of the trainer's options to use accelerate's.")
 
 
 def check_args(args: argparse.Namespace) -> None:

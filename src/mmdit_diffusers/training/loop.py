@@ -36,7 +36,7 @@ import torch
 from ..errors import InputError
 from ..files import is_missing_local_path, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
-from . import buckets, checkpointing, data
+from . import buckets, checkpointing, data, distributed
 from .flow_matching import (
     flow_matching_loss,
     loss_weighting,
@@ -367,9 +367,11 @@ def train(args: Namespace) -> TrainResult:
         raise InputError(f"accelerate cannot run with --mixed_precision {args.mixed_precision} / --report_to "
                          f"{args.report_to}: {e}") from None
     _check_all_processes_joined(accelerator)
+    args.mixed_precision = accelerator.mixed_precision  # the precision in effect (model card, trackers)
+    fsdp = distributed.resolve_fsdp(accelerator)
     with _quiet_logging(accelerator.is_local_main_process):
         try:
-            return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source)
+            return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source, fsdp)
         finally:
             accelerator.end_training()  # flush and close the trackers, also after an error
 
@@ -389,8 +391,7 @@ def _check_all_processes_joined(accelerator) -> None:
         )
 
 
-def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source) -> TrainResult:
-    from accelerate.utils import DistributedType
+def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source, fsdp) -> TrainResult:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -405,10 +406,6 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         checkpointing.clean_temporary(output_dir)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {output_dir}; starting a new run.")
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and (args.use_ema or args.use_lora):
-        raise InputError("FSDP runs support full fine-tuning and training from scratch; --use_ema and LoRA "
-                                  "need DDP (accelerate launch --multi_gpu).")
     sampler = data.make_sampler(args, source, seed, world, rank)  # bucketed in section 3 (needs the model)
     if args.push_to_hub:
         _on_main_or_raise(accelerator, lambda: _create_hub_repo(args))
@@ -494,16 +491,23 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                                  num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=max_train_steps * world,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
+    if fsdp:
+        distributed.wrap_blocks(accelerator, transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(transformer)
-    if fsdp:
+    if fsdp:  # the parameters are now DTensor shards
         params = [p for p in transformer.parameters() if p.requires_grad]
+        logger.info(distributed.describe_sharding(transformer))
 
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_decay, model_cls=type(model), model_config=model.config)
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
+        if fsdp:
+            names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+            distributed.register_sharded_ema(accelerator, ema, names)
+        else:
+            accelerator.register_for_checkpointing(ema)
     rng = TrainingRNG(seed, device, world, rank)
     accelerator.register_for_checkpointing(rng)
     if args.use_lora and not fsdp:
@@ -675,12 +679,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         ema.copy_to(params)
     final_model = model
     if fsdp:  # gather the shards (a collective: every process takes part), export a plain copy
-        from ..models.transformer_mmdit import MMDiTTransformer2DModel
-
-        state = accelerator.get_state_dict(transformer)
-        if accelerator.is_main_process:
-            final_model = MMDiTTransformer2DModel.from_config(model.config)
-            final_model.load_state_dict(state)
+        final_model = distributed.gathered_transformer(
+            accelerator, transformer, model, (lambda copy: add_lora(copy, args)) if args.use_lora else None)
     if accelerator.is_main_process:
         if args.use_lora:
             result.lora_weights = export.save_lora(final_model, output_dir)

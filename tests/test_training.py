@@ -100,9 +100,9 @@ def test_batch_order_is_a_pure_function_of_seed_and_position():
     it = iter(resumed)
     assert [next(it) for _ in range(5)] == first[7:12]
     # each epoch is a permutation; flips vary
-    epoch0 = [i for batch in first[:5] for i, _ in batch]
+    epoch0 = [key.index for batch in first[:5] for key in batch]
     assert sorted(epoch0) == list(range(10))
-    assert {flip for batch in first for _, flip in batch} == {False, True}
+    assert {key.flip for batch in first for key in batch} == {False, True}
     # two processes split each global batch of the single-process run with batch 4
     single = ResumableBatchSampler(9, 4, seed=1)  # 2 batches per epoch, 1 example dropped
     ranks = [ResumableBatchSampler(9, 2, seed=1, num_processes=2, process_index=r) for r in range(2)]
@@ -125,7 +125,8 @@ def test_yaml_config_and_command_line_precedence(tmp_path):
 
 
 def test_shipped_configs(base_dir, data_dir, tmp_path):
-    """configs/train_tiny.yaml runs as shipped (shortened); configs/accelerate_fsdp.yaml is FULL_SHARD over MMDiTBlock."""
+    """configs/train_tiny.yaml runs as shipped (shortened); configs/accelerate_fsdp.yaml is FULL_SHARD over the model's
+    blocks (its `_no_split_modules`)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "tiny"
     result = run(["--config", os.path.join(root, "configs", "train_tiny.yaml"), "--pretrained_model_name_or_path",
@@ -144,7 +145,7 @@ def test_shipped_configs(base_dir, data_dir, tmp_path):
 
     fsdp = yaml.safe_load(open(os.path.join(root, "configs", "accelerate_fsdp.yaml")))
     assert fsdp["distributed_type"] == "FSDP"
-    assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "MMDiTBlock"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp["fsdp_config"]  # the trainer wraps the blocks the model has
     assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True  # FULL_SHARD
     assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
@@ -391,3 +392,19 @@ def test_processes_that_accelerate_leaves_alone_are_refused(base_dir, data_dir, 
     assert result.returncode != 0
     assert "WORLD_SIZE=2" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
     assert not out.exists() or not any(out.glob("checkpoint-*"))
+
+
+def test_caption_dropout_of_all_encoders_together():
+    """--caption_dropout_all_prob drops whole rows (the unconditional input) at its rate, on top of the per-encoder
+    drops; without it the draws are those of --caption_dropout_prob alone."""
+    from mmdit_diffusers.training.loop import TrainingRNG
+
+    rows = TrainingRNG(0, "cpu").caption_drop(20000, 2, 0.0, 0.25)
+    assert torch.equal(rows[:, 0], rows[:, 1])  # every encoder of a row together
+    assert abs(rows[:, 0].float().mean().item() - 0.25) < 0.02
+    both = TrainingRNG(0, "cpu").caption_drop(20000, 2, 0.1, 0.1)
+    all_dropped = both.all(dim=1).float().mean().item()
+    assert abs(all_dropped - (0.1 + 0.9 * 0.01)) < 0.01  # independent drops alone reach all encoders 1% of the time
+    alone, same = TrainingRNG(0, "cpu").caption_drop(64, 2, 0.3), TrainingRNG(0, "cpu").rand((64, 2)) < 0.3
+    assert torch.equal(alone, same)
+    assert TrainingRNG(0, "cpu").caption_drop(4, 2, 0.0, 0.0) is None

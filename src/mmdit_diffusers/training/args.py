@@ -4,12 +4,17 @@ Argument names follow diffusers' example training scripts. A YAML file given wit
 same options by their names (`learning_rate: 1.0e-4`, `use_ema: true`, `validation_prompt: [a, b]`,
 `model_config: {preset: tiny, depth: 1}`); its values are read first and the command line is read after
 them, so the command line wins. Every problem is an `InputError` naming the option.
+
+Settings that accelerate also has (`mixed_precision`) follow one rule: the command line wins over the YAML
+(`--config`), the YAML over the accelerate config (`accelerate launch --mixed_precision` and the accelerate config
+file reach the process as `ACCELERATE_MIXED_PRECISION`). A conflict is logged with both values.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -26,6 +31,7 @@ from ..arguments import (
 )
 from ..errors import InputError
 from ..files import folder_problem
+from .buckets import bucket_spec
 from .flow_matching import WEIGHTING_SCHEMES
 from .optimizers import OPTIMIZERS
 
@@ -33,6 +39,9 @@ DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,
 # the SD3 paper's mode density (eq. 20) is a density on [0, 1] for -1 <= s <= 2 / (pi - 2)
 MODE_SCALE_MIN, MODE_SCALE_MAX = -1.0, 2.0 / (math.pi - 2.0)
 DEFAULT_LORA_RANK = 16
+ACCELERATE_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from its flags / config file
+
+logger = logging.getLogger("mmdit_diffusers.train")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,11 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     g.add_argument("--image_column", default="image",
                    help="Image column of --dataset_name (a folder always uses metadata `file_name`).")
-    g.add_argument("--caption_column", default="text", help="Caption column (default: text).")
+    g.add_argument("--caption_column", default="text",
+                   help="Caption column (default: text); a list of captions there: one of them, drawn anew each epoch.")
     g.add_argument("--max_train_samples", type=positive_int, default=None,
                    help="Use only the first N examples.")
+    g.add_argument("--data_dir", default=None,
+                   help="`data_dir` of `datasets.load_dataset` (e.g. --dataset_name imagefolder --data_dir FOLDER).")
+    g.add_argument("--data_files", nargs="+", default=None, metavar="FILE",
+                   help="`data_files` of `datasets.load_dataset`: files or globs, or SPLIT=FILE entries.")
+    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False,
+                   help="Stream --dataset_name (`load_dataset(..., streaming=True)`) instead of loading it; split "
+                   "across processes, resumable. Needs --max_train_steps.")
+    g.add_argument("--train_shards", nargs="+", default=None, metavar="SHARD",
+                   help="WebDataset-style uncompressed .tar shards (files, folders or globs), streamed: each "
+                   "process reads its own shards. Needs --max_train_steps.")
+    g.add_argument("--shuffle_buffer_size", type=positive_int, default=1000,
+                   help="Shuffle buffer of a streamed --dataset_name.")
+    g.add_argument("--aspect_ratio_buckets", nargs="+", type=bucket_spec, default=None, metavar="SIZE",
+                   help="Train at several sizes: 'auto' (about resolution^2 pixels, aspect ratios 1:2 to 2:1) or "
+                   "WIDTHxHEIGHT sizes; each image goes to the bucket nearest its aspect ratio, each batch holds "
+                   "one bucket.")
+    g.add_argument("--random_crop", action=argparse.BooleanOptionalAction, default=False,
+                   help="Crop at a random position (fixed by the seed and step) instead of the centre.")
     g.add_argument("--resolution", type=positive_int, default=512,
-                   help="Square training size: resize the short side, then centre-crop.")
+                   help="Training size: resize to cover resolution x resolution (or the aspect-ratio bucket), "
+                   "then crop (centre unless --random_crop).")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
                    help="Flip images horizontally with probability 1/2 (decided per epoch and example).")
     g.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
@@ -117,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption_dropout_prob", type=probability, default=0.0,
                    help="Each text encoder independently sees an empty caption with this probability "
                    "(the unconditional input of classifier-free guidance).")
+    g.add_argument("--caption_dropout_all_prob", type=probability, default=0.0,
+                   help="Every text encoder sees an empty caption together with this probability: the "
+                   "unconditional input of classifier-free guidance, trained as often as this says (with "
+                   "independent drops alone it comes up only --caption_dropout_prob ** encoders of the time).")
 
     g = p.add_argument_group("objective")
     g.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
@@ -167,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prodigy: keep the step-size estimate from growing too fast during LR warmup.")
     g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping; 0 turns it off.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Default: the accelerate config (or `accelerate launch --mixed_precision`).")
+                   help="Wins over `mixed_precision` in --config, which wins over the accelerate config "
+                   "(`accelerate launch --mixed_precision`, ACCELERATE_MIXED_PRECISION); a conflict is logged.")
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
@@ -259,11 +293,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--mixed_precision", default=None)
     known, _ = pre.parse_known_args(argv)
     tokens = _config_tokens(parser, known.config) if known.config else []
     args = parser.parse_args(tokens + argv)
     check_args(args)
+    _log_precision_conflicts(args, known.mixed_precision, pre.parse_known_args(tokens)[0].mixed_precision)
     return args
+
+
+def _log_precision_conflicts(args: argparse.Namespace, command_line: str | None, config: str | None) -> None:
+    """Log (main process) every setter that `args.mixed_precision` overrides: the command line beats the YAML, the
+    one that set it beats the accelerate config. None of them set: accelerate's own value applies."""
+    launch = os.environ.get(ACCELERATE_MIXED_PRECISION, "").strip().lower()
+    if args.mixed_precision is None or os.environ.get("RANK", "0") != "0":
+        return
+    if command_line is not None:
+        winner = f"--mixed_precision {command_line} (command line)"
+        if config is not None and config != command_line:
+            logger.warning(f"{winner} overrides mixed_precision: {config} in --config {args.config}.")
+    else:
+        winner = f"mixed_precision: {config} in --config {args.config}"
+    if launch and launch != args.mixed_precision:
+        logger.warning(f"{winner} overrides the accelerate config's mixed precision {launch} "
+                       f"({ACCELERATE_MIXED_PRECISION}, from `accelerate launch --mixed_precision` or its config "
+                       "file); leave it out of the trainer's options to use accelerate's.")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -274,8 +328,7 @@ def check_args(args: argparse.Namespace) -> None:
             "--pretrained_model_name_or_path is required: an MMDiTPipeline folder or Hub id (its VAE and text "
             "encoders are used; add --model_config to train a new transformer from scratch)."
         )
-    if bool(args.train_data_dir) == bool(args.dataset_name):
-        raise InputError("give exactly one of --train_data_dir (a folder) or --dataset_name.")
+    check_data_args(args)
     if args.rank is not None:
         args.use_lora = True
     if args.use_lora and args.rank is None:
@@ -301,6 +354,32 @@ def check_args(args: argparse.Namespace) -> None:
         args.report_to = None
     if isinstance(args.validation_prompt, list) and not args.validation_prompt:
         args.validation_prompt = None
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    """The data options: one source, and what streams and buckets combine with."""
+    if sum(map(bool, (args.train_data_dir, args.dataset_name, args.train_shards))) != 1:
+        raise InputError("give exactly one of --train_data_dir (a folder), --dataset_name or --train_shards.")
+    for option in ("data_dir", "data_files"):
+        if getattr(args, option) and not args.dataset_name:
+            raise InputError(f"--{option} is passed to `datasets.load_dataset`; it needs --dataset_name (e.g. "
+                             "imagefolder).")
+    if args.streaming and args.train_data_dir:
+        raise InputError("--streaming applies to --dataset_name; a --train_data_dir folder is read as it is "
+                         "(for tar shards use --train_shards).")
+    streamed = "--train_shards" if args.train_shards else "--streaming" if args.streaming else None
+    if streamed:
+        if args.max_train_steps is None:
+            raise InputError(f"{streamed}: a stream has no known length; give --max_train_steps.")
+        for option in ("cache_latents", "cache_text_embeddings", "aspect_ratio_buckets", "max_train_samples"):
+            if getattr(args, option):
+                raise InputError(f"--{option} needs the whole dataset up front; it cannot be combined with "
+                                 f"{streamed}.")
+    if args.cache_latents:
+        for option in ("aspect_ratio_buckets", "random_crop"):
+            if getattr(args, option):
+                raise InputError(f"--cache_latents encodes one square centre crop per image; it cannot be combined "
+                                 f"with --{option}.")
 
 
 def args_to_config(args: argparse.Namespace) -> dict[str, Any]:

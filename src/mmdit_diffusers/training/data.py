@@ -6,11 +6,19 @@ Sources
       `--caption_column`, default "text"; `metadata.csv` with the same columns works too). Every image in the
       folder must have a caption and every line an image; all images are checked to be readable up front.
       `load_image_folder` is the library's reader of such folders, for training and for any other use.
-    - A dataset by name (`--dataset_name`) through `datasets`, imported only then.
+    - A dataset by name (`--dataset_name`) through `datasets`, imported only then: a Hub id or a builder such as
+      "imagefolder" with `--data_dir` / `--data_files`, or a folder written by `save_to_disk` (read with
+      `load_from_disk`; of a DatasetDict, the `--dataset_split`).
+    - Streams (`--streaming`, `--train_shards`): see `streaming.py`.
+
+Captions
+    A caption cell may hold a list of captions (a JSON list in metadata.jsonl, a list column in `datasets`). Each time
+    the example is drawn one of them is taken, chosen by the example's `draw` (below); `caption(i)` is the first.
 
 Transform
-    RGB, resize the short side to `resolution` (bicubic), centre-crop to a square, optional horizontal flip,
-    scale to [-1, 1] as [3, resolution, resolution] float32.
+    RGB, resize to cover the target size (bicubic; `resolution` x `resolution`, or the example's aspect-ratio
+    bucket, see `buckets.py`), crop to it (centre, or with --random_crop at a position chosen by the example's
+    `draw`), optional horizontal flip, scale to [-1, 1] as [3, H, W] float32.
 
 Order (`ResumableBatchSampler`)
     The examples form one endless stream of micro-batches. Epoch e is a permutation of the dataset drawn from
@@ -18,7 +26,9 @@ Order (`ResumableBatchSampler`)
     generator); each epoch is cut into `len(dataset) // (batch_size * num_processes)` global batches (the rest is
     dropped) and process r takes rows [r * batch_size, (r + 1) * batch_size) of each. Micro-batch m is therefore a
     pure function of (seed, m): a run resumed after optimizer step s starts at m = s * gradient_accumulation_steps
-    and sees exactly the data an uninterrupted run would have seen.
+    and sees exactly the data an uninterrupted run would have seen. With aspect-ratio buckets each bucket's
+    examples (in permutation order) are cut into global batches and the epoch's batches are shuffled by the same
+    generator: every micro-batch holds one bucket, the same bucket on every process.
 
 Caches
     `--cache_latents`: every image (and its mirror image with --random_flip) goes through the VAE encoder once;
@@ -35,8 +45,10 @@ import csv
 import json
 import logging
 import os
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,13 +66,23 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 # Sources
 # ----------------------------------------------------------------------------------------------------------
 class ImageCaptionSource(Sequence):
-    """`len`, `caption(i)`, `image(i)` (a PIL image) and `describe(i)` (for error messages)."""
+    """`len`, `caption(i)` (the first caption), `captions_of(i)` (all of them), `image(i)` (a PIL image),
+    `size(i)` (its upright width and height) and `describe(i)` (for error messages);
+    `has_several_captions`: whether some example has more than one caption."""
+
+    has_several_captions = False
 
     def caption(self, index: int) -> str:
         raise NotImplementedError
 
+    def captions_of(self, index: int) -> list[str]:
+        return [self.caption(index)]
+
     def image(self, index: int) -> Image.Image:
         raise NotImplementedError
+
+    def size(self, index: int) -> tuple[int, int]:
+        return upright_size(self.image(index))
 
     def describe(self, index: int) -> str:
         return f"example {index}"
@@ -73,17 +95,33 @@ class ImageCaptionSource(Sequence):
 class FolderSource(ImageCaptionSource):
     """An image folder read by `load_image_folder`: `files[i]` (relative to `root`) is captioned `captions[i]`.
     `source[i]` is `(PIL image, caption)`, `source.path(i)` the image's path, `source.rows()` every
-    `(image path, caption)`."""
+    `(image path, caption)`; `several[i]`, where given, lists all the captions of image i (`captions[i]` is the
+    first)."""
 
     root: str
     files: list[str]
     captions: list[str]
+    several: dict[int, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def caption(self, index: int) -> str:
         return self.captions[index]
+
+    def captions_of(self, index: int) -> list[str]:
+        return (self.several or {}).get(index) or [self.captions[index]]
+
+    @property
+    def has_several_captions(self) -> bool:
+        return bool(self.several)
+
+    def size(self, index: int) -> tuple[int, int]:
+        try:
+            with Image.open(self.path(index)) as img:  # reads the header only
+                return upright_size(img)
+        except Exception as e:
+            raise InputError(f"unreadable image {self.path(index)}: {e}") from None
 
     def image(self, index: int) -> Image.Image:
         path = self.path(index)
@@ -126,12 +164,32 @@ def warn_empty_captions(captions: Sequence[str], describe) -> int:
     return len(empty)
 
 
-def _caption_text(value, where: str, column: str) -> str:
+def caption_list(value, where: str, column: str) -> list[str]:
+    """A caption cell as a list of captions: a string, or a non-empty list of strings (several captions)."""
+    if isinstance(value, str):
+        return [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return value[0]  # several captions: the first one
-    if not isinstance(value, str):
-        raise InputError(f"{where}: caption column {column!r} must hold text, got {value!r}.")
-    return value
+        return list(value)
+    raise InputError(f"{where}: caption column {column!r} must hold text or a list of texts, got {value!r}.")
+
+
+def _caption_text(value, where: str, column: str) -> str:
+    return caption_list(value, where, column)[0]
+
+
+def choose_caption(captions: Sequence[str], draw: int) -> str:
+    """The caption an example shows when it is drawn with `draw` (see `SampleKey`)."""
+    return captions[draw % len(captions)] if len(captions) > 1 else captions[0]
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation (as `ImageOps.exif_transpose` turns it); reads no pixels."""
+    w, h = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _read_metadata(root: str) -> tuple[str, list[dict]]:
@@ -195,7 +253,7 @@ def load_image_folder(root: str | os.PathLike, caption_column: str = "text", max
         )
     if not rows:
         raise InputError(f"{meta_path} lists no images.")
-    files, captions = [], []
+    files, captions, several = [], [], {}
     for line_no, row in enumerate(rows, 1):
         if "file_name" not in row:
             raise InputError(f"{meta_path} entry {line_no} has no 'file_name'.")
@@ -208,134 +266,264 @@ def load_image_folder(root: str | os.PathLike, caption_column: str = "text", max
         if not os.path.isfile(os.path.join(root, name)):
             raise InputError(f"{meta_path} entry {line_no}: image {os.path.join(root, name)} does not exist.")
         files.append(os.path.normpath(name).replace(os.sep, "/"))
-        captions.append(_caption_text(row[caption_column], f"{meta_path} entry {line_no}", caption_column))
+        texts = caption_list(row[caption_column], f"{meta_path} entry {line_no}", caption_column)
+        if len(texts) > 1:
+            several[len(captions)] = texts
+        captions.append(texts[0])
     missing = sorted(set(images) - set(files))
     if missing:
         shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
         raise InputError(f"images without captions in {root}: {shown}; add them to {meta_path}.")
     if max_samples is not None:
         files, captions = files[:max_samples], captions[:max_samples]
+        several = {i: texts for i, texts in several.items() if i < max_samples}
     warn_empty_captions(captions, lambda i: f"{meta_path} entry {i + 1} ({files[i]})")
-    source = FolderSource(root, files, captions)
+    source = FolderSource(root, files, captions, several or None)
     if verify:
         source.verify()
     return source
 
 
+def open_image_value(value, where: str, column: str) -> Image.Image:
+    """A PIL image from what a `datasets` image cell holds: an image, `{"bytes"/"path"}`, raw bytes or a path."""
+    import io
+
+    try:
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if isinstance(value, dict) and value.get("path"):
+            return Image.open(value["path"])
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value))
+        if isinstance(value, str):
+            return Image.open(value)
+    except Exception as e:
+        raise InputError(f"unreadable image in {where}: {e}") from None
+    raise InputError(f"{where}: column {column!r} holds no image ({type(value).__name__}).")
+
+
 class HubDatasetSource(ImageCaptionSource):
     def __init__(self, dataset, image_column: str, caption_column: str, name: str):
         self.dataset, self.image_column, self.caption_column, self.name = dataset, image_column, caption_column, name
+        self._undecoded = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def caption(self, index: int) -> str:
-        return _caption_text(self.dataset[index][self.caption_column], self.describe(index), self.caption_column)
+        return self.captions_of(index)[0]
+
+    def captions_of(self, index: int) -> list[str]:
+        return caption_list(self.dataset[index][self.caption_column], self.describe(index), self.caption_column)
 
     def image(self, index: int) -> Image.Image:
-        value = self.dataset[index][self.image_column]
-        try:
-            if isinstance(value, Image.Image):
-                return value
-            if isinstance(value, dict) and value.get("bytes") is not None:
-                import io
+        return open_image_value(self.dataset[index][self.image_column], self.describe(index), self.image_column)
 
-                return Image.open(io.BytesIO(value["bytes"]))
-            if isinstance(value, dict) and value.get("path"):
-                return Image.open(value["path"])
-            if isinstance(value, str):
-                return Image.open(value)
-        except Exception as e:
-            raise InputError(f"unreadable image in {self.describe(index)}: {e}") from None
-        raise InputError(f"{self.describe(index)}: column {self.image_column!r} holds no image ({type(value).__name__}).")
+    def size(self, index: int) -> tuple[int, int]:
+        if self._undecoded is None:  # the image column without decoding: the size is read from the header
+            import datasets
+
+            feature = self.dataset.features.get(self.image_column)
+            self._undecoded = (self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
+                               if isinstance(feature, datasets.Image) else self.dataset)
+        value = self._undecoded[index][self.image_column]
+        with open_image_value(value, self.describe(index), self.image_column) as img:
+            return upright_size(img)
 
     def describe(self, index: int) -> str:
         return f"{self.name} row {index}"
 
 
-def load_hub_dataset(name: str, config_name: str | None, split: str, image_column: str, caption_column: str,
-                     cache_dir: str | None = None, max_samples: int | None = None) -> HubDatasetSource:
+def _import_datasets(option: str):
     try:
         import datasets
     except ImportError:
         raise InputError(
-            f"--dataset_name {name!r} needs the `datasets` package: pip install datasets "
+            f"{option} needs the `datasets` package: pip install datasets "
             "(or use --train_data_dir with a folder of images and metadata.jsonl)."
         ) from None
+    return datasets
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json")))
+
+
+def data_files_value(values: Sequence[str] | None):
+    """`--data_files` as `datasets.load_dataset` takes it: files / globs, or `split=file` entries (a dict)."""
+    if not values:
+        return None
+    split_entries = [v.split("=", 1) for v in values if "=" in v and v.split("=", 1)[0].isidentifier()]
+    if not split_entries:
+        return list(values)
+    if len(split_entries) != len(values):
+        raise InputError(f"--data_files {' '.join(values)}: give either files only, or split=file entries only.")
+    out: dict[str, list[str]] = {}
+    for split, path in split_entries:
+        out.setdefault(split, []).append(path)
+    return out
+
+
+def open_dataset(name: str, config_name: str | None, split: str, cache_dir: str | None = None,
+                 data_dir: str | None = None, data_files=None, streaming: bool = False):
+    """The `datasets` split: a `save_to_disk` folder through `load_from_disk` (a DatasetDict gives `split`),
+    anything else through `load_dataset(name, config_name, split=..., data_dir=..., data_files=...)`.
+    With `streaming`, an `IterableDataset`."""
+    datasets = _import_datasets(f"--dataset_name {name!r}")
+    if is_saved_dataset(name):
+        if config_name or data_dir or data_files:
+            raise InputError(f"--dataset_name {name!r} is a folder saved with `save_to_disk`; --dataset_config_name, "
+                             "--data_dir and --data_files do not apply to it.")
+        try:
+            ds = datasets.load_from_disk(name)
+        except Exception as e:
+            raise InputError(f"could not load the saved dataset {name!r}: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise InputError(f"--dataset_split {split!r} is not in the saved dataset {name!r}; its splits are "
+                                 f"{', '.join(ds)}.")
+            ds = ds[split]
+        return ds.to_iterable_dataset() if streaming else ds
     try:
-        ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir, data_dir=data_dir,
+                                     data_files=data_files, streaming=streaming)
     except Exception as e:
-        raise InputError(f"could not load dataset {name!r} (split {split!r}): {e}") from None
+        hint = ""
+        if not (data_dir or data_files) and name in ("imagefolder", "csv", "json", "parquet", "webdataset", "text"):
+            hint = f" The {name!r} builder reads local files: give --data_dir or --data_files."
+        raise InputError(f"could not load dataset {name!r} (split {split!r}): {e}.{hint}") from None
+
+
+def check_columns(column_names, name: str, image_column: str, caption_column: str) -> None:
+    if column_names is None:  # a stream whose features are not known up front: checked at the first sample
+        return
     for option, column in (("--image_column", image_column), ("--caption_column", caption_column)):
-        if column not in ds.column_names:
+        if column not in column_names:
             raise InputError(
-                f"{option} {column!r} not found in dataset {name!r}; its columns are {', '.join(ds.column_names)}."
+                f"{option} {column!r} not found in dataset {name!r}; its columns are {', '.join(column_names)}."
             )
+
+
+def load_hub_dataset(name: str, config_name: str | None, split: str, image_column: str, caption_column: str,
+                     cache_dir: str | None = None, max_samples: int | None = None, data_dir: str | None = None,
+                     data_files=None) -> HubDatasetSource:
+    ds = open_dataset(name, config_name, split, cache_dir, data_dir, data_files)
+    check_columns(ds.column_names, name, image_column, caption_column)
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     if len(ds) == 0:
         raise InputError(f"dataset {name!r} split {split!r} is empty.")
-    captions = [_caption_text(value, f"{name} row {i}", caption_column) for i, value in enumerate(ds[caption_column])]
+    cells = ds[caption_column]
+    captions = [_caption_text(value, f"{name} row {i}", caption_column) for i, value in enumerate(cells)]
     warn_empty_captions(captions, lambda i: f"{name} row {i}")
-    return HubDatasetSource(ds, image_column, caption_column, name)
+    source = HubDatasetSource(ds, image_column, caption_column, name)
+    source.has_several_captions = any(isinstance(value, (list, tuple)) and len(value) > 1 for value in cells)
+    return source
 
 
-def load_source(args) -> ImageCaptionSource:
+def load_source(args):
+    """The training data of `args`: an `ImageCaptionSource` (map-style), or with --streaming / --train_shards a
+    stream source (`streaming.py`)."""
+    if getattr(args, "train_shards", None) or getattr(args, "streaming", False):
+        from .streaming import load_stream_source
+
+        return load_stream_source(args)
     if args.train_data_dir:
         if not os.path.isdir(args.train_data_dir):
             raise InputError(f"--train_data_dir {args.train_data_dir!r}: no such folder.")
         return load_image_folder(args.train_data_dir, args.caption_column, args.max_train_samples)
     return load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_split, args.image_column,
-                            args.caption_column, args.cache_dir, args.max_train_samples)
+                            args.caption_column, args.cache_dir, args.max_train_samples, args.data_dir,
+                            data_files_value(args.data_files))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Transform
 # ----------------------------------------------------------------------------------------------------------
-def image_to_tensor(image: Image.Image, resolution: int, flip: bool = False) -> torch.Tensor:
-    """RGB, short side -> `resolution` (bicubic), centre crop, optional mirror; [3, R, R] in [-1, 1]."""
+def image_to_tensor(image: Image.Image, resolution: int | tuple[int, int], flip: bool = False,
+                    crop: tuple[float, float] | None = None) -> torch.Tensor:
+    """RGB, resize to cover `resolution` (a side, or `(width, height)`; bicubic), crop, optional mirror;
+    [3, H, W] in [-1, 1]. `crop` None takes the centre; `(u, v)` in [0, 1) puts the window's left and top edges at
+    fractions u and v of the free room (a random crop)."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     image = ImageOps.exif_transpose(image).convert("RGB")
     w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    if crop is None:
+        left, top = (nw - width) // 2, (nh - height) // 2
+    else:
+        left = min(nw - width, int(crop[0] * (nw - width + 1)))
+        top = min(nh - height, int(crop[1] * (nh - height + 1)))
+    image = image.crop((left, top, left + width, top + height))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def crop_position(draw: int) -> tuple[float, float]:
+    """The random crop of an example drawn with `draw`: a pure function of it, so resuming repeats it."""
+    rng = random.Random(draw)
+    return rng.random(), rng.random()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dataset and deterministic, resumable order
 # ----------------------------------------------------------------------------------------------------------
+class SampleKey(NamedTuple):
+    """What the sampler decides for one example: which one, mirrored or not, its `draw` (a 31-bit integer from
+    the epoch's generator that fixes the random crop and the caption choice) and its target size `(width,
+    height)` (None: `resolution` square)."""
+
+    index: int
+    flip: bool = False
+    draw: int = 0
+    size: tuple[int, int] | None = None
+
+
 class TrainDataset(torch.utils.data.Dataset):
-    """Items are keyed by `(index, flip)` (the sampler's keys). Each item holds `index`, `flip`, and either
-    `pixel_values` or, with a latent cache, `latent_params`; and either `caption` or, with a text cache,
+    """Items are keyed by `SampleKey`s (a plain `(index, flip)` works too). Each item holds `index`, `flip`, and
+    either `pixel_values` or, with a latent cache, `latent_params`; and either `caption` or, with a text cache,
     the cache's tensors (see `text.PromptEncoder`)."""
 
     def __init__(self, source: ImageCaptionSource, resolution: int, latent_cache: dict | None = None,
-                 text_cache: dict | None = None):
+                 text_cache: dict | None = None, random_crop: bool = False):
         self.source, self.resolution = source, resolution
         self.latent_cache, self.text_cache = latent_cache, text_cache
+        self.random_crop = random_crop
+        if text_cache is not None and getattr(source, "has_several_captions", False):
+            logger.warning("Some examples have several captions; the text cache holds the first caption of each, "
+                           "so those examples train on their first caption only (without --cache_text_embeddings "
+                           "a random one is drawn each time).")
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def pixels(self, image: Image.Image, key: SampleKey) -> torch.Tensor:
+        crop = crop_position(key.draw) if self.random_crop else None
+        return image_to_tensor(image, key.size or self.resolution, key.flip, crop)
+
     def __getitem__(self, key):
-        index, flip = key if isinstance(key, tuple) else (key, False)
+        key = SampleKey(*key) if isinstance(key, tuple) else SampleKey(int(key))
+        index, flip = key.index, key.flip
         item = {"index": index, "flip": flip}
         if self.latent_cache is not None:
             item["latent_params"] = self.latent_cache["flipped" if flip else "plain"][index]
         else:
-            item["pixel_values"] = image_to_tensor(self.source.image(index), self.resolution, flip)
+            item["pixel_values"] = self.pixels(self.source.image(index), key)
         if self.text_cache is not None:
             for name, values in self.text_cache.items():
                 item[name] = values[index]
         else:
-            item["caption"] = self.source.caption(index)
+            item["caption"] = choose_caption(self.source.captions_of(index), key.draw)
         return item
 
 
@@ -348,55 +536,108 @@ def collate(items: list[dict]) -> dict:
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Endless micro-batches of `(index, flip)` keys for one process, starting at micro-batch `start`.
+    """Endless micro-batches of `SampleKey`s for one process, starting at micro-batch `start`.
 
-    Micro-batch m of process r: epoch e, batch j = divmod(m, batches_per_epoch); the epoch's permutation
-    (and flips) come from `torch.Generator().manual_seed(seed + e)`; rows [j*G + r*B, j*G + (r+1)*B) with
-    G = B * num_processes. Nothing depends on state outside (seed, m), so resuming is exact.
+    Micro-batch m of process r: epoch e, batch j = divmod(m, batches_per_epoch); the epoch's permutation, flips
+    and draws come from `torch.Generator().manual_seed(seed + e)`; rows [r*B, (r+1)*B) of the epoch's global batch
+    j (G = B * num_processes examples). Without buckets global batch j is permutation entries [j*G, (j+1)*G); with
+    `buckets` (a `buckets.BucketAssignment`) each bucket's examples, in permutation order, are cut into global
+    batches (the rest of each bucket is dropped) and the epoch's batches are shuffled by the same generator.
+    Nothing depends on state outside (seed, m), so resuming is exact.
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, num_processes: int = 1,
-                 process_index: int = 0, random_flip: bool = False, start: int = 0):
+                 process_index: int = 0, random_flip: bool = False, start: int = 0, buckets=None):
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
         self.num_processes, self.process_index = num_processes, process_index
-        self.random_flip, self.start = random_flip, start
+        self.random_flip, self.start, self.buckets = random_flip, start, buckets
         self.global_batch = batch_size * num_processes
-        self.batches_per_epoch = num_examples // self.global_batch
-        if self.batches_per_epoch == 0:
+        if buckets is None:
+            self.batches_per_epoch = num_examples // self.global_batch
+        else:
+            if len(buckets.of_example) != num_examples:
+                raise ValueError(f"{len(buckets.of_example)} bucket assignments for {num_examples} examples")
+            counts = np.bincount(np.asarray(buckets.of_example, dtype=np.int64), minlength=len(buckets.sizes))
+            self.batches_per_epoch = int(sum(int(c) // self.global_batch for c in counts))
+            self._assignment = torch.as_tensor(buckets.of_example, dtype=torch.long)
+        if self.batches_per_epoch == 0 and buckets is None:
             raise InputError(
                 f"the dataset has {num_examples} example(s), fewer than one global batch (train_batch_size "
                 f"{batch_size} x {num_processes} process(es) = {self.global_batch}); lower --train_batch_size."
             )
+        if self.batches_per_epoch == 0:
+            raise InputError(
+                f"no aspect-ratio bucket holds one global batch (train_batch_size {batch_size} x {num_processes} "
+                f"process(es) = {self.global_batch}) of the {num_examples} examples; lower --train_batch_size or "
+                "use fewer buckets (--aspect_ratio_buckets)."
+            )
 
-    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch's global batches `[batches_per_epoch, G]` of example indices, and the flip and draw of
+        every example."""
         g = torch.Generator().manual_seed(int(self.seed) + epoch)
         perm = torch.randperm(self.num_examples, generator=g)
         flips = torch.rand(self.num_examples, generator=g) < 0.5
         if not self.random_flip:
             flips = torch.zeros_like(flips)
-        return perm, flips
+        draws = torch.randint(0, 2**31 - 1, (self.num_examples,), generator=g)
+        G = self.global_batch
+        if self.buckets is None:
+            return perm[: self.batches_per_epoch * G].view(-1, G), flips, draws
+        in_bucket = self._assignment[perm]
+        chunks = []
+        for b in range(len(self.buckets.sizes)):
+            members = perm[in_bucket == b]
+            k = len(members) // G
+            if k:
+                chunks.append(members[: k * G].view(k, G))
+        rows = torch.cat(chunks)
+        return rows[torch.randperm(len(rows), generator=g)], flips, draws
 
-    def batch(self, micro_batch: int) -> list[tuple[int, bool]]:
+    def _keys(self, plan, j: int) -> list[SampleKey]:
+        rows, flips, draws = plan
+        lo = self.process_index * self.batch_size
+        sizes = self.buckets.sizes if self.buckets is not None else None
+        return [SampleKey(int(i), bool(flips[i]), int(draws[i]),
+                          None if sizes is None else tuple(sizes[int(self._assignment[i])]))
+                for i in rows[j, lo: lo + self.batch_size]]
+
+    def batch(self, micro_batch: int) -> list[SampleKey]:
         epoch, j = divmod(micro_batch, self.batches_per_epoch)
-        perm, flips = self.epoch_order(epoch)
-        lo = j * self.global_batch + self.process_index * self.batch_size
-        rows = perm[lo: lo + self.batch_size]
-        return [(int(i), bool(flips[i])) for i in rows]
+        return self._keys(self.epoch_plan(epoch), j)
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         m = self.start
-        cached_epoch, perm, flips = None, None, None
+        cached_epoch, plan = None, None
         while True:
             epoch, j = divmod(m, self.batches_per_epoch)
             if epoch != cached_epoch:
-                perm, flips = self.epoch_order(epoch)
-                cached_epoch = epoch
-            lo = j * self.global_batch + self.process_index * self.batch_size
-            yield [(int(i), bool(flips[i])) for i in perm[lo: lo + self.batch_size]]
+                plan, cached_epoch = self.epoch_plan(epoch), epoch
+            yield self._keys(plan, j)
             m += 1
 
 
-def make_dataloader(dataset: TrainDataset, sampler: ResumableBatchSampler, num_workers: int) -> torch.utils.data.DataLoader:
+def make_sampler(args, source, seed: int, num_processes: int, process_index: int, buckets=None):
+    """The run's order of micro-batches: a `ResumableBatchSampler` over a map-style source, or a
+    `streaming.StreamingBatches` over a stream."""
+    if not isinstance(source, ImageCaptionSource):
+        from .streaming import StreamingBatches
+
+        return StreamingBatches(source, args.train_batch_size, seed, num_processes, process_index, args.random_flip)
+    return ResumableBatchSampler(len(source), args.train_batch_size, seed, num_processes, process_index,
+                                 args.random_flip, buckets=buckets)
+
+
+def num_examples(source) -> int | None:
+    """How many examples the source holds (None: a stream of unknown length)."""
+    return len(source) if isinstance(source, ImageCaptionSource) else source.num_examples
+
+
+def make_dataloader(dataset: TrainDataset, sampler, num_workers: int):
+    """The loader of micro-batches: over `dataset` in `sampler`'s order, or a stream's own loader
+    (`streaming.StreamingBatches`)."""
+    if hasattr(sampler, "loader"):
+        return sampler.loader(dataset, num_workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -153,7 +153,7 @@ def training_details(args, global_step: int, num_examples: int, num_processes: i
         "optimizer": args.optimizer,
         "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})",
         "sigma sampling": args.weighting_scheme,
-        "caption dropout": args.caption_dropout_prob,
+        "caption dropout": f"{args.caption_dropout_prob:g} per encoder, {args.caption_dropout_all_prob:g} all together",
         "EMA": args.ema_decay if args.use_ema else "no",
         "mixed precision": args.mixed_precision or "accelerate default",
     }

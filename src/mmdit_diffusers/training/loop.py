@@ -43,7 +43,7 @@ import torch
 from ..errors import InputError
 from ..files import is_missing_local_path, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
-from . import checkpointing, data, optimizers, run_folder
+from . import buckets, checkpointing, data, distributed, optimizers, run_folder
 from .flow_matching import (
     flow_matching_loss,
     loss_weighting,
@@ -111,6 +111,17 @@ class TrainingRNG:
                              args.mode_scale, shift, generator=self.generator, device=self.device)
         return self._rows(full, batch)
 
+    def caption_drop(self, batch: int, num_encoders: int, each: float, every: float = 0.0) -> torch.Tensor | None:
+        """[batch, num_encoders] True where an encoder sees "": each encoder on its own with probability `each`,
+        all of them together (the unconditional input of classifier-free guidance) with probability `every`."""
+        drop = None
+        if each > 0:
+            drop = self.rand((batch, num_encoders)) < each
+        if every > 0:
+            drop_all = (self.rand((batch, 1)) < every).expand(batch, num_encoders)
+            drop = drop_all if drop is None else drop | drop_all
+        return drop
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
@@ -174,8 +185,10 @@ def parse_model_config(value: str) -> tuple[str | None, dict]:
     return preset, overrides
 
 
-def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_side: int):
-    """A new transformer from --model_config; I/O sizes from the VAE and the encoded text."""
+def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_side: int,
+                          largest_latent_side: int | None = None):
+    """A new transformer from --model_config; I/O sizes from the VAE and the encoded text; its position grid
+    covers `largest_latent_side` (aspect-ratio buckets; default `latent_side`)."""
     from ..models.transformer_mmdit import MMDiTTransformer2DModel
 
     preset, overrides = parse_model_config(args.model_config)
@@ -206,7 +219,8 @@ def build_new_transformer(args, vae, text_shape: tuple[int, int, int], latent_si
     if "sample_size" not in overrides:
         config["sample_size"] = latent_side
     if "pos_embed_max_size" not in overrides and config.get("pos_embed_type") != "rope":  # RoPE has no grid limit
-        config["pos_embed_max_size"] = max(int(config.get("pos_embed_max_size") or 0), grid)
+        config["pos_embed_max_size"] = max(int(config.get("pos_embed_max_size") or 0), grid,
+                                           (largest_latent_side or 0) // patch)
     try:
         return MMDiTTransformer2DModel(**config)
     except (TypeError, ValueError) as e:
@@ -364,12 +378,14 @@ def train(args: Namespace) -> TrainResult:
         raise InputError(f"accelerate cannot run with --mixed_precision {args.mixed_precision} / --report_to "
                          f"{args.report_to}: {e}") from None
     _check_all_processes_joined(accelerator)
+    args.mixed_precision = accelerator.mixed_precision  # the precision in effect (model card, trackers)
+    fsdp = distributed.resolve_fsdp(accelerator)
     with _quiet_logging(accelerator.is_local_main_process):
         claimed = []  # the main process's claim on output_dir (run id, lock); a refusal is raised on every process
         _on_main_or_raise(accelerator, lambda: claimed.append(
             run_folder.claim(output_dir, args, resume_path, resume_state)))
         try:
-            return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source,
+            return _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source, fsdp,
                           claimed[0].run_id if claimed else None)
         finally:
             accelerator.end_training()  # flush and close the trackers, also after an error
@@ -392,8 +408,7 @@ def _check_all_processes_joined(accelerator) -> None:
         )
 
 
-def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source, run_id) -> TrainResult:
-    from accelerate.utils import DistributedType
+def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state, source, fsdp, run_id) -> TrainResult:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -406,14 +421,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     optimizers.check(args.optimizer, device)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {output_dir}; starting a new run.")
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and (args.use_ema or args.use_lora):
-        raise InputError("FSDP runs support full fine-tuning and training from scratch; --use_ema and LoRA "
-                                  "need DDP (accelerate launch --multi_gpu).")
-    sampler = data.ResumableBatchSampler(len(source), args.train_batch_size, seed, world, rank, args.random_flip)
-    micro_per_epoch = sampler.batches_per_epoch
-    max_train_steps = args.max_train_steps or math.ceil(
-        args.num_train_epochs * micro_per_epoch / args.gradient_accumulation_steps)
+    sampler = data.make_sampler(args, source, seed, world, rank)  # bucketed in section 3 (needs the model)
     if args.push_to_hub:
         _on_main_or_raise(accelerator, lambda: _create_hub_repo(args))
 
@@ -427,7 +435,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     torch.manual_seed(seed)  # initialisation of a new transformer / LoRA weights
     if args.model_config:
         latent_side = args.resolution // vae_scale_factor(vae)
-        transformer = build_new_transformer(args, vae, text_shape, latent_side)
+        largest = buckets.largest_side(args.aspect_ratio_buckets, args.resolution) // vae_scale_factor(vae)
+        transformer = build_new_transformer(args, vae, text_shape, latent_side, largest)
         pipe.transformer = transformer
     else:
         transformer = pipe.transformer
@@ -481,7 +490,13 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         if args.validation_prompt:
             validation_embeddings = prompt_encoder.pipeline_kwargs(args.validation_prompt)
         prompt_encoder.free()
-    dataset = data.TrainDataset(source, args.resolution, latent_cache, text_cache)
+    dataset = data.TrainDataset(source, args.resolution, latent_cache, text_cache, args.random_crop)
+    if args.aspect_ratio_buckets:
+        sampler = data.make_sampler(args, source, seed, world, rank,
+                                    buckets.prepare_buckets(args, source, vae_scale_factor(vae), transformer))
+    micro_per_epoch = sampler.batches_per_epoch  # None: a stream
+    max_train_steps = args.max_train_steps or math.ceil(
+        args.num_train_epochs * micro_per_epoch / args.gradient_accumulation_steps)
 
     # 4. optimizer, schedule, prepare, resume -------------------------------------------------------------
     lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1)
@@ -490,16 +505,23 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
                                  num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=max_train_steps * world,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
+    if fsdp:
+        distributed.wrap_blocks(accelerator, transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(transformer)
-    if fsdp:
+    if fsdp:  # the parameters are now DTensor shards
         params = [p for p in transformer.parameters() if p.requires_grad]
+        logger.info(distributed.describe_sharding(transformer))
 
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_decay, model_cls=type(model), model_config=model.config)
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
+        if fsdp:
+            names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+            distributed.register_sharded_ema(accelerator, ema, names)
+        else:
+            accelerator.register_for_checkpointing(ema)
     rng = TrainingRNG(seed, device, world, rank)
     accelerator.register_for_checkpointing(rng)
     if args.use_lora and not fsdp:
@@ -583,7 +605,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         return path
 
     # 5. steps ----------------------------------------------------------------------------------------------
-    logger.info(f"{len(source)} examples, {micro_per_epoch} micro-batches per epoch, batch {args.train_batch_size} x "
+    logger.info(f"{data.num_examples(source) or 'Streamed'} examples, {micro_per_epoch or 'endless'} micro-batches per "
+                f"epoch, batch {args.train_batch_size} x "
                 f"{args.gradient_accumulation_steps} accumulation x {world} processes; {max_train_steps} steps "
                 f"({'LoRA rank %d' % args.rank if args.use_lora else 'full'}), starting at step {global_step}.")
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", unit="step",
@@ -656,7 +679,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     accelerator.wait_for_everyone()
     from . import export
 
-    result = TrainResult(output_dir=output_dir, card_data=export.card_data(args, global_step, len(source), world),
+    result = TrainResult(output_dir=output_dir, card_data=export.card_data(args, global_step, data.num_examples(source) or "streamed", world),
                          ignore_patterns=list(export.RUN_FILES), global_step=global_step,
                          max_train_steps=max_train_steps, seed=seed, losses=losses)
     final_grid = validate("final", global_step)
@@ -666,12 +689,8 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         ema.copy_to(params)
     final_model = model
     if fsdp:  # gather the shards (a collective: every process takes part), export a plain copy
-        from ..models.transformer_mmdit import MMDiTTransformer2DModel
-
-        state = accelerator.get_state_dict(transformer)
-        if accelerator.is_main_process:
-            final_model = MMDiTTransformer2DModel.from_config(model.config)
-            final_model.load_state_dict(state)
+        final_model = distributed.gathered_transformer(
+            accelerator, transformer, model, (lambda copy: add_lora(copy, args)) if args.use_lora else None)
     if accelerator.is_main_process:
         if args.use_lora:
             result.lora_weights = export.save_lora(final_model, output_dir)
@@ -719,6 +738,8 @@ def _checked_step_loss(accelerator, loss_sum, micro_batches: int, grad_norm, whe
     (before the update). The gradient norm is not checked under fp16, whose gradient scaler skips such steps."""
     bad_loss = (~torch.isfinite(loss_sum)).float()
     if grad_norm is not None and accelerator.mixed_precision != "fp16":
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; the same norm on every process as a plain tensor
+            grad_norm = grad_norm.full_tensor()
         grad_norm = torch.as_tensor(grad_norm, device=loss_sum.device, dtype=torch.float32)
         bad_grad = (~torch.isfinite(grad_norm)).float()
     else:
@@ -753,9 +774,8 @@ def _compute_loss(batch, transformer, vae, prompt_encoder, rng: TrainingRNG, arg
         bsz = x0.shape[0]
         noise = rng.randn(x0.shape)
         sigmas = rng.sigmas(bsz, args, shift)
-        drop = None
-        if args.caption_dropout_prob > 0:
-            drop = rng.rand((bsz, prompt_encoder.num_encoders)) < args.caption_dropout_prob
+        drop = rng.caption_drop(bsz, prompt_encoder.num_encoders, args.caption_dropout_prob,
+                                args.caption_dropout_all_prob)
         text = prompt_encoder.from_batch(batch, drop)
         x_t = noisy_latents(x0, noise, sigmas)
         target = velocity_target(x0, noise)

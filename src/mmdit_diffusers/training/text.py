@@ -1,9 +1,10 @@
 """Captions -> the transformer's text inputs during training, with per-encoder caption dropout and caching.
 
 Caption dropout (`--caption_dropout_prob p`): for every example each text encoder independently sees the empty
-caption "" with probability p (SD3 drops its three encoders independently). Dropping all of them gives exactly
-the pipeline's unconditional input (the encoding of the negative prompt ""), so classifier-free guidance
-works; dropping some teaches the model to use whichever encoders are left.
+caption "" with probability p (SD3 drops its three encoders independently); `--caption_dropout_all_prob q` drops
+all of them together with probability q. Dropping all of them gives exactly the pipeline's unconditional input
+(the encoding of the negative prompt ""), the prediction classifier-free guidance extrapolates from; dropping some
+teaches the model to use whichever encoders are left.
 
 The conditioning is computed by the pipeline's own text encoding (`pipelines.text_encoding`: `encode_each`, then
 `join`), so training and generation cannot disagree:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 
 # the run's own files in output_dir, not part of the model: left out of a Hub upload
-RUN_FILES = ["checkpoint-*", ".tmp-checkpoint-*", ".deleting-checkpoint-*", "logs/*", "*.tmp", "training_summary.json"]
+RUN_FILES = ["checkpoint-*", ".tmp-checkpoint-*", ".deleting-checkpoint-*", "logs/*", "*.tmp", "training_summary.json",
+             "cache/*"]
 
 
 def _pipeline_class():

@@ -220,13 +220,16 @@ class DiskCache:
         return self.num_rows
 
     def get(self, row: int, name: str) -> torch.Tensor:
-        position = int(self.position[row])
-        return self._open()[self.shard_of[row]].get_slice(name)[position: position + 1][0]
+        return self._read(self._open()[self.shard_of[row]], name, int(self.position[row]))
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        handle = self._open()[self.shard_of[row]]
-        position = int(self.position[row])
-        return {name: handle.get_slice(name)[position: position + 1][0] for name in handle.keys() if name != "rows"}
+        handle, position = self._open()[self.shard_of[row]], int(self.position[row])
+        return {name: self._read(handle, name, position) for name in handle.keys() if name != "rows"}
+
+    @staticmethod
+    def _read(handle, name: str, position: int) -> torch.Tensor:
+        # safetensors hands out views of the mapped file: copy, so that a row outlives changes to the file
+        return handle.get_slice(name)[position: position + 1][0].clone()
 
 
 class ExampleRows:
@@ -266,7 +269,7 @@ def _decide(folder: str, root: str, option: str) -> tuple[str, str]:
 
 def build_or_reuse(root: str, key: dict, num_rows: int, encode: Callable[[list[int]], Iterator[tuple[int, dict]]],
                    accelerator, what: str, option: str = "--embeddings_cache_dir",
-                   shard_bytes: int = SHARD_BYTES) -> DiskCache:
+                   shard_bytes: int | None = None) -> DiskCache:
     """The cache of `key` under `root`: reused when complete, else built by all processes together.
 
     `encode(rows)` yields `(row, {name: tensor})` for each of the given rows; each process calls it on its slice of
@@ -288,7 +291,7 @@ def build_or_reuse(root: str, key: dict, num_rows: int, encode: Callable[[list[i
 
     logger.info(f"Caching {what} in {folder}.")
     world, rank = accelerator.num_processes, accelerator.process_index
-    writer = ShardWriter(folder, f"{rank:05d}", shard_bytes)
+    writer = ShardWriter(folder, f"{rank:05d}", shard_bytes or SHARD_BYTES)
     for row, tensors in encode(list(range(rank * num_rows // world, (rank + 1) * num_rows // world))):
         writer.add(row, tensors)
     writer.close()

@@ -15,9 +15,10 @@ checks that the shards hold every row once and writes `manifest.json` last: the 
 never sent between processes. A folder without a manifest (a killed build) is built again; one whose manifest does
 not match its shards (a shard missing, truncated, rows missing) is reported and built again.
 
-Reading (`DiskCache`): every process opens the shards with safetensors' `safe_open`, which memory-maps them, and
-reads one row at a time, so a process holds only the rows in use and a small index (two int32 per row); the pages
-read come from the page cache (file-backed, reclaimable), not the process's own memory.
+Reading (`DiskCache`): every process opens the shards with safetensors' `safe_open`, which memory-maps them (its
+tensors are views of the mapping), and copies out one row at a time, so a process holds only the rows in use and a
+small index (two int32 per row); the pages read are the page cache's (file-backed, reclaimable), not the process's
+own memory.
 
 A shard stacks rows whose tensors have the same names, shapes and dtypes (`rows` names them), so examples whose
 latents differ in shape (aspect-ratio buckets) go to different shards.
@@ -42,7 +43,7 @@ logger = logging.getLogger("mmdit_diffusers.train")  # the trainer's logger: the
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-SHARD_BYTES = 64 * 2**20
+SHARD_BYTES = 32 * 2**20
 WEIGHT_SAMPLE = 4096  # values of each weight tensor that enter an encoder's fingerprint
 
 
@@ -152,6 +153,7 @@ class ShardWriter:
         rows, values, _ = self.pending.pop(kind)
         tensors = {name: torch.stack([v[name] for v in values]) for name in values[0]}
         tensors["rows"] = torch.tensor(rows, dtype=torch.int64)
+        del values  # at most two copies of a shard in memory: stacked, and serialised
         name = f"{self.prefix}-{len(self.written):05d}.safetensors"
         with atomic_file(os.path.join(self.folder, name)) as f:
             f.write(save(tensors))
@@ -189,7 +191,7 @@ class DiskCache:
                 problem = f"has {os.path.getsize(shard):,} bytes, the manifest says {size:,}"
             if problem:
                 raise CacheDamaged(f"shard {name} {problem}")
-        self._handles = None
+        self._handles, self._tensors = None, {}
         self._index()
 
     def _index(self) -> None:
@@ -211,25 +213,29 @@ class DiskCache:
             from safetensors import safe_open
 
             self._handles = [safe_open(os.path.join(self.folder, name), framework="pt") for name, _ in self.shards]
+            self._tensors = {}
         return self._handles
 
+    def _tensor(self, shard: int, name: str) -> torch.Tensor:
+        """A shard's stacked tensor: safetensors returns a view of the mapped file (no copy, nothing read yet)."""
+        key = (shard, name)
+        if key not in self._tensors:
+            self._tensors[key] = self._open()[shard].get_tensor(name)
+        return self._tensors[key]
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": None}
+        return {**self.__dict__, "_handles": None, "_tensors": {}}
 
     def __len__(self) -> int:
         return self.num_rows
 
     def get(self, row: int, name: str) -> torch.Tensor:
-        return self._read(self._open()[self.shard_of[row]], name, int(self.position[row]))
+        # a copy of the row, so that it outlives the mapping and changes to the file
+        return self._tensor(int(self.shard_of[row]), name)[int(self.position[row])].clone()
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        handle, position = self._open()[self.shard_of[row]], int(self.position[row])
-        return {name: self._read(handle, name, position) for name in handle.keys() if name != "rows"}
-
-    @staticmethod
-    def _read(handle, name: str, position: int) -> torch.Tensor:
-        # safetensors hands out views of the mapped file: copy, so that a row outlives changes to the file
-        return handle.get_slice(name)[position: position + 1][0].clone()
+        shard = int(self.shard_of[row])
+        return {name: self.get(row, name) for name in self._open()[shard].keys() if name != "rows"}
 
 
 class ExampleRows:
@@ -251,14 +257,14 @@ class ExampleRows:
 def _decide(folder: str, root: str, option: str) -> tuple[str, str]:
     """("reuse" | "build" | "error", message), on the main process; emptied, ready to build, when "build"."""
     if os.path.isdir(folder):
-        try:
-            DiskCache(folder)
-            return "reuse", ""
-        except CacheDamaged as e:
-            if os.path.isfile(os.path.join(folder, MANIFEST)):
+        if not os.path.isfile(os.path.join(folder, MANIFEST)):
+            logger.info(f"The cache {folder} was left unfinished (no {MANIFEST}); building it again.")
+        else:
+            try:
+                DiskCache(folder)
+                return "reuse", ""
+            except CacheDamaged as e:
                 logger.warning(f"the cache {folder} is damaged: {e}; building it again.")
-            else:
-                logger.info(f"the cache {folder} was not finished ({e}); building it again.")
         shutil.rmtree(folder)
     problem = folder_problem(root)
     if problem:
@@ -279,7 +285,10 @@ def build_or_reuse(root: str, key: dict, num_rows: int, encode: Callable[[list[i
     folder = cache_folder(root, key)
     decision = [None]
     if accelerator.is_main_process:
-        decision = [_decide(folder, root, option)]
+        try:
+            decision = [_decide(folder, root, option)]
+        except OSError as e:  # told to every process below, which would otherwise wait for the main one
+            decision = [("error", f"{option} {root!r}: cannot write the cache there: {e}.")]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision)
     action, message = decision[0]

@@ -98,6 +98,8 @@ def main(argv=None) -> None:
     parser.add_argument("--before", default=None, help="another source tree (its src/) to measure too")
     parser.add_argument("--before_max_images", type=int, default=20000,
                         help="largest dataset for --before (its in-memory caches grow with the data)")
+    parser.add_argument("--codes", nargs="+", choices=["after", "before"], default=["after", "before"],
+                        help="which trees to measure (before: only with --before)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_cache_memory"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -111,7 +113,8 @@ def main(argv=None) -> None:
 
         tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(base)
 
-    codes = [("after", args.src)] + ([("before", args.before)] if args.before else [])
+    codes = [(code, args.src if code == "after" else args.before) for code in args.codes
+             if code == "after" or args.before]
     rows = []
     for n in args.images:
         data = write_images(os.path.join(args.workdir, f"data-{n}"), n, args.distinct)
@@ -129,7 +132,8 @@ def main(argv=None) -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 
-    print("\n| images | processes | code | peak RSS per process (MiB) | wall (s) | rerun: peak RSS (MiB) | rerun wall (s) |")
+    print("\n| images | processes | code | peak RSS per process (MiB) | wall (s) | rerun: peak RSS (MiB) "
+          "| rerun wall (s) |")
     print("|---:|---:|---|---|---:|---|---:|")
     for r in rows:
         rerun = (f"{' / '.join(map(str, r['rerun_peak_rss_mib']))} (cache reused)" if r.get("rerun_reused")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -50,6 +51,13 @@ def same_rows(a: dict, b: dict) -> bool:
         a[r].keys() == b[r].keys() and all(torch.equal(a[r][k], b[r][k]) for k in a[r]) for r in a)
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap `owner.name` so that each call appends to the returned list."""
+    calls, original = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: calls.append(args) or original(*args))
+    return calls
+
+
 def latent_cache(source, vae, root, flip=False):
     return data.build_latent_cache(source, vae, 32, flip, PartialState(), str(root))
 
@@ -66,9 +74,8 @@ def test_a_resumed_run_reuses_the_cache_and_matches_recomputed_and_uncached_runs
     assert [f.split("-")[0] for f in folders] == ["latents", "text"]
     files = {f: os.stat(f).st_mtime_ns for f in (out / "cache").rglob("*") if f.is_file()}
 
-    encoded, written = [], []
-    monkeypatch.setattr(data, "encode_latent_params", lambda *a, f=data.encode_latent_params: encoded.append(1) or f(*a))
-    monkeypatch.setattr(cache.ShardWriter, "add", lambda self, *a, f=cache.ShardWriter.add: written.append(a) or f(self, *a))
+    encoded = count_calls(monkeypatch, data, "encode_latent_params")
+    written = count_calls(monkeypatch, cache.ShardWriter, "add")
     caplog.set_level("INFO", logger="mmdit_diffusers.train")
     resumed = run(common(base_dir, data_dir, out, *caches, "--max_train_steps", "4", "--checkpointing_steps", "2",
                          "--resume_from_checkpoint", "latest"))
@@ -111,7 +118,8 @@ def test_two_processes_build_the_cache_without_exchanging_rows(base_dir, data_di
            "--main_process_port", str(free_port()), str(script),
            *common(base_dir, data_dir, out, "--max_train_steps", "3", "--learning_rate", "1e-3",
                    "--cache_latents", "--cache_text_embeddings", "--caption_dropout_prob", "0.2")]
-    result = subprocess.run(cmd, env=subprocess_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=subprocess_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stderr.count("Caching VAE latent distributions of 8 images") == 1  # logged by the main process
 
@@ -150,6 +158,9 @@ def test_the_text_cache_holds_one_row_per_distinct_caption(tmp_path):
     from safetensors.torch import load_file
 
     assert sorted(r for name, _ in manifest["shards"] for r in load_file(folder / name)["rows"].tolist()) == [0, 1, 2]
+    # DataLoader workers get the cache pickled: the folder and the index, not the mapped shards' data
+    copy = pickle.loads(pickle.dumps(rows))
+    assert len(pickle.dumps(rows)) < 4096 and all(torch.equal(copy[5][k], v) for k, v in rows[5].items())
     # example i reads its caption's row: captions[i]'s encoding
     direct = encoder._encode_each({name: captions for name in encoder.encoders})
     for i in range(len(captions)):
@@ -199,8 +210,7 @@ def test_a_damaged_or_unfinished_cache_is_built_again(tmp_path, monkeypatch, cap
     (folder,) = (tmp_path / "cache").glob("latents-*")
     assert len(list(folder.glob("*.safetensors"))) == 6
 
-    encoded = []
-    monkeypatch.setattr(data, "encode_latent_params", lambda *a, f=data.encode_latent_params: encoded.append(1) or f(*a))
+    encoded = count_calls(monkeypatch, data, "encode_latent_params")
     caplog.set_level("INFO", logger="mmdit_diffusers.train")
     shard = sorted(folder.glob("*.safetensors"))[3]
     shard.write_bytes(shard.read_bytes()[:-5])  # truncated
@@ -230,6 +240,7 @@ def test_a_damaged_or_unfinished_cache_is_built_again(tmp_path, monkeypatch, cap
 def test_a_cache_folder_that_cannot_be_written_is_refused(base_dir, data_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(InputError, match=r"--embeddings_cache_dir .*a-file.* cannot write the cache there: .* is a file"):
+    refusal = r"--embeddings_cache_dir .*a-file.* cannot write the cache there: .* is a file"
+    with pytest.raises(InputError, match=refusal):
         run(common(base_dir, data_dir, tmp_path / "out", "--cache_latents", "--embeddings_cache_dir", str(blocker),
                    "--max_train_steps", "1"))

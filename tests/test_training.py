@@ -28,7 +28,7 @@ from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
 from mmdit_diffusers import MMDiTPipeline
 from mmdit_diffusers.training import TrainResult, parse_args, train
 from mmdit_diffusers.training.args import DEFAULT_LORA_LAYERS
-from mmdit_diffusers.training.data import ResumableBatchSampler
+from mmdit_diffusers.training.data import ResumableBatchSampler, collate
 
 
 
@@ -150,7 +150,7 @@ def test_shipped_configs(base_dir, data_dir, tmp_path):
     assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
-def test_caption_dropout_of_every_encoder_is_the_empty_prompt():
+def test_caption_dropout_of_every_encoder_is_the_empty_prompt(tmp_path):
     from mmdit_diffusers.training.text import PromptEncoder
 
     pipe = tiny_mmdit_pipeline(seed=0, layout="sd3")
@@ -169,16 +169,16 @@ def test_caption_dropout_of_every_encoder_is_the_empty_prompt():
     # the cache (per-encoder parts, joined per step) gives the same numbers, whatever is dropped
     from accelerate import PartialState
 
-    cache = encoder.build_cache(captions, PartialState())
+    cache = encoder.build_cache(captions, PartialState(), str(tmp_path))
     drop = torch.tensor([[True, False, True], [False, True, False]])
-    batch = {k: v for k, v in cache.items()}
+    batch = collate([cache[i] for i in range(len(captions))])
     cached = encoder.from_batch(batch, drop)
     direct = encoder.encode(captions, drop)
     for name in ("embeds", "pooled", "mask"):
         assert torch.allclose(getattr(cached, name).float(), getattr(direct, name).float(), atol=1e-6)
 
 
-def test_the_text_cache_encodes_each_distinct_caption_once():
+def test_the_text_cache_encodes_each_distinct_caption_once(tmp_path):
     from accelerate import PartialState
 
     from mmdit_diffusers.training.text import PromptEncoder
@@ -190,14 +190,14 @@ def test_the_text_cache_encodes_each_distinct_caption_once():
     pipe.text_encoder_3.register_forward_hook(lambda module, args, kwargs, out: rows.append(len(kwargs.get(
         "input_ids", args[0] if args else None))), with_kwargs=True)
     distinct = ["a red circle", "two blue squares", "a green triangle"]
-    encoder.build_cache(distinct, PartialState())
+    encoder.build_cache(distinct, PartialState(), str(tmp_path / "distinct"))
     rows_for_distinct = sum(rows)
     rows.clear()
     captions = [distinct[i] for i in (2, 0, 0, 1, 2, 0, 1, 1, 0)]
-    cache = encoder.build_cache(captions, PartialState())
+    cache = encoder.build_cache(captions, PartialState(), str(tmp_path / "nine"))
     assert sum(rows) == rows_for_distinct  # nine captions cost what their three distinct ones cost
     direct = encoder.encode(captions)
-    cached = encoder.from_batch(dict(cache), None)
+    cached = encoder.from_batch(collate([cache[i] for i in range(len(captions))]), None)
     for name in ("embeds", "pooled", "mask"):  # row i is captions[i]
         assert torch.allclose(getattr(cached, name).float(), getattr(direct, name).float(), atol=1e-6)
 

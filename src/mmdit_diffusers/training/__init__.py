@@ -8,6 +8,8 @@ One concept per module:
   transforms, the deterministic resumable batch sampler and the latent cache.
 - `text`: captions -> text conditioning (the pipeline's own `pipelines.text_encoding`), per-encoder caption
   dropout and the text-embedding cache.
+- `cache`: the disk caches behind them: fingerprinted folders of safetensors shards, built by all processes
+  together, memory-mapped when training, reused by later runs.
 - `loop`: the accelerate training loop: `train(args) -> TrainResult`; `TrainingDivergedError` (non-finite loss).
 - `checkpointing`: atomic `save_state`, rotation (of the run's own checkpoints) and resume.
 - `run_folder`: a run owns its `--output_dir` (manifest `run.json`, lock `.run.lock`, refusal of another run's folder).

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "its mode (the mean: deterministic).")
     g.add_argument("--cache_text_embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="Encode every caption once before training; the text encoders are then freed.")
+    g.add_argument("--embeddings_cache_dir", default=None,
+                   help="Folder of the --cache_latents / --cache_text_embeddings caches (default: OUTPUT_DIR/cache), "
+                   "one subfolder per encoder and data; a resumed or later run with the same ones reuses it.")
     g.add_argument("--max_sequence_length", type=positive_int, default=None,
                    help="T5 tokens per caption (the pipeline's encode_prompt; default: 256 or what the "
                    "transformer's txt_tokens allows).")

@@ -35,8 +35,9 @@ Caches
     the cache holds the latent *distribution* parameters (mean and log-variance, `latent_dist.parameters`), and
     each step draws a fresh latent from them (or takes the mean with `--vae_latent mode`), as without the cache.
     `--cache_text_embeddings`: each distinct caption is encoded once (`text.PromptEncoder.build_cache`), after which the
-    text encoders are freed. Both caches live in memory for the run (each process encodes a share and the
-    shares are exchanged) and are rebuilt when a run resumes.
+    text encoders are freed. Both caches are folders of safetensors shards on disk (`cache`): each process encodes a
+    slice and writes it, every process reads the rows it needs, memory-mapped; a resumed or later run with the same
+    encoders and data reuses them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from PIL import Image, ImageOps
 
 from ..errors import InputError
 from ..pipelines.latents import normalize_latents
+from .cache import DiskCache, ExampleRows, build_or_reuse, latent_key
 
 logger = logging.getLogger(__name__)
 
@@ -494,8 +496,8 @@ class TrainDataset(torch.utils.data.Dataset):
     either `pixel_values` or, with a latent cache, `latent_params`; and either `caption` or, with a text cache,
     the cache's tensors (see `text.PromptEncoder`)."""
 
-    def __init__(self, source: ImageCaptionSource, resolution: int, latent_cache: dict | None = None,
-                 text_cache: dict | None = None, random_crop: bool = False):
+    def __init__(self, source: ImageCaptionSource, resolution: int, latent_cache: DiskCache | None = None,
+                 text_cache: ExampleRows | None = None, random_crop: bool = False):
         self.source, self.resolution = source, resolution
         self.latent_cache, self.text_cache = latent_cache, text_cache
         self.random_crop = random_crop
@@ -516,12 +518,11 @@ class TrainDataset(torch.utils.data.Dataset):
         index, flip = key.index, key.flip
         item = {"index": index, "flip": flip}
         if self.latent_cache is not None:
-            item["latent_params"] = self.latent_cache["flipped" if flip else "plain"][index]
+            item["latent_params"] = self.latent_cache.get(index, "flipped" if flip else "plain")
         else:
             item["pixel_values"] = self.pixels(self.source.image(index), key)
         if self.text_cache is not None:
-            for name, values in self.text_cache.items():
-                item[name] = values[index]
+            item.update(self.text_cache[index])
         else:
             item["caption"] = choose_caption(self.source.captions_of(index), key.draw)
         return item
@@ -680,25 +681,22 @@ def sample_latents(params: torch.Tensor, vae, randn, mode: bool = False) -> torc
 
 
 @torch.no_grad()
-def build_latent_cache(source: ImageCaptionSource, vae, resolution: int, random_flip: bool, accelerator,
-                       batch_size: int = 8) -> dict:
-    """{"plain": [N, ...], "flipped": [N, ...] or None} on CPU; each process encodes every
-    num_processes-th image, then the shares are exchanged."""
-    from accelerate.utils import gather_object
-
-    n, world, rank = len(source), accelerator.num_processes, accelerator.process_index
-    mine = list(range(rank, n, world))
+def build_latent_cache(source: ImageCaptionSource, vae, resolution: int, random_flip: bool, accelerator, root: str,
+                       batch_size: int = 8) -> DiskCache:
+    """The disk cache under `root` of every image's latent distribution: row i holds `plain` (and, with
+    `random_flip`, `flipped`) for example i. Each process encodes a slice of the images (`cache.build_or_reuse`),
+    or an earlier run's cache is reused."""
     variants = [False, True] if random_flip else [False]
-    results: list[tuple[int, bool, torch.Tensor]] = []
-    for flip in variants:
-        for lo in range(0, len(mine), batch_size):
-            idx = mine[lo: lo + batch_size]
-            pixels = torch.stack([image_to_tensor(source.image(i), resolution, flip) for i in idx])
-            params = encode_latent_params(vae, pixels).float().cpu()
-            results += [(i, flip, params[k]) for k, i in enumerate(idx)]
-    if world > 1:
-        results = gather_object(results)
-    cache = {"plain": [None] * n, "flipped": [None] * n if random_flip else None}
-    for i, flip, params in results:
-        cache["flipped" if flip else "plain"][i] = params
-    return {key: (torch.stack(value) if value is not None else None) for key, value in cache.items()}
+
+    def encode(rows: list[int]):
+        for lo in range(0, len(rows), batch_size):
+            idx = rows[lo: lo + batch_size]
+            params = {flip: encode_latent_params(vae, torch.stack([image_to_tensor(source.image(i), resolution, flip)
+                                                                   for i in idx])).float().cpu()
+                      for flip in variants}
+            for k, i in enumerate(idx):
+                yield i, {"flipped" if flip else "plain": params[flip][k] for flip in variants}
+
+    key = latent_key(vae, source, resolution, random_flip)
+    what = f"VAE latent distributions of {len(source)} images{' (and their mirror images)' if random_flip else ''}"
+    return build_or_reuse(root, key, len(source), encode, accelerator, what)

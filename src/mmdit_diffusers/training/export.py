@@ -24,7 +24,7 @@ from ..files import fsync_directory, fsync_tree
 
 # the run's own files in output_dir, not part of the model: left out of a Hub upload
 RUN_FILES = ["checkpoint-*", ".tmp-checkpoint-*", ".deleting-checkpoint-*", "logs/*", "*.tmp", "training_summary.json",
-             "run.json", ".run.lock", ".export-*"]
+             "run.json", ".run.lock", ".export-*", "cache/*"]
 INDEX = "model_index.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 MODEL_FILES = (INDEX, LORA_WEIGHTS)  # an exported model in a folder

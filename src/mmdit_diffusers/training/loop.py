@@ -478,15 +478,14 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     # 3. caches and data -----------------------------------------------------------------------------------
     latent_cache = text_cache = None
     validation_embeddings = None
+    cache_root = os.path.abspath(args.embeddings_cache_dir or os.path.join(output_dir, "cache"))
     if args.cache_latents:
-        logger.info(f"Caching VAE latent distributions of {len(source)} images"
-                    f"{' (and their mirror images)' if args.random_flip else ''}.")
-        latent_cache = data.build_latent_cache(source, vae, args.resolution, args.random_flip, accelerator)
+        latent_cache = data.build_latent_cache(source, vae, args.resolution, args.random_flip, accelerator, cache_root)
         if not args.validation_prompt:
             vae.to("cpu")
     if args.cache_text_embeddings:
-        logger.info(f"Caching text embeddings of {len(source)} captions.")
-        text_cache = prompt_encoder.build_cache([source.caption(i) for i in range(len(source))], accelerator)
+        captions = [source.caption(i) for i in range(len(source))]
+        text_cache = prompt_encoder.build_cache(captions, accelerator, cache_root)
         if args.validation_prompt:
             validation_embeddings = prompt_encoder.pipeline_kwargs(args.validation_prompt)
         prompt_encoder.free()

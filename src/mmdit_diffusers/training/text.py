@@ -10,9 +10,10 @@ The conditioning is computed by the pipeline's own text encoding (`pipelines.tex
 `join`), so training and generation cannot disagree:
 
 - without a cache, each encoder encodes the batch's captions with "" in its dropped places;
-- with `--cache_text_embeddings`, each distinct caption is encoded once per encoder (`encode_each`), together with
-  "" once; every step swaps each example's dropped encoders for the empty caption's outputs (`drop_captions`) and
-  joins them (`join`). The text encoders are freed after caching.
+- with `--cache_text_embeddings`, each distinct caption is encoded once per encoder (`encode_each`) into a disk
+  cache (`cache`; reused by later runs with the same encoders and captions), and "" once; every step swaps each
+  example's dropped encoders for the empty caption's outputs (`drop_captions`) and joins them (`join`). The text
+  encoders are freed after caching.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..pipelines.text_encoding import EncoderOutput, drop_captions, encode_each, join, join_settings, text_encoder_names
+from ..pipelines.text_encoding import (
+    EncoderOutput,
+    drop_captions,
+    encode_each,
+    join,
+    join_settings,
+    text_encoder_names,
+    text_layout,
+    uses_text_mask,
+)
+from .cache import ExampleRows, build_or_reuse, text_key
 
 FIELDS = ("hidden", "mask", "pooled")
 
@@ -128,30 +139,28 @@ class PromptEncoder:
             outputs = drop_captions(outputs, self._empty, drop)
         return self._join(outputs)
 
-    def build_cache(self, captions: list[str], accelerator, batch_size: int = 16) -> dict[str, torch.Tensor]:
-        """Encode each distinct caption once (each process a share, then exchanged); returns `text.*` tensors
-        [N, ...] on CPU for the dataset, row i for captions[i]."""
-        from accelerate.utils import gather_object
-
+    def build_cache(self, captions: list[str], accelerator, root: str, batch_size: int = 16) -> ExampleRows:
+        """Encode each distinct caption once into the disk cache under `root` (`cache.build_or_reuse`: each process
+        encodes a slice of the distinct captions, or an earlier run's cache is reused); returns example i's `text.*`
+        tensors at `[i]`, for the dataset."""
         self._join_settings = join_settings(self.pipe)  # read now: `free()` drops the text encoders
         self._empty = self._encode_each({name: [""] for name in self.encoders})
 
         distinct = list(dict.fromkeys(captions))
-        world, rank = accelerator.num_processes, accelerator.process_index
-        mine = list(range(rank, len(distinct), world))
-        results = []
-        for lo in range(0, len(mine), batch_size):
-            idx = mine[lo: lo + batch_size]
-            outputs = self._encode_each({name: [distinct[i] for i in idx] for name in self.encoders})
-            tensors = {f"text.{name}.{field}": getattr(out, field) for name, out in outputs.items() for field in FIELDS
-                       if getattr(out, field) is not None}
-            results += [(i, {key: value[j].cpu() for key, value in tensors.items()}) for j, i in enumerate(idx)]
-        if world > 1:
-            results = gather_object(results)
-        rows = [None] * len(distinct)
-        for i, row in results:
-            rows[i] = row
-        row_of = {caption: i for i, caption in enumerate(distinct)}
-        order = torch.tensor([row_of[caption] for caption in captions])
+        key = text_key(self.pipe, self.encoders, dict(text_layout(self.pipe).encoders), self.max_sequence_length,
+                       not uses_text_mask(self.pipe), distinct)
+
+        def encode(rows: list[int]):
+            for lo in range(0, len(rows), batch_size):
+                idx = rows[lo: lo + batch_size]
+                outputs = self._encode_each({name: [distinct[i] for i in idx] for name in self.encoders})
+                tensors = {f"text.{name}.{field}": getattr(out, field) for name, out in outputs.items()
+                           for field in FIELDS if getattr(out, field) is not None}
+                for j, i in enumerate(idx):
+                    yield i, {name: value[j] for name, value in tensors.items()}
+
+        rows = build_or_reuse(root, key, len(distinct), encode, accelerator,
+                              f"text embeddings of {len(distinct)} distinct captions")
         self.cached = True
-        return {key: torch.stack([row[key] for row in rows])[order] for key in rows[0]}
+        row_of = {caption: i for i, caption in enumerate(distinct)}
+        return ExampleRows(rows, [row_of[caption] for caption in captions])

@@ -5,9 +5,10 @@ profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
 
 - `linear_gelu_tanh`: `gelu(fc1(x), approximate="tanh")` as one oneDNN product with GELU applied to its output
   tile (`torch.ops.mkldnn._linear_pointwise`), instead of a product and a separate GELU pass (the GELU alone was
-  8% of a bfloat16 forward). float32 and bfloat16 weights; under CPU autocast the operands are cast to bfloat16
-  as autocast would. oneDNN sums in another order than PyTorch's float32 product (MKL): float32 results differ
-  by a few 1e-7 relative; bfloat16 results are rounded once instead of twice (closer to float32).
+  8% of a bfloat16 forward). bfloat16 weights, or float32 ones under CPU autocast (the operands cast to bfloat16
+  as autocast would); the result is rounded once instead of twice (closer to float32). Not float32: oneDNN sums
+  in another order than PyTorch's float32 product (MKL), and float32 stays bit for bit the plain computation
+  (a LoRA-wrapped layer, which takes the plain path, must give the same output as the bare one).
 - `modulate` / `add_gated`: `x * (1 + scale) + shift` and `x + gate * y` as one `addcmul` (one rounding) for
   bfloat16 / float16 tensors; float32 keeps the two ops, as SD3 computes them.
 - `cpu_bf16_attention`: softmax(q k^T / sqrt(d)) v for bfloat16 q, k, v, one sample at a time (its scores stay in
@@ -42,7 +43,6 @@ def x86_bf16_instructions() -> bool | None:
 # Module-level so that tests can turn the fused paths on (or off) on any CPU.
 CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_available()
 
-_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -68,7 +68,7 @@ def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if _autocast_bf16():
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = None if bias is None else bias.to(torch.bfloat16)
-        if x.dtype == weight.dtype and x.dtype in _FUSED_DTYPES and (bias is None or bias.dtype == x.dtype):
+        if x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
     return F.gelu(linear(x), approximate="tanh")
 

@@ -5,6 +5,8 @@ without bfloat16 units; and the pipeline's text padding, dropped before the bloc
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +15,7 @@ from diffusers import SD3Transformer2DModel
 
 from mmdit_diffusers import MMDiTTransformer2DModel
 from mmdit_diffusers.models import attention, fused_ops
+from mmdit_diffusers.models.validation import _warn_if_not_finite
 from tiny_pipeline import tiny_mmdit_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused GELU needs oneDNN")
@@ -20,7 +23,9 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 @pytest.fixture
 def fused(monkeypatch):
+    """The fused paths on, the attention's down to the tests' short sequences."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
+    monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
 
 
 @pytest.fixture
@@ -166,13 +171,19 @@ def test_cpu_bf16_attention_ignores_masked_keys():
 
 
 @pytest.mark.usefixtures("fused")
-def test_cpu_bf16_attention_applies_to_bfloat16_inference_within_its_size_limit(monkeypatch):
+def test_cpu_bf16_attention_applies_to_bfloat16_inference_within_its_size_limits(monkeypatch):
     q, k, v, _ = attention_inputs()
+    logits = 40 * 4 * 52  # per sample: queries x heads x keys
     with torch.no_grad():
         assert fused_ops.cpu_bf16_attention_applies(q, k, v)
         assert not fused_ops.cpu_bf16_attention_applies(q.float(), k.float(), v.float())
-        monkeypatch.setattr(fused_ops, "MAX_LOGITS_BYTES", 4 * 40 * 4 * 52 - 1)
+        monkeypatch.setattr(fused_ops, "MAX_LOGITS_BYTES", 4 * logits - 4)
         assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
+        monkeypatch.setattr(fused_ops, "MAX_LOGITS_BYTES", 4 * logits)
+        monkeypatch.setattr(fused_ops, "MIN_LOGITS", logits + 1)
+        assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
+        monkeypatch.setattr(fused_ops, "MIN_LOGITS", logits)
+        assert fused_ops.cpu_bf16_attention_applies(q, k, v)
     assert not fused_ops.cpu_bf16_attention_applies(q.requires_grad_(), k, v)
 
 
@@ -215,6 +226,7 @@ def test_float32_inference_is_the_plain_computation_bit_for_bit(monkeypatch, spy
 def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     """The model's output with the fused ops on or off (under bfloat16 autocast if `autocast`)."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
+    monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return model(**kwargs).sample
 
@@ -280,3 +292,20 @@ def test_the_pipeline_drops_shared_text_padding_whenever_the_mask_is_on(masked):
     assert 0 < real < prompt_embeds.shape[1]
     expected = real if masked else prompt_embeds.shape[1]
     assert [shape[1] for shape in seen] == [expected, expected]  # two steps, both halves of the guided batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The forward's finiteness check (a float32 sum first; the elementwise test only when the sum is not finite)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_finite_check_warns_for_nan_and_infinity_and_not_for_large_finite_values(dtype):
+    large = torch.full((4, 8), 3e38).to(dtype)  # finite, but the float32 sum overflows
+    assert not torch.isfinite(large.sum(dtype=torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_not_finite({"a": large, "b": torch.ones(3, dtype=dtype)})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        values = torch.ones(5, dtype=dtype)
+        values[2] = bad
+        with pytest.warns(RuntimeWarning, match=r"^`b` holds NaN or infinite values"):
+            _warn_if_not_finite({"a": large, "b": values})

@@ -14,7 +14,7 @@ profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
 - `cpu_bf16_attention`: softmax(q k^T / sqrt(d)) v for bfloat16 q, k, v, one sample at a time (its scores stay in
   cache): logits in float32 from the bfloat16 values (exact products, float32 sums, as the flash kernel), softmax
   in float32, probabilities rounded to bfloat16 for the product with v (as the flash kernel does); up to 16 MiB
-  of logits per sample (`MAX_LOGITS_BYTES`).
+  of logits per sample (`MAX_LOGITS_BYTES`), from 128k logits (`MIN_LOGITS`; below, the flash kernel is faster).
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present), on CPU
 tensors, when no gradient is recorded and outside torch.compile (inductor fuses on its own); everything else takes
@@ -62,7 +62,9 @@ def _autocast_bf16() -> bool:
 def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(linear(x), approximate="tanh")`, fused where it applies (see the module docstring). A layer that is
     not a plain `nn.Linear` (a LoRA wrapper, `cpu_bf16`'s layer) or carries hooks takes the plain path."""
-    if type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks) \
+    # the cheap tests first: the plain (float32) path pays a few attribute reads
+    if CPU_FUSED_KERNELS and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")) \
+            and type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks) \
             and "forward" not in linear.__dict__ and _inference_on_cpu(x, linear.weight) and x.is_contiguous():
         weight, bias = linear.weight, linear.bias
         if _autocast_bf16():
@@ -73,34 +75,32 @@ def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(linear(x), approximate="tanh")
 
 
-def _one_rounding(*tensors: torch.Tensor) -> bool:
-    dtype = tensors[0].dtype
-    return dtype in _LOW_PRECISION and all(t.dtype == dtype for t in tensors)
-
-
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`x * (1 + scale) + shift` (AdaLN), one `addcmul` in bfloat16 / float16."""
-    if _one_rounding(x, scale, shift):
+    """`x * (1 + scale) + shift` (AdaLN), one `addcmul` (one rounding) in bfloat16 / float16."""
+    if x.dtype in _LOW_PRECISION and scale.dtype == x.dtype and shift.dtype == x.dtype:
         return torch.addcmul(shift, x, 1 + scale)
     return x * (1 + scale) + shift
 
 
 def add_gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`x + gate * y` (a gated residual), one `addcmul` in bfloat16 / float16."""
-    if _one_rounding(x, gate, y):
+    """`x + gate * y` (a gated residual), one `addcmul` (one rounding) in bfloat16 / float16."""
+    if x.dtype in _LOW_PRECISION and gate.dtype == x.dtype and y.dtype == x.dtype:
         return torch.addcmul(x, gate, y)
     return x + gate * y
 
 
-# One sample's float32 logits at most this large (the `medium` benchmark config: 3.5 MiB); longer sequences take
-# PyTorch's flash kernel, which never holds them.
+# One sample's float32 logits between these sizes: below, the flash kernel is faster (`tiny`: 37k logits, 1.9x
+# the flash kernel's time); above, it never holds them (the `medium` benchmark config: 887k, 3.5 MiB).
+MIN_LOGITS = 2**17
 MAX_LOGITS_BYTES = 16 * 2**20
 
 
 def cpu_bf16_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `cpu_bf16_attention` takes these [B, S, heads, head_dim] tensors."""
-    logits_bytes = 4 * query.shape[1] * query.shape[2] * key.shape[1]
-    return (all(t.dtype == torch.bfloat16 for t in (query, key, value)) and logits_bytes <= MAX_LOGITS_BYTES
+    if not CPU_FUSED_KERNELS or query.dtype != torch.bfloat16:
+        return False
+    logits = query.shape[1] * query.shape[2] * key.shape[1]
+    return (key.dtype == value.dtype == torch.bfloat16 and MIN_LOGITS <= logits <= MAX_LOGITS_BYTES // 4
             and _inference_on_cpu(query, key, value))
 
 

@@ -140,7 +140,8 @@ def test_modulate_and_add_gated(dtype):
 def attention_inputs(batch=3, seq=40, kv=52, heads=4, head_dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, seq, heads, head_dim, generator=g) * 2  # logits of a few units: a peaked softmax
-    k, v = torch.randn(batch, kv, heads, head_dim, generator=g) * 2, torch.randn(batch, kv, heads, head_dim, generator=g)
+    k = torch.randn(batch, kv, heads, head_dim, generator=g) * 2
+    v = torch.randn(batch, kv, heads, head_dim, generator=g)
     mask = torch.rand(batch, kv, generator=g) > 0.3
     mask[:, -10:] = True  # image keys are always attended to
     return q.bfloat16(), k.bfloat16(), v.bfloat16(), mask[:, None, None, :]

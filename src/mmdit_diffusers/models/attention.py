@@ -216,7 +216,8 @@ class MMDiTAttnProcessor:
     def attend(self, query, key, value, attn_mask):
         """The attention kernel on [B, S, heads, head_dim] tensors (a subclass may compute it differently): under
         PyTorch's SDPA backend (the default), bfloat16 inference on a CPU with bfloat16 units takes
-        `fused_ops.cpu_bf16_attention` (faster than the CPU flash kernel at these sizes, same precision)."""
+        `fused_ops.cpu_bf16_attention` where it applies (faster than the CPU flash kernel there; float32 logits
+        as that kernel)."""
         if (self._parallel_config is None and self._backend() == _Backend.NATIVE
                 and cpu_bf16_attention_applies(query, key, value)):
             return cpu_bf16_attention(query, key, value, attn_mask)

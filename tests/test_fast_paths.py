@@ -21,6 +21,15 @@ from tiny_pipeline import tiny_mmdit_pipeline
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused GELU needs oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as the fused attention needs (and the benchmarks use)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fused(monkeypatch):
     """The fused paths on, the attention's down to the tests' short sequences."""
@@ -185,6 +194,11 @@ def test_cpu_bf16_attention_applies_to_bfloat16_inference_within_its_size_limits
         assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
         monkeypatch.setattr(fused_ops, "MIN_LOGITS", logits)
         assert fused_ops.cpu_bf16_attention_applies(q, k, v)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # measured faster on one thread only
+        assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
+    monkeypatch.undo()
+    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
+    monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     assert not fused_ops.cpu_bf16_attention_applies(q.requires_grad_(), k, v)
 
 

@@ -14,7 +14,9 @@ profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
 - `cpu_bf16_attention`: softmax(q k^T / sqrt(d)) v for bfloat16 q, k, v, one sample at a time (its scores stay in
   cache): logits in float32 from the bfloat16 values (exact products, float32 sums, as the flash kernel), softmax
   in float32, probabilities rounded to bfloat16 for the product with v (as the flash kernel does); up to 16 MiB
-  of logits per sample (`MAX_LOGITS_BYTES`), from 128k logits (`MIN_LOGITS`; below, the flash kernel is faster).
+  of logits per sample (`MAX_LOGITS_BYTES`), from 128k logits (`MIN_LOGITS`; below, the flash kernel is faster),
+  on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
+  threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op).
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present), on CPU
 tensors, when no gradient is recorded and outside torch.compile (inductor fuses on its own); everything else takes
@@ -97,7 +99,7 @@ MAX_LOGITS_BYTES = 16 * 2**20
 
 def cpu_bf16_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `cpu_bf16_attention` takes these [B, S, heads, head_dim] tensors."""
-    if not CPU_FUSED_KERNELS or query.dtype != torch.bfloat16:
+    if not CPU_FUSED_KERNELS or query.dtype != torch.bfloat16 or torch.get_num_threads() != 1:
         return False
     logits = query.shape[1] * query.shape[2] * key.shape[1]
     return (key.dtype == value.dtype == torch.bfloat16 and MIN_LOGITS <= logits <= MAX_LOGITS_BYTES // 4

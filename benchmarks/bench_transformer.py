@@ -526,7 +526,7 @@ def bench_padding(name: str, device, dtype, min_repeats: int, target_s: float, t
     mask = torch.zeros(inputs["encoder_hidden_states"].shape[:2], dtype=torch.long, device=device)
     mask[:, :real] = 1
     masked = dict(inputs, encoder_attention_mask=mask)
-    keep_all = lambda txt, txt_mask: (txt, txt_mask)  # noqa: E731
+    keep_all = lambda txt, txt_mask, txt_ids=None: (txt, txt_mask, txt_ids)  # noqa: E731
 
     def no_drop():
         with mock.patch.object(transformer_mmdit, "_drop_shared_padding", keep_all):

@@ -44,6 +44,19 @@ def evaluate_targets(result: dict) -> list[tuple[str, str, str]]:
         r = rows.get(case)
         out.append((what, "not measured" if r is None else "met" if test(r) else "NOT MET",
                     f"{case}: " + ("-" if r is None else fmt(r))))
+    if "gpu" not in result["environment"]:  # issue 20, on a CPU with bfloat16 units
+        for case, limit in (("medium:bf16:forward:eager", 0.85), ("medium:bf16:train:eager", 0.85),
+                            ("medium:autocast:forward:eager", 0.85), ("medium:fp32:forward:eager", 0.95),
+                            ("medium:fp32:train:eager", 0.95)):
+            r = rows.get(case)
+            out.append((f"{case} ratio <= {limit:.2f}", "not measured" if r is None else
+                        "met" if r["ratio"] <= limit else "NOT MET",
+                        "-" if r is None else f"{r['ratio']:.3f} (p25-p75 {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f})"))
+        for case, share in (("medium:bf16:forward:eager", 0.50), ("medium:bf16:train:eager", 0.40)):
+            r = rows.get(case)
+            out.append((f"{case} >= {share:.0%} of the bf16 matmul peak timed in the same rounds (MFU for train)",
+                        "not measured" if r is None else "met" if r["ours_peak_share"] >= share else "NOT MET",
+                        "-" if r is None else f"{r['ours_peak_share']:.1%} ({r['ours_gflops']:.1f} GFLOP/s)"))
     for m in result.get("memory", []):
         if m["config"] in ("medium", "sd3-medium"):
             e = m["ours"]

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.attention import MMDiTAttention, MMDiTAttnProcessor
+from .models.fused_ops import x86_bf16_instructions
 from .models.hooks import register_processor_for_hooks
 from .models.single_stream import SingleStreamAttention
 
@@ -36,11 +37,7 @@ def cpu_has_bf16_instructions() -> bool:
     """Whether PyTorch's bfloat16 kernels can use this CPU's bfloat16 instructions (AVX512-BF16 or AMX).
 
     True also on CPUs this cannot tell (not x86 with AVX2): there the native kernels are kept."""
-    cpu = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if not all(hasattr(cpu, name) for name in checks) or not cpu._is_avx2_supported():
-        return True
-    return any(getattr(cpu, name)() for name in checks)
+    return x86_bf16_instructions() is not False
 
 
 def use_fp32_kernels_for_bf16(model: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward as DiffusersFeedForward
 
 from .attention import MMDiTAttention
+from .fused_ops import add_gated, linear_gelu_tanh, modulate
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ class Modulation(NamedTuple):
     gate: torch.Tensor | None = None
 
     def modulate(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (1 + self.scale) + self.shift
+        return modulate(x, self.scale, self.shift)
 
 
 class StreamModulation(NamedTuple):
@@ -78,7 +79,7 @@ class FeedForward(DiffusersFeedForward):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(linear_gelu_tanh(self.fc1, x))
 
 
 class Stream(nn.Module):
@@ -100,10 +101,10 @@ class Stream(nn.Module):
         self, x: torch.Tensor, attn_out: torch.Tensor, mod: StreamModulation, attn2_out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`x` plus the gated attention output (and the dual attention's, `attn2_out`), then plus the gated MLP."""
-        x = x + mod.attn.gate * attn_out
+        x = add_gated(x, mod.attn.gate, attn_out)
         if attn2_out is not None:
-            x = x + mod.attn2.gate * attn2_out
-        return x + mod.mlp.gate * self.mlp(mod.mlp.modulate(layer_norm(x)))
+            x = add_gated(x, mod.attn2.gate, attn2_out)
+        return add_gated(x, mod.mlp.gate, self.mlp(mod.mlp.modulate(layer_norm(x))))
 
 
 class MMDiTBlock(nn.Module):

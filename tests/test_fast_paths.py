@@ -1,0 +1,326 @@
+"""The inference speed paths against the plain computation they replace: the fused ops of
+`mmdit_diffusers.models.fused_ops`, alone and inside the model (against the model with them off and against
+diffusers' SD3), switched on here on any CPU (`CPU_FUSED_KERNELS`) so that the tests run the same on CPUs with and
+without bfloat16 units; and the pipeline's text padding, dropped before the blocks whenever the mask is on."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel
+
+from mmdit_diffusers import MMDiTTransformer2DModel
+from mmdit_diffusers.models import attention, fused_ops
+from mmdit_diffusers.models.validation import _warn_if_not_finite
+from tiny_pipeline import tiny_mmdit_pipeline
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused GELU needs oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as the fused attention needs (and the benchmarks use)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused paths on, the attention's down to the tests' short sequences."""
+    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
+    monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of the fused kernels: {"linear_gelu": n, "attention": n}."""
+    calls = {"linear_gelu": 0, "attention": 0}
+    linear_pointwise, bf16_attention = torch.ops.mkldnn._linear_pointwise, attention.cpu_bf16_attention
+
+    def counted_linear_pointwise(*args):
+        calls["linear_gelu"] += 1
+        return linear_pointwise(*args)
+
+    def counted_attention(*args):
+        calls["attention"] += 1
+        return bf16_attention(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted_linear_pointwise)
+    monkeypatch.setattr(attention, "cpu_bf16_attention", counted_attention)
+    return calls
+
+
+def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return (actual.double() - reference.double()).abs().max().item()
+
+
+def rms_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Root-mean-square error: a model's bfloat16 error spread over its outputs (its max is one noisy element)."""
+    return (actual.double() - reference.double()).square().mean().sqrt().item()
+
+
+def linear_layer(dtype, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(64, 256)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.3)
+        layer.bias.normal_(0, 0.3)
+    return layer.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ops alone
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("fused")
+def test_linear_gelu_tanh_float32_is_the_plain_ops_bit_for_bit(spy):
+    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    with torch.no_grad():
+        assert torch.equal(fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))
+    assert spy["linear_gelu"] == 0
+
+
+@pytest.mark.usefixtures("fused")
+def test_linear_gelu_tanh_bfloat16_is_no_less_accurate_than_the_plain_ops(spy):
+    layer, x = linear_layer(torch.bfloat16), torch.randn(3, 20, 64).bfloat16()
+    with torch.no_grad():
+        actual, plain = fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh")
+        exact = F.gelu(F.linear(x.double(), layer.weight.double(), layer.bias.double()), approximate="tanh")
+    assert spy["linear_gelu"] == 1 and actual.dtype == torch.bfloat16
+    assert max_error(actual, exact) <= max_error(plain, exact)  # one rounding instead of two
+
+
+@pytest.mark.usefixtures("fused")
+def test_linear_gelu_tanh_under_autocast_casts_as_autocast_does(spy):
+    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, plain = fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh")
+    with torch.no_grad():  # what autocast computes: the operands rounded to bfloat16
+        bf16 = layer.to(torch.bfloat16)
+        exact = F.gelu(F.linear(x.bfloat16().double(), bf16.weight.double(), bf16.bias.double()), approximate="tanh")
+    assert spy["linear_gelu"] == 1 and actual.dtype == plain.dtype == torch.bfloat16
+    assert max_error(actual, exact) <= max_error(plain, exact)
+
+
+@pytest.mark.usefixtures("fused")
+def test_linear_gelu_tanh_keeps_the_plain_path_when_gradients_are_recorded_or_hooks_are_set(spy):
+    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    out = fused_ops.linear_gelu_tanh(layer, x)  # the weight requires grad
+    assert out.requires_grad and torch.equal(out, F.gelu(layer(x), approximate="tanh"))
+    layer.register_forward_hook(lambda module, args, output: output * 2)
+    with torch.no_grad():
+        hooked = fused_ops.linear_gelu_tanh(layer, x)
+    assert torch.equal(hooked, F.gelu(layer(x), approximate="tanh"))  # the hook ran
+    assert spy["linear_gelu"] == 0
+
+
+def test_linear_gelu_tanh_is_plain_where_the_fused_kernels_are_off(monkeypatch, spy):
+    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", False)
+    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    with torch.no_grad():
+        assert torch.equal(fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))
+    assert spy["linear_gelu"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_modulate_and_add_gated(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 40, 32, generator=g).to(dtype) for _ in range(2))
+    scale, shift, gate = (torch.randn(2, 1, 32, generator=g).to(dtype) for _ in range(3))
+    modulated, residual = fused_ops.modulate(x, scale, shift), fused_ops.add_gated(x, gate, y)
+    plain_modulated, plain_residual = x * (1 + scale) + shift, x + gate * y
+    if dtype == torch.float32:  # SD3's two ops, bit for bit
+        assert torch.equal(modulated, plain_modulated) and torch.equal(residual, plain_residual)
+        return
+    xd, yd, scale_d, shift_d, gate_d = (t.double() for t in (x, y, scale, shift, gate))
+    exact_modulated, exact_residual = xd * (1 + scale_d) + shift_d, xd + gate_d * yd
+    # one rounding: within half a unit in the last place of the exact result (where 1 + scale is exact), never
+    # worse than the two roundings of the plain ops
+    assert max_error(modulated, exact_modulated) <= max_error(plain_modulated, exact_modulated)
+    assert max_error(residual, exact_residual) <= max_error(plain_residual, exact_residual)
+    assert modulated.dtype == residual.dtype == dtype
+
+
+def attention_inputs(batch=3, seq=40, kv=52, heads=4, head_dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads, head_dim, generator=g) * 2  # logits of a few units: a peaked softmax
+    k = torch.randn(batch, kv, heads, head_dim, generator=g) * 2
+    v = torch.randn(batch, kv, heads, head_dim, generator=g)
+    mask = torch.rand(batch, kv, generator=g) > 0.3
+    mask[:, -10:] = True  # image keys are always attended to
+    return q.bfloat16(), k.bfloat16(), v.bfloat16(), mask[:, None, None, :]
+
+
+def sdpa(q, k, v, mask):
+    """PyTorch's SDPA on [B, S, heads, head_dim] tensors (diffusers' native backend)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_bf16_attention_is_as_accurate_as_the_flash_kernel(masked):
+    q, k, v, mask = attention_inputs()
+    mask = mask if masked else None
+    actual, flash = fused_ops.cpu_bf16_attention(q, k, v, mask), sdpa(q, k, v, mask)
+    exact = sdpa(q.double(), k.double(), v.double(), mask)
+    assert actual.shape == q.shape and actual.dtype == torch.bfloat16
+    assert max_error(actual, exact) <= 2 * max_error(flash, exact) + 1e-3
+    assert (actual.double() - exact).abs().mean() <= 1.5 * (flash.double() - exact).abs().mean()
+
+
+def test_cpu_bf16_attention_ignores_masked_keys():
+    q, k, v, mask = attention_inputs()
+    k2, v2 = k.clone(), v.clone()
+    k2[~mask[:, 0, 0]], v2[~mask[:, 0, 0]] = 100.0, -100.0
+    assert torch.equal(fused_ops.cpu_bf16_attention(q, k, v, mask), fused_ops.cpu_bf16_attention(q, k2, v2, mask))
+
+
+@pytest.mark.usefixtures("fused")
+def test_cpu_bf16_attention_applies_to_bfloat16_inference_within_its_size_limits(monkeypatch):
+    q, k, v, _ = attention_inputs()
+    logits = 40 * 4 * 52  # per sample: queries x heads x keys
+    with torch.no_grad():
+        assert fused_ops.cpu_bf16_attention_applies(q, k, v)
+        assert not fused_ops.cpu_bf16_attention_applies(q.float(), k.float(), v.float())
+        monkeypatch.setattr(fused_ops, "MAX_LOGITS_BYTES", 4 * logits - 4)
+        assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
+        monkeypatch.setattr(fused_ops, "MAX_LOGITS_BYTES", 4 * logits)
+        monkeypatch.setattr(fused_ops, "MIN_LOGITS", logits + 1)
+        assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
+        monkeypatch.setattr(fused_ops, "MIN_LOGITS", logits)
+        assert fused_ops.cpu_bf16_attention_applies(q, k, v)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # measured faster on one thread only
+        assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
+    monkeypatch.undo()
+    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
+    monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
+    assert not fused_ops.cpu_bf16_attention_applies(q.requires_grad_(), k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inside the model
+# ----------------------------------------------------------------------------------------------------------
+SD3_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20, out_channels=4,
+                pos_embed_max_size=8, qk_norm="rms_norm")
+
+
+def sd3_and_ours():
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(**SD3_TINY)
+    with torch.no_grad():
+        for param in sd3.parameters():
+            param.normal_(0, 0.2)
+    return sd3.eval(), MMDiTTransformer2DModel.from_sd3(sd3).eval()
+
+
+def model_inputs(dtype, batch=2, txt_len=11):
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(batch, 4, 12, 16, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(batch, txt_len, 24, generator=g).to(dtype),
+        pooled_projections=torch.randn(batch, 20, generator=g).to(dtype),
+        timestep=torch.rand(batch, generator=g) * 1000,
+    )
+
+
+def test_float32_inference_is_the_plain_computation_bit_for_bit(monkeypatch, spy):
+    _, ours = sd3_and_ours()
+    kwargs = model_inputs(torch.float32)
+    kwargs["encoder_attention_mask"] = torch.tensor([[1] * 11, [1] * 6 + [0] * 5])
+    plain, fused_on = run_model(ours, kwargs, False, monkeypatch), run_model(ours, kwargs, True, monkeypatch)
+    assert torch.equal(plain, fused_on)
+    assert spy == {"linear_gelu": 0, "attention": 0}
+
+
+def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
+    """The model's output with the fused ops on or off (under bfloat16 autocast if `autocast`)."""
+    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
+    monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return model(**kwargs).sample
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "text-mask"])
+def test_bfloat16_inference_with_the_fused_ops_is_as_close_to_float32_as_without(mask, monkeypatch, spy):
+    sd3, ours = sd3_and_ours()
+    kwargs = model_inputs(torch.float32)
+    if mask:  # different padding per prompt: the mask reaches the attention
+        kwargs["encoder_attention_mask"] = torch.tensor([[1] * 11, [1] * 6 + [0] * 5])
+    exact = run_model(ours, kwargs, False, monkeypatch).double()  # float32 weights and inputs, plain ops
+    bf16_kwargs = {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v) for k, v in kwargs.items()}
+    ours_bf16 = ours.to(torch.bfloat16)
+    plain = run_model(ours_bf16, bf16_kwargs, False, monkeypatch)
+    assert spy == {"linear_gelu": 0, "attention": 0}
+    actual = run_model(ours_bf16, bf16_kwargs, True, monkeypatch)
+    assert spy == {"linear_gelu": 3, "attention": 2}
+    plain_error, fused_error = rms_error(plain, exact), rms_error(actual, exact)
+    assert exact.abs().max() > 1.0
+    assert fused_error <= 1.1 * plain_error, (fused_error, plain_error)
+    if not mask:  # and as close as SD3's own bfloat16 output
+        sd3_bf16 = sd3.to(torch.bfloat16)
+        with torch.no_grad():
+            sd3_error = rms_error(sd3_bf16(**bf16_kwargs).sample, exact)
+        assert fused_error <= 1.1 * sd3_error, (fused_error, sd3_error)
+
+
+def test_autocast_inference_with_the_fused_ops_is_as_close_to_float32_as_without(monkeypatch, spy):
+    _, ours = sd3_and_ours()
+    kwargs = model_inputs(torch.float32)
+    exact = run_model(ours, kwargs, False, monkeypatch).double()
+    plain = run_model(ours, kwargs, False, monkeypatch, autocast=True)
+    actual = run_model(ours, kwargs, True, monkeypatch, autocast=True)
+    assert spy == {"linear_gelu": 3, "attention": 2}
+    assert rms_error(actual, exact) <= 1.1 * rms_error(plain, exact)
+
+
+@pytest.mark.usefixtures("fused")
+def test_training_keeps_the_plain_path(spy):
+    _, ours = sd3_and_ours()
+    ours = ours.to(torch.bfloat16).train()
+    kwargs = {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v)
+              for k, v in model_inputs(torch.float32).items()}
+    ours(**kwargs).sample.float().square().mean().backward()
+    assert spy == {"linear_gelu": 0, "attention": 0}
+    assert ours.transformer_blocks[0].img.mlp.fc1.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline's text padding
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("masked", [True, False])
+def test_the_pipeline_drops_shared_text_padding_whenever_the_mask_is_on(masked):
+    """A masked model's blocks see only the text positions some prompt of the batch uses (guidance included:
+    the empty negative prompt is shorter); an unmasked one (SD3's weights) sees every padded position."""
+    pipe = tiny_mmdit_pipeline(masked=masked)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[1].shape))
+    prompt_embeds, _, _, _, mask, negative_mask = pipe.encode_prompt("a red circle", return_attention_mask=True)
+    pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="latent")
+    real = int(torch.cat([mask, negative_mask]).sum(dim=1).max())  # the prompt's (the empty negative has fewer)
+    assert 0 < real < prompt_embeds.shape[1]
+    expected = real if masked else prompt_embeds.shape[1]
+    assert [shape[1] for shape in seen] == [expected, expected]  # two steps, both halves of the guided batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The forward's finiteness check (a float32 sum first; the elementwise test only when the sum is not finite)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_finite_check_warns_for_nan_and_infinity_and_not_for_large_finite_values(dtype):
+    large = torch.full((4, 8), 3e38).to(dtype)  # finite, but the float32 sum overflows
+    assert not torch.isfinite(large.sum(dtype=torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_not_finite({"a": large, "b": torch.ones(3, dtype=dtype)})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        values = torch.ones(5, dtype=dtype)
+        values[2] = bad
+        with pytest.warns(RuntimeWarning, match=r"^`b` holds NaN or infinite values"):
+            _warn_if_not_finite({"a": large, "b": values})

@@ -49,7 +49,7 @@ LOCK = ".run.lock"
 _SESSION_OPTIONS = {"config", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "seed", "max_train_steps",
                     "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "report_to",
                     "tracker_project_name", "logging_dir", "dataloader_num_workers", "cache_latents",
-                    "cache_text_embeddings", "gradient_checkpointing", "validation_prompt", "num_validation_images",
+                    "cache_text_embeddings", "embeddings_cache_dir", "gradient_checkpointing", "validation_prompt", "num_validation_images",
                     "validation_steps", "validation_inference_steps", "validation_guidance_scale", "push_to_hub",
                     "hub_model_id", "hub_private"}
 

@@ -76,7 +76,8 @@ def instrument(pipe, timers: Timers) -> None:
         if module is not None:
             module.register_forward_pre_hook(lambda m, args, label=label: timers.start(label))
             module.register_forward_hook(lambda m, args, out, label=label: timers.stop(label))
-    pipe.encode_prompt = timers.wrap(pipe.encode_prompt, "encode_prompt")
+    # `__call__` calls `MMDiTPipeline.encode_prompt` through the class (subclasses' differ): time its text part
+    pipe._encode_text = timers.wrap(pipe._encode_text, "encode_prompt")
     pipe.scheduler.step = timers.wrap(pipe.scheduler.step, "scheduler step")
     pipe.vae.decode = timers.wrap(pipe.vae.decode, "vae decode")
     pipe.image_processor.postprocess = timers.wrap(pipe.image_processor.postprocess, "image postprocess")

@@ -18,6 +18,7 @@
 #
 #   bash benchmarks/gpu_bench.sh [OUT_DIR]        # default OUT_DIR: $OUT when set, else benchmarks/results
 #   PARTS=flux bash benchmarks/gpu_bench.sh       # only part 3 (PARTS="sd3 flux" by default)
+#   FLUX_CONFIGS=flux-wide bash benchmarks/gpu_bench.sh   # part 3 without the launch-bound flux-tiny / flux-medium
 #
 # Needs python3 with a CUDA torch, diffusers and transformers (pyproject's versions); the package is read from
 # src/. A machine without network gets diffusers as a wheel in .whl/ (see benchmarks/README.md, "GPU").
@@ -46,7 +47,7 @@ for config in tiny medium sd3-medium; do
     for pass in forward train; do CASES+=("$config:$dtype:$pass:eager"); done
   done
 done
-CASES+=("sd3-medium:bf16:train:regional")
+CASES+=("sd3-medium:bf16:forward:regional" "sd3-medium:bf16:train:regional")
 PARTS=${PARTS:-"sd3 flux"}
 if [[ " $PARTS " == *" sd3 "* ]]; then
   timeout 290 "$PYTHON" benchmarks/suite.py --device cuda --target-s 2 --cases "${CASES[@]}" \
@@ -60,7 +61,7 @@ fi
 # illegal memory access in the bf16 / autocast training step's attention backward (torch 2.11.0+cu130; ours runs),
 # which ends the process.
 if [[ " $PARTS " == *" flux "* ]]; then
-  for config in flux-tiny:flux-medium flux-wide; do
+  for config in ${FLUX_CONFIGS:-flux-tiny:flux-medium flux-wide}; do
     FLUX_CASES=()
     for name in ${config//:/ }; do
       for dtype in fp32 bf16 autocast; do

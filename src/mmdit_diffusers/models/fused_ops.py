@@ -1,4 +1,5 @@
-"""Fused forms of the block's elementwise work and of its attention, for inference on x86 CPUs with bfloat16 units.
+"""Fused forms of the block's elementwise work and of its attention: for inference on x86 CPUs with bfloat16 units,
+and fc1 + GELU on a GPU.
 
 Where they apply, each does the plain computation in fewer passes over memory (benchmarks/README.md has the
 profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
@@ -18,7 +19,11 @@ profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op).
 
-The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present), on CPU
+On a GPU, `linear_gelu_tanh` in bfloat16 / float16 inference is one cuBLASLt product with the bias and the tanh GELU
+in its epilogue (`torch._addmm_activation`): fc1 + GELU 0.25 against 0.29 ms at SD3-Medium size on an H200, the
+same error against a float32 reference (benchmarks/README.md, GPU).
+
+The CPU paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present), on CPU
 tensors, when no gradient is recorded and outside torch.compile (inductor fuses on its own); everything else takes
 the plain ops.
 """
@@ -74,7 +79,19 @@ def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             bias = None if bias is None else bias.to(torch.bfloat16)
         if x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+    if x.is_cuda and type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks) \
+            and "forward" not in linear.__dict__ and _cuda_epilogue_applies(x, linear.weight, linear.bias):
+        out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], out.shape[-1])
     return F.gelu(linear(x), approximate="tanh")
+
+
+def _cuda_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """cuBLASLt's product with the bias and the tanh GELU in its epilogue: half-precision inference on a GPU,
+    outside autocast and torch.compile (inductor fuses the GELU on its own)."""
+    return (x.dtype in _LOW_PRECISION and weight.dtype == x.dtype and bias is not None and bias.dtype == x.dtype
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -99,11 +116,12 @@ MAX_LOGITS_BYTES = 16 * 2**20
 
 def cpu_bf16_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `cpu_bf16_attention` takes these [B, S, heads, head_dim] tensors."""
-    if not CPU_FUSED_KERNELS or query.dtype != torch.bfloat16 or torch.get_num_threads() != 1:
+    # device and compiling first: under torch.compile `get_num_threads()` is a graph break in every block
+    if not CPU_FUSED_KERNELS or query.dtype != torch.bfloat16 or not _inference_on_cpu(query, key, value) \
+            or torch.get_num_threads() != 1:
         return False
     logits = query.shape[1] * query.shape[2] * key.shape[1]
-    return (key.dtype == value.dtype == torch.bfloat16 and MIN_LOGITS <= logits <= MAX_LOGITS_BYTES // 4
-            and _inference_on_cpu(query, key, value))
+    return key.dtype == value.dtype == torch.bfloat16 and MIN_LOGITS <= logits <= MAX_LOGITS_BYTES // 4
 
 
 def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -203,7 +203,8 @@ def section_profile(device, path) -> None:
 def section_model(device, path, compile_too: bool, target_s: float) -> None:
     ours, sd3 = build_pair(CONFIG, device, torch.bfloat16)
     inputs = make_inputs(CONFIG, device, torch.bfloat16)
-    record(path, section="host", ours=host_time(device, ours, inputs["ours"]), sd3=host_time(device, sd3, inputs["sd3"]))
+    record(path, section="host", ours=host_time(device, ours, inputs["ours"]),
+           sd3=host_time(device, sd3, inputs["sd3"]))
     for pass_ in ("forward", "train"):
         for kernel in ("default", "cudnn", "flash"):
             time_pair(device, path, f"eager, attention {kernel}", {"ours": ours, "sd3": sd3}, inputs, pass_,
@@ -237,7 +238,8 @@ def main() -> None:
         CONFIG, TOKENS = "tiny", 64
         SHAPES.update({name: (b, h, 128, d) for name, (b, h, s, d) in SHAPES.items()})
     torch.backends.cuda.matmul.allow_tf32 = False
-    RESULT["environment"] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "none",
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
+    RESULT["environment"] = {"torch": torch.__version__, "gpu": gpu,
                              "date": time.strftime("%Y-%m-%d")}
     if "attention" in args.sections:
         section_attention(device, args.json)

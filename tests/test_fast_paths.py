@@ -372,7 +372,8 @@ def test_the_gpu_fc1_gelu_epilogue_is_for_half_precision_inference_only():
     """Where `linear_gelu_tanh` takes cuBLASLt's GELU epilogue on a GPU (the path itself is checked against the
     plain ops on a GPU by scripts/gpu_checks.py): no gradient to record (the op has no backward), no autocast,
     half-precision operands of one dtype with a bias."""
-    x, weight, bias = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(16, 8, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.bfloat16)
+    x, weight = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(16, 8, dtype=torch.bfloat16)
+    bias = torch.zeros(16, dtype=torch.bfloat16)
     applies = fused_ops._cuda_epilogue_applies
     assert applies(x, weight, bias)
     assert not applies(x.float(), weight.float(), bias.float())

@@ -27,6 +27,7 @@ from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
 
 from mmdit_diffusers import MMDiTPipeline
 from mmdit_diffusers.training import TrainResult, parse_args, train
+from mmdit_diffusers.errors import InputError
 from mmdit_diffusers.training.args import DEFAULT_LORA_LAYERS
 from mmdit_diffusers.training.data import ResumableBatchSampler, collate
 
@@ -408,3 +409,37 @@ def test_caption_dropout_of_all_encoders_together():
     alone, same = TrainingRNG(0, "cpu").caption_drop(64, 2, 0.3), TrainingRNG(0, "cpu").rand((64, 2)) < 0.3
     assert torch.equal(alone, same)
     assert TrainingRNG(0, "cpu").caption_drop(4, 2, 0.0, 0.0) is None
+
+
+class _FakeAccelerator:
+    def __init__(self, main: bool):
+        self.is_main_process, self.num_processes = main, 2
+
+
+@pytest.mark.parametrize("error", [InputError("--output_dir is taken"), OSError("disk full")], ids=["input", "other"])
+def test_a_failure_on_the_main_process_before_training_is_raised_on_every_process(error, monkeypatch):
+    """The main process's checks (run folder claim, Hub repository) fail on every process, whatever the exception:
+    a process left waiting at the next collective would hang the job."""
+    import accelerate.utils
+
+    from mmdit_diffusers.training.loop import _on_main_or_raise
+
+    sent = []
+
+    def broadcast(objects):  # process 0 sends, the others receive what it sent
+        if sent:
+            objects[:] = sent[-1]
+        else:
+            sent.append(list(objects))
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+
+    def check():
+        raise error
+
+    with pytest.raises(type(error)) as on_main:
+        _on_main_or_raise(_FakeAccelerator(main=True), check)
+    assert on_main.value is error
+    expected = InputError if isinstance(error, InputError) else RuntimeError
+    with pytest.raises(expected, match=str(error)):
+        _on_main_or_raise(_FakeAccelerator(main=False), lambda: pytest.fail("only the main process checks"))

@@ -703,19 +703,28 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
 
 
 def _on_main_or_raise(accelerator, check) -> None:
-    """Run `check` on the main process only; a `InputError` it raises is raised on every process."""
+    """Run `check` on the main process only; whatever it raises is raised on every process (the others would
+    otherwise wait for the main one at the next collective): an `InputError` as itself everywhere, any other
+    exception as itself on the main process and as a `RuntimeError` that names it on the others."""
     from accelerate.utils import broadcast_object_list
 
-    message = [None]
+    message, error = [None], None
     if accelerator.is_main_process:
         try:
             check()
-        except InputError as e:
-            message = [str(e)]
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            error = e
+            kind = "InputError" if isinstance(e, InputError) else type(e).__name__
+            message = [(kind, str(e))]
     if accelerator.num_processes > 1:
         broadcast_object_list(message)
+    if error is not None:
+        raise error
     if message[0] is not None:
-        raise InputError(message[0])
+        kind, text = message[0]
+        if kind == "InputError":
+            raise InputError(text)
+        raise RuntimeError(f"The main process failed before training ({kind}: {text}); this process stops too.")
 
 
 def _create_hub_repo(args) -> None:

@@ -222,3 +222,28 @@ def test_auto_wrap_takes_the_block_classes_the_model_has(single_layers, expected
     plugin.set_auto_wrap_policy(model)
     wrapped = {type(m).__name__ for m in model.modules() if plugin.auto_wrap_policy(m, recurse=False, nonwrapped_numel=0)}
     assert wrapped == set(expected)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "index"])
+def test_a_damaged_sharded_checkpoint_is_named_file_by_file(damage, tmp_path):
+    """FSDP's sharded states (torch.distributed.checkpoint) are checked like the other files of a checkpoint:
+    a short or missing shard, or an unreadable index, is reported by name (resuming then says which checkpoint
+    is damaged and which others exist, instead of the loader's own error)."""
+    import torch.distributed.checkpoint as dcp
+
+    from mmdit_diffusers.training.checkpointing import damaged_files
+
+    folder = tmp_path / "checkpoint-4" / "pytorch_model_fsdp_0"
+    dcp.save({"weight": torch.randn(64, 64), "bias": torch.randn(64)}, checkpoint_id=str(folder))
+    assert damaged_files(str(tmp_path / "checkpoint-4")) == []
+    shard = next(folder.glob("*.distcp"))
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        (folder / ".metadata").write_bytes(b"\x80\x04 not a pickle")
+    problems = damaged_files(str(tmp_path / "checkpoint-4"))
+    expected = {"truncated": f"{shard.name} is truncated", "missing": f"{shard.name} is missing",
+                "index": ".metadata is not a complete checkpoint index"}[damage]
+    assert len(problems) == 1 and problems[0].startswith("pytorch_model_fsdp_0/") and expected in problems[0], problems

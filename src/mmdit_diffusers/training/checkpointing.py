@@ -101,6 +101,8 @@ def damaged_files(path: str) -> list[str]:
 
     problems = []
     for root, _, names in os.walk(path):
+        if ".metadata" in names:  # a sharded (torch.distributed.checkpoint) state, FSDP's
+            problems += [f"{os.path.relpath(root, path)}/{p}" for p in _sharded_problems(root)]
         for name in sorted(names):
             file = os.path.join(root, name)
             shown = os.path.relpath(file, path)
@@ -124,6 +126,29 @@ def damaged_files(path: str) -> list[str]:
                 continue
             if problem:
                 problems.append(f"{shown} {problem}")
+    return problems
+
+
+def _sharded_problems(folder: str) -> list[str]:
+    """What is wrong with a torch.distributed.checkpoint folder: its index (`.metadata`, read as that library
+    reads it when loading) unreadable, or a shard (`.distcp`) missing or shorter than the bytes the index
+    places in it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read the index is damage
+        return [f".metadata is not a complete checkpoint index ({type(e).__name__})"]
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(needed.items()):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(file) < size:
+            problems.append(f"{name} is truncated ({os.path.getsize(file)} of {size} bytes)")
     return problems
 
 

@@ -1,14 +1,18 @@
-"""Fused forms of the block's elementwise work and of its attention, for inference on x86 CPUs with bfloat16 units.
+"""Fused forms of the block's products, elementwise work and attention, for x86 CPUs with bfloat16 units.
 
-Where they apply, each does the plain computation in fewer passes over memory (benchmarks/README.md has the
-profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
+Where they apply, each does the plain computation in fewer passes over memory or with faster kernels
+(benchmarks/README.md has the profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
 
-- `linear_gelu_tanh`: `gelu(fc1(x), approximate="tanh")` as one oneDNN product with GELU applied to its output
-  tile (`torch.ops.mkldnn._linear_pointwise`), instead of a product and a separate GELU pass (the GELU alone was
-  8% of a bfloat16 forward). bfloat16 weights, or float32 ones under CPU autocast (the operands cast to bfloat16
-  as autocast would); the result is rounded once instead of twice (closer to float32). Not float32: oneDNN sums
-  in another order than PyTorch's float32 product (MKL), and float32 stays bit for bit the plain computation
-  (a LoRA-wrapped layer, which takes the plain path, must give the same output as the bare one).
+- `linear` / `linear_gelu_tanh`: the block's products (QKV, output projections, MLP) as oneDNN products
+  (`torch.ops.mkldnn._linear_pointwise`), and `gelu(fc1(x), approximate="tanh")` as one product with GELU applied
+  to its output tile. Without gradients: bfloat16 weights, bfloat16 autocast (the operands cast to bfloat16 as
+  autocast would; the GELU's result rounded once instead of twice), or float32, where oneDNN's products take
+  0.86-0.89 of MKL's time at the `medium` shapes (0.61-0.80 with the GELU). With gradients: float32 only
+  (`_OneDNNLinear`: oneDNN forward and input gradient, the weight's gradient as PyTorch's). float32 is then no
+  longer bit for bit PyTorch's ops: oneDNN sums in another order (~1e-6 relative), within the repo's 1e-4 parity
+  tolerance of SD3; a LoRA-wrapped layer (PEFT's, which calls its base layer directly) takes the plain path and
+  agrees with the bare layer to that rounding, not bit for bit. In bfloat16 oneDNN's products are those of
+  PyTorch's own bfloat16 `addmm`.
 - `modulate` / `add_gated`: `x * (1 + scale) + shift` and `x + gate * y` as one `addcmul` (one rounding) for
   bfloat16 / float16 tensors; float32 keeps the two ops, as SD3 computes them.
 - `cpu_bf16_attention`: softmax(q k^T / sqrt(d)) v for bfloat16 q, k, v, one sample at a time (its scores stay in
@@ -18,9 +22,11 @@ profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op).
 
-The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present), on CPU
-tensors, when no gradient is recorded and outside torch.compile (inductor fuses on its own); everything else takes
-the plain ops.
+The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
+`CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), on plain `nn.Linear`
+layers without hooks; elsewhere (an AVX2-only CPU, a GPU) every call is exactly the plain op. Packed (reordered)
+weights are not cached: a cache keyed on a weight's version counter and address misses in-place writes through
+`.data` (PEFT's LoRA merge, diffusers' EMA `copy_to`), so it could serve a stale product.
 """
 
 from __future__ import annotations
@@ -46,35 +52,98 @@ def x86_bf16_instructions() -> bool | None:
 CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_available()
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _on_cpu_eagerly(*tensors: torch.Tensor) -> bool:
+    """The fused paths' first condition: on (where tests force them: `CPU_FUSED_KERNELS`), CPU tensors, not
+    compiling (inductor fuses on its own)."""
+    if not CPU_FUSED_KERNELS or torch.compiler.is_compiling():
+        return False
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
-    """The fused paths' shared condition: CPU tensors, no gradient recorded through them, not compiling."""
-    if not CPU_FUSED_KERNELS or torch.compiler.is_compiling():
-        return False
-    if any(t.device.type != "cpu" for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """CPU tensors, no gradient recorded through them, not compiling."""
+    return _on_cpu_eagerly(*tensors) and not _records_grad(*tensors)
 
 
 def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`F.gelu(linear(x), approximate="tanh")`, fused where it applies (see the module docstring). A layer that is
-    not a plain `nn.Linear` (a LoRA wrapper, `cpu_bf16`'s layer) or carries hooks takes the plain path."""
-    # the cheap tests first: the plain (float32) path pays a few attribute reads
-    if CPU_FUSED_KERNELS and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")) \
-            and type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks) \
-            and "forward" not in linear.__dict__ and _inference_on_cpu(x, linear.weight) and x.is_contiguous():
-        weight, bias = linear.weight, linear.bias
-        if _autocast_bf16():
-            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-            bias = None if bias is None else bias.to(torch.bfloat16)
-        if x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
-    return F.gelu(linear(x), approximate="tanh")
+def _onednn_operands(linear: nn.Linear, x: torch.Tensor):
+    """(x, weight, bias) for oneDNN's product of `linear` where it applies, else None: a plain `nn.Linear` (not a
+    LoRA wrapper or `cpu_bf16`'s layer) without hooks, on the CPU; with no gradient recorded, float32 or bfloat16
+    (or bfloat16 autocast, the operands cast as autocast casts them); with gradients, float32 without autocast
+    (in bfloat16 oneDNN's products are PyTorch's own, and autocast's backward is autocast's)."""
+    # the cheap tests first: where nothing applies, the plain path pays a few attribute reads
+    if not CPU_FUSED_KERNELS or type(linear) is not nn.Linear or linear._forward_hooks \
+            or linear._forward_pre_hooks or "forward" in linear.__dict__ or not _on_cpu_eagerly(x, linear.weight):
+        return None
+    x, weight, bias = x.contiguous(), linear.weight, linear.bias  # F.linear copies a strided input too
+    if _records_grad(x, weight, *(() if bias is None else (bias,))):
+        if torch.is_autocast_enabled("cpu") or x.dtype != torch.float32:
+            return None
+    elif torch.is_autocast_enabled("cpu"):
+        if not _autocast_bf16():
+            return None
+        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(torch.bfloat16)
+    if x.dtype not in _ONEDNN_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return None
+    return x, weight, bias
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear(x, weight, bias)` in float32 with gradients: oneDNN's product forward and for the input's gradient
+    (0.86-0.89 and 0.87-0.94 of MKL's time at the `medium` shapes); the weight's gradient by PyTorch's `mm` (oneDNN
+    is no faster there). Saves what `F.linear` saves (x and the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t(), None, "none", [], "")
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, as oneDNN's product where it applies (see the module docstring)."""
+    operands = _onednn_operands(layer, x)
+    if operands is None:
+        return layer(x)
+    if _records_grad(*(t for t in operands if t is not None)):
+        return _OneDNNLinear.apply(*operands)
+    return torch.ops.mkldnn._linear_pointwise(*operands, "none", [], "")
+
+
+def linear_gelu_tanh(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(layer(x), approximate="tanh")`: without gradients, one oneDNN product with the GELU applied to its
+    output tile where it applies (see the module docstring)."""
+    operands = _onednn_operands(layer, x)
+    if operands is None:
+        return F.gelu(layer(x), approximate="tanh")
+    if _records_grad(*(t for t in operands if t is not None)):  # GELU's backward reads the product
+        return F.gelu(_OneDNNLinear.apply(*operands), approximate="tanh")
+    return torch.ops.mkldnn._linear_pointwise(*operands, "gelu", [], "tanh")
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,10 @@ def one_thread():
 
 @pytest.fixture
 def fused(monkeypatch):
-    """The fused paths on, the attention's down to the tests' short sequences."""
+    """The fused paths on, the attention's and the float32 products' down to the tests' small sizes."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
 
 
 @pytest.fixture
@@ -168,6 +169,23 @@ def test_the_products_keep_the_plain_path_for_bfloat16_gradients_float16_autocas
         assert torch.equal(fused_ops.linear(layer, x.float()), layer(x.float()))  # the hook ran
     assert torch.equal(hooked, F.gelu(layer(x.float()), approximate="tanh"))
     assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
+
+
+@pytest.mark.usefixtures("fused")
+def test_small_float32_products_keep_the_plain_path(monkeypatch, spy):
+    """Below `ONEDNN_FP32_MIN_MACS` multiply-adds, float32 products are PyTorch's (faster there), bit for bit, with
+    and without gradients; bfloat16 ones take oneDNN at any size."""
+    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", x.numel() * 256 + 1)
+    with torch.no_grad():
+        assert torch.equal(fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))
+        assert torch.equal(fused_ops.linear(layer, x), layer(x))
+    assert torch.equal(fused_ops.linear(layer, x), layer(x))
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", x.numel() * 256)
+    with torch.no_grad():
+        fused_ops.linear(layer, x), fused_ops.linear(layer.bfloat16(), x.bfloat16())
+    assert spy["linear"] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -329,6 +347,7 @@ def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     """The model's output with the fused ops on or off (under bfloat16 autocast if `autocast`)."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return model(**kwargs).sample
 

@@ -7,7 +7,8 @@ Where they apply, each does the plain computation in fewer passes over memory or
   (`torch.ops.mkldnn._linear_pointwise`), and `gelu(fc1(x), approximate="tanh")` as one product with GELU applied
   to its output tile. Without gradients: bfloat16 weights, bfloat16 autocast (the operands cast to bfloat16 as
   autocast would; the GELU's result rounded once instead of twice), or float32, where oneDNN's products take
-  0.86-0.89 of MKL's time at the `medium` shapes (0.61-0.80 with the GELU). With gradients: float32 only
+  0.86-0.89 of MKL's time at the `medium` shapes (0.61-0.80 with the GELU), from `ONEDNN_FP32_MIN_MACS`
+  multiply-adds per product (smaller ones stay PyTorch's, faster there). With gradients: float32 only
   (`_OneDNNLinear`: oneDNN forward and input gradient, the weight's gradient as PyTorch's). float32 is then no
   longer bit for bit PyTorch's ops: oneDNN sums in another order (~1e-6 relative), within the repo's 1e-4 parity
   tolerance of SD3; a LoRA-wrapped layer (PEFT's, which calls its base layer directly) takes the plain path and
@@ -53,6 +54,9 @@ CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_a
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# float32 products through oneDNN from this many multiply-adds: below, its per-call setup (~10 us) outweighs its
+# faster kernel (the `tiny` config's: 1.2-1.7x MKL's time; break-even near 8M)
+ONEDNN_FP32_MIN_MACS = 2**24
 
 
 def _on_cpu_eagerly(*tensors: torch.Tensor) -> bool:
@@ -95,6 +99,8 @@ def _onednn_operands(linear: nn.Linear, x: torch.Tensor):
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = None if bias is None else bias.to(torch.bfloat16)
     if x.dtype not in _ONEDNN_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return None
+    if x.dtype == torch.float32 and x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS:
         return None
     return x, weight, bias
 

@@ -155,14 +155,22 @@ def test_linear_gelu_tanh_under_autocast_casts_as_autocast_does(spy):
     assert max_error(actual, exact) <= max_error(plain, exact)
 
 
+class MarkedTensor(torch.Tensor):
+    """A tensor subclass that marks what it computes (the results of its ops are `MarkedTensor`s)."""
+
+
 @pytest.mark.usefixtures("fused")
-def test_the_products_keep_the_plain_path_for_bfloat16_gradients_float16_autocast_and_hooks(spy):
+def test_the_products_keep_the_plain_path_for_bfloat16_gradients_float16_autocast_subclasses_and_hooks(spy):
     layer, x = linear_layer(torch.bfloat16), torch.randn(3, 20, 64).bfloat16()
     out = fused_ops.linear_gelu_tanh(layer, x)  # the weight requires grad: bfloat16 training is PyTorch's
     assert out.requires_grad and torch.equal(out, F.gelu(layer(x), approximate="tanh"))
     layer = linear_layer(torch.float32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         assert torch.equal(fused_ops.linear(layer, x.float()), layer(x.float()))
+    with torch.no_grad():  # a tensor subclass for a weight (as torchao's quantized ones) has its own F.linear
+        layer.weight = nn.Parameter(torch.Tensor._make_subclass(MarkedTensor, layer.weight.detach()))
+        assert isinstance(fused_ops.linear(layer, x.float()), MarkedTensor)
+        layer.weight = nn.Parameter(layer.weight.detach().as_subclass(torch.Tensor))
     layer.register_forward_hook(lambda module, args, output: output * 2)
     with torch.no_grad():
         hooked = fused_ops.linear_gelu_tanh(layer, x.float())

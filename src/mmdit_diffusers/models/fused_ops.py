@@ -54,6 +54,7 @@ CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_a
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 # float32 products through oneDNN from this many multiply-adds: below, its per-call setup (~10 us) outweighs its
 # faster kernel (the `tiny` config's: 1.2-1.7x MKL's time; break-even near 8M)
 ONEDNN_FP32_MIN_MACS = 2**24
@@ -82,7 +83,7 @@ def _autocast_bf16() -> bool:
 
 def _onednn_operands(linear: nn.Linear, x: torch.Tensor):
     """(x, weight, bias) for oneDNN's product of `linear` where it applies, else None: a plain `nn.Linear` (not a
-    LoRA wrapper or `cpu_bf16`'s layer) without hooks, on the CPU; with no gradient recorded, float32 or bfloat16
+    LoRA wrapper or `cpu_bf16`'s layer) without hooks, with plain tensors for parameters, on the CPU; with no gradient recorded, float32 or bfloat16
     (or bfloat16 autocast, the operands cast as autocast casts them); with gradients, float32 without autocast
     (in bfloat16 oneDNN's products are PyTorch's own, and autocast's backward is autocast's)."""
     # the cheap tests first: where nothing applies, the plain path pays a few attribute reads
@@ -90,6 +91,8 @@ def _onednn_operands(linear: nn.Linear, x: torch.Tensor):
             or linear._forward_pre_hooks or "forward" in linear.__dict__ or not _on_cpu_eagerly(x, linear.weight):
         return None
     x, weight, bias = x.contiguous(), linear.weight, linear.bias  # F.linear copies a strided input too
+    if type(weight) not in _PLAIN_TENSORS or (bias is not None and type(bias) not in _PLAIN_TENSORS):
+        return None  # a tensor subclass (torchao's quantized weights, DTensor) has its own F.linear
     if _records_grad(x, weight, *(() if bias is None else (bias,))):
         if torch.is_autocast_enabled("cpu") or x.dtype != torch.float32:
             return None

@@ -82,30 +82,36 @@ def _autocast_bf16() -> bool:
 
 
 def _onednn_operands(linear: nn.Linear, x: torch.Tensor):
-    """(x, weight, bias) for oneDNN's product of `linear` where it applies, else None: a plain `nn.Linear` (not a
-    LoRA wrapper or `cpu_bf16`'s layer) without hooks, with plain tensors for parameters, on the CPU; with no gradient recorded, float32 or bfloat16
-    (or bfloat16 autocast, the operands cast as autocast casts them); with gradients, float32 without autocast
-    (in bfloat16 oneDNN's products are PyTorch's own, and autocast's backward is autocast's)."""
-    # the cheap tests first: where nothing applies, the plain path pays a few attribute reads
-    if not CPU_FUSED_KERNELS or type(linear) is not nn.Linear or linear._forward_hooks \
-            or linear._forward_pre_hooks or "forward" in linear.__dict__ or not _on_cpu_eagerly(x, linear.weight):
+    """(x, weight, bias, records_grad) for oneDNN's product of `linear` where it applies, else None: a plain
+    `nn.Linear` (not a LoRA wrapper or `cpu_bf16`'s layer) without hooks, with plain tensors for parameters, on the
+    CPU; with no gradient recorded, float32 or bfloat16 (or bfloat16 autocast, the operands cast as autocast casts
+    them); with gradients, float32 without autocast (in bfloat16 oneDNN's products are PyTorch's own, and
+    autocast's backward is autocast's)."""
+    # the cheap tests first (a `tiny` model's products take a few microseconds): where nothing applies, the plain
+    # path pays a few attribute reads
+    if not CPU_FUSED_KERNELS or type(linear) is not nn.Linear:
         return None
-    x, weight, bias = x.contiguous(), linear.weight, linear.bias  # F.linear copies a strided input too
-    if type(weight) not in _PLAIN_TENSORS or (bias is not None and type(bias) not in _PLAIN_TENSORS):
+    weight, bias = linear.weight, linear.bias
+    autocast = torch.is_autocast_enabled("cpu")
+    if x.dtype == torch.float32 and not autocast and x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS:
+        return None
+    if linear._forward_hooks or linear._forward_pre_hooks or "forward" in linear.__dict__ \
+            or type(weight) not in _PLAIN_TENSORS or (bias is not None and type(bias) not in _PLAIN_TENSORS) \
+            or not _on_cpu_eagerly(x, weight):
         return None  # a tensor subclass (torchao's quantized weights, DTensor) has its own F.linear
-    if _records_grad(x, weight, *(() if bias is None else (bias,))):
-        if torch.is_autocast_enabled("cpu") or x.dtype != torch.float32:
+    records_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                or (bias is not None and bias.requires_grad))
+    if records_grad:
+        if autocast or x.dtype != torch.float32:
             return None
-    elif torch.is_autocast_enabled("cpu"):
+    elif autocast:
         if not _autocast_bf16():
             return None
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = None if bias is None else bias.to(torch.bfloat16)
     if x.dtype not in _ONEDNN_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return None
-    if x.dtype == torch.float32 and x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS:
-        return None
-    return x, weight, bias
+    return x.contiguous(), weight, bias, records_grad  # F.linear copies a strided input too
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -139,9 +145,10 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     operands = _onednn_operands(layer, x)
     if operands is None:
         return layer(x)
-    if _records_grad(*(t for t in operands if t is not None)):
-        return _OneDNNLinear.apply(*operands)
-    return torch.ops.mkldnn._linear_pointwise(*operands, "none", [], "")
+    x, weight, bias, records_grad = operands
+    if records_grad:
+        return _OneDNNLinear.apply(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def linear_gelu_tanh(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +157,10 @@ def linear_gelu_tanh(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     operands = _onednn_operands(layer, x)
     if operands is None:
         return F.gelu(layer(x), approximate="tanh")
-    if _records_grad(*(t for t in operands if t is not None)):  # GELU's backward reads the product
-        return F.gelu(_OneDNNLinear.apply(*operands), approximate="tanh")
-    return torch.ops.mkldnn._linear_pointwise(*operands, "gelu", [], "tanh")
+    x, weight, bias, records_grad = operands
+    if records_grad:  # GELU's backward reads the product
+        return F.gelu(_OneDNNLinear.apply(x, weight, bias), approximate="tanh")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 
@@ -176,6 +177,27 @@ def test_the_products_keep_the_plain_path_for_bfloat16_gradients_float16_autocas
         hooked = fused_ops.linear_gelu_tanh(layer, x.float())
         assert torch.equal(fused_ops.linear(layer, x.float()), layer(x.float()))  # the hook ran
     assert torch.equal(hooked, F.gelu(layer(x.float()), approximate="tanh"))
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
+
+
+@pytest.mark.usefixtures("fused")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_mode_derivatives_and_torch_func_take_the_plain_path(dtype, spy):
+    """oneDNN's ops have no forward derivative (they would drop a tangent silently): `torch.func.jvp`, dual
+    tensors and `torch.func.vmap` get PyTorch's ops and their derivatives."""
+    layer, x = linear_layer(dtype), torch.randn(3, 20, 64).to(dtype)
+    tangent = torch.randn_like(x)
+    for fn, plain in ((fused_ops.linear, lambda x: layer(x)),
+                      (lambda l, x: fused_ops.linear_gelu_tanh(l, x), lambda x: F.gelu(layer(x), approximate="tanh"))):
+        with torch.no_grad():
+            out, out_tangent = torch.func.jvp(lambda x: fn(layer, x), (x,), (tangent,))
+            expected = torch.func.jvp(plain, (x,), (tangent,))
+            assert torch.equal(out, expected[0]) and torch.equal(out_tangent, expected[1])
+            with forward_ad.dual_level():
+                dual = fn(layer, forward_ad.make_dual(x, tangent))
+                assert torch.equal(forward_ad.unpack_dual(dual).tangent, expected[1])
+            assert torch.equal(torch.func.vmap(lambda x: fn(layer, x))(x), torch.func.vmap(plain)(x))
     assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
 
 

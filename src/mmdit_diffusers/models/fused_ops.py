@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -62,10 +63,11 @@ ONEDNN_FP32_MIN_MACS = 2**24
 
 def _on_cpu_eagerly(*tensors: torch.Tensor) -> bool:
     """The fused paths' first condition: on (where tests force them: `CPU_FUSED_KERNELS`), CPU tensors, not
-    compiling (inductor fuses on its own)."""
-    if not CPU_FUSED_KERNELS or torch.compiler.is_compiling():
+    compiling (inductor fuses on its own), outside forward-mode AD and torch.func transforms (the oneDNN ops have
+    no forward derivative: a tangent would be dropped without an error)."""
+    if not CPU_FUSED_KERNELS or torch.compiler.is_compiling() or forward_ad._current_level >= 0:
         return False
-    return all(t.device.type == "cpu" for t in tensors)
+    return all(t.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _records_grad(*tensors: torch.Tensor) -> bool:

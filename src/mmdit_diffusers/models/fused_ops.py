@@ -24,8 +24,9 @@ Where they apply, each does the plain computation in fewer passes over memory or
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op).
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
-`CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), on plain `nn.Linear`
-layers without hooks; elsewhere (an AVX2-only CPU, a GPU) every call is exactly the plain op. Packed (reordered)
+`CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), forward-mode AD and
+torch.func transforms, on plain `nn.Linear` layers without hooks; elsewhere (an AVX2-only CPU, a GPU) every call is
+exactly the plain op. Packed (reordered)
 weights are not cached: a cache keyed on a weight's version counter and address misses in-place writes through
 `.data` (PEFT's LoRA merge, diffusers' EMA `copy_to`), so it could serve a stale product.
 """

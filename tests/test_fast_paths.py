@@ -1,6 +1,7 @@
-"""The inference speed paths against the plain computation they replace: the fused ops of
-`mmdit_diffusers.models.fused_ops`, alone and inside the model (against the model with them off and against
-diffusers' SD3), switched on here on any CPU (`CPU_FUSED_KERNELS`) so that the tests run the same on CPUs with and
+"""The CPU speed paths against the plain computation they replace: the fused ops of
+`mmdit_diffusers.models.fused_ops` (oneDNN products, fused GELU, bfloat16 attention), alone and inside the model
+(against the model with them off and against diffusers' SD3), in inference and, for the float32 products, in
+training; switched on here on any CPU (`CPU_FUSED_KERNELS`) so that the tests run the same on CPUs with and
 without bfloat16 units; and the pipeline's text padding, dropped before the blocks whenever the mask is on."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 
@@ -32,19 +34,21 @@ def one_thread():
 
 @pytest.fixture
 def fused(monkeypatch):
-    """The fused paths on, the attention's down to the tests' short sequences."""
+    """The fused paths on, the attention's and the float32 products' down to the tests' small sizes."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the calls of the fused kernels: {"linear_gelu": n, "attention": n}."""
-    calls = {"linear_gelu": 0, "attention": 0}
+    """Counts the calls of the fused kernels: {"linear": n, "linear_gelu": n, "attention": n} (oneDNN products
+    without and with the GELU, the bfloat16 attention)."""
+    calls = {"linear": 0, "linear_gelu": 0, "attention": 0}
     linear_pointwise, bf16_attention = torch.ops.mkldnn._linear_pointwise, attention.cpu_bf16_attention
 
     def counted_linear_pointwise(*args):
-        calls["linear_gelu"] += 1
+        calls["linear_gelu" if args[3] == "gelu" else "linear"] += 1
         return linear_pointwise(*args)
 
     def counted_attention(*args):
@@ -77,12 +81,57 @@ def linear_layer(dtype, seed=0) -> nn.Linear:
 # ----------------------------------------------------------------------------------------------------------
 # The ops alone
 # ----------------------------------------------------------------------------------------------------------
+def float64_reference(layer: nn.Linear, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+    out = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
 @pytest.mark.usefixtures("fused")
-def test_linear_gelu_tanh_float32_is_the_plain_ops_bit_for_bit(spy):
-    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "linear_gelu_tanh"])
+def test_float32_products_are_as_accurate_as_the_plain_ops(gelu, spy):
+    """float32 without gradients: oneDNN's product (and GELU) sums in another order than PyTorch's (MKL), so not
+    bit for bit the plain ops, but as close to float64 and within float32 rounding of them."""
+    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64) * 3
     with torch.no_grad():
-        assert torch.equal(fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))
-    assert spy["linear_gelu"] == 0
+        if gelu:
+            actual, plain = fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh")
+        else:
+            actual, plain = fused_ops.linear(layer, x), layer(x)
+    exact = float64_reference(layer, x, gelu)
+    assert spy == {"linear": int(not gelu), "linear_gelu": int(gelu), "attention": 0} and actual.dtype == torch.float32
+    assert max_error(actual, exact) <= 2 * max_error(plain, exact) + 1e-6
+    assert max_error(actual, plain) <= 1e-5 * exact.abs().max().item()
+
+
+@pytest.mark.usefixtures("fused")
+def test_bfloat16_linear_is_no_less_accurate_than_the_plain_op(spy):
+    layer, x = linear_layer(torch.bfloat16), torch.randn(3, 20, 64).bfloat16()
+    with torch.no_grad():
+        actual, plain = fused_ops.linear(layer, x[:, 5:]), layer(x[:, 5:])  # a strided input too
+    exact = float64_reference(layer, x[:, 5:], gelu=False)
+    assert spy["linear"] == 1 and actual.dtype == torch.bfloat16 and actual.shape == plain.shape
+    assert max_error(actual, exact) <= max_error(plain, exact)
+
+
+@pytest.mark.usefixtures("fused")
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "linear_gelu_tanh"])
+def test_float32_training_gradients_are_the_plain_ones(gelu, spy):
+    """With gradients, float32: oneDNN's product forward and for the input's gradient (`_OneDNNLinear`), the GELU
+    as PyTorch's; every gradient as the plain ops' within float32 rounding, and none asked for a frozen weight."""
+    layer, x = linear_layer(torch.float32), (torch.randn(3, 20, 64) * 3).requires_grad_()
+    fn = fused_ops.linear_gelu_tanh if gelu else fused_ops.linear
+    plain_fn = (lambda l, x: F.gelu(l(x), approximate="tanh")) if gelu else (lambda l, x: l(x))
+    out, plain = fn(layer, x), plain_fn(layer, x)
+    grad = torch.randn_like(out)
+    params = (x, layer.weight, layer.bias)
+    actual, expected = torch.autograd.grad(out, params, grad), torch.autograd.grad(plain, params, grad)
+    assert spy == {"linear": 2, "linear_gelu": 0, "attention": 0}  # the forward product and the input's gradient
+    assert max_error(out, plain) <= 1e-5 * plain.abs().max().item()
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape and max_error(a, e) <= 1e-5 * e.abs().max().item()
+    layer.requires_grad_(False)
+    (grad_x,) = torch.autograd.grad(fn(layer, x), x, grad)
+    assert layer.weight.grad is None and max_error(grad_x, expected[0]) <= 1e-5 * expected[0].abs().max().item()
 
 
 @pytest.mark.usefixtures("fused")
@@ -107,24 +156,78 @@ def test_linear_gelu_tanh_under_autocast_casts_as_autocast_does(spy):
     assert max_error(actual, exact) <= max_error(plain, exact)
 
 
+class MarkedTensor(torch.Tensor):
+    """A tensor subclass that marks what it computes (the results of its ops are `MarkedTensor`s)."""
+
+
 @pytest.mark.usefixtures("fused")
-def test_linear_gelu_tanh_keeps_the_plain_path_when_gradients_are_recorded_or_hooks_are_set(spy):
-    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
-    out = fused_ops.linear_gelu_tanh(layer, x)  # the weight requires grad
+def test_the_products_keep_the_plain_path_for_bfloat16_gradients_float16_autocast_subclasses_and_hooks(spy):
+    layer, x = linear_layer(torch.bfloat16), torch.randn(3, 20, 64).bfloat16()
+    out = fused_ops.linear_gelu_tanh(layer, x)  # the weight requires grad: bfloat16 training is PyTorch's
     assert out.requires_grad and torch.equal(out, F.gelu(layer(x), approximate="tanh"))
+    layer = linear_layer(torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(fused_ops.linear(layer, x.float()), layer(x.float()))
+    with torch.no_grad():  # a tensor subclass for a weight (as torchao's quantized ones) has its own F.linear
+        layer.weight = nn.Parameter(torch.Tensor._make_subclass(MarkedTensor, layer.weight.detach()))
+        assert isinstance(fused_ops.linear(layer, x.float()), MarkedTensor)
+        layer.weight = nn.Parameter(layer.weight.detach().as_subclass(torch.Tensor))
     layer.register_forward_hook(lambda module, args, output: output * 2)
     with torch.no_grad():
-        hooked = fused_ops.linear_gelu_tanh(layer, x)
-    assert torch.equal(hooked, F.gelu(layer(x), approximate="tanh"))  # the hook ran
-    assert spy["linear_gelu"] == 0
+        hooked = fused_ops.linear_gelu_tanh(layer, x.float())
+        assert torch.equal(fused_ops.linear(layer, x.float()), layer(x.float()))  # the hook ran
+    assert torch.equal(hooked, F.gelu(layer(x.float()), approximate="tanh"))
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
 
 
-def test_linear_gelu_tanh_is_plain_where_the_fused_kernels_are_off(monkeypatch, spy):
-    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", False)
+@pytest.mark.usefixtures("fused")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_mode_derivatives_and_torch_func_take_the_plain_path(dtype, spy):
+    """oneDNN's ops have no forward derivative (they would drop a tangent silently): `torch.func.jvp`, dual
+    tensors and `torch.func.vmap` get PyTorch's ops and their derivatives."""
+    layer, x = linear_layer(dtype), torch.randn(3, 20, 64).to(dtype)
+    tangent = torch.randn_like(x)
+    for fn, plain in ((fused_ops.linear, lambda x: layer(x)),
+                      (lambda l, x: fused_ops.linear_gelu_tanh(l, x), lambda x: F.gelu(layer(x), approximate="tanh"))):
+        with torch.no_grad():
+            out, out_tangent = torch.func.jvp(lambda x: fn(layer, x), (x,), (tangent,))
+            expected = torch.func.jvp(plain, (x,), (tangent,))
+            assert torch.equal(out, expected[0]) and torch.equal(out_tangent, expected[1])
+            with forward_ad.dual_level():
+                dual = fn(layer, forward_ad.make_dual(x, tangent))
+                assert torch.equal(forward_ad.unpack_dual(dual).tangent, expected[1])
+            assert torch.equal(torch.func.vmap(lambda x: fn(layer, x))(x), torch.func.vmap(plain)(x))
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
+
+
+@pytest.mark.usefixtures("fused")
+def test_small_float32_products_keep_the_plain_path(monkeypatch, spy):
+    """Below `ONEDNN_FP32_MIN_MACS` multiply-adds, float32 products are PyTorch's (faster there), bit for bit, with
+    and without gradients; bfloat16 ones take oneDNN at any size."""
     layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", x.numel() * 256 + 1)
     with torch.no_grad():
         assert torch.equal(fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))
-    assert spy["linear_gelu"] == 0
+        assert torch.equal(fused_ops.linear(layer, x), layer(x))
+    assert torch.equal(fused_ops.linear(layer, x), layer(x))
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", x.numel() * 256)
+    with torch.no_grad():
+        fused_ops.linear(layer, x), fused_ops.linear(layer.bfloat16(), x.bfloat16())
+    assert spy["linear"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_products_are_plain_where_the_fused_kernels_are_off(dtype, monkeypatch, spy):
+    """An AVX2-only CPU (or any without bfloat16 units): PyTorch's ops, bit for bit, with and without gradients."""
+    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", False)
+    layer, x = linear_layer(dtype), torch.randn(3, 20, 64).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))
+        assert torch.equal(fused_ops.linear(layer, x), layer(x))
+    assert fused_ops.linear(layer, x).grad_fn.name() == layer(x).grad_fn.name()
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -229,19 +332,52 @@ def model_inputs(dtype, batch=2, txt_len=11):
     )
 
 
-def test_float32_inference_is_the_plain_computation_bit_for_bit(monkeypatch, spy):
-    _, ours = sd3_and_ours()
+# oneDNN products in the tiny model's forward: block 0 has 3 + 3 QKV projections, 2 output projections and two MLPs
+# (fc1 with the GELU, fc2); block 1 (`context_pre_only`) 3 + 3 QKV, 1 output projection and the image MLP
+ONEDNN_PRODUCTS = {"linear": 8 + 2 + 7 + 1, "linear_gelu": 3}
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "text-mask"])
+def test_float32_inference_with_the_fused_ops_matches_the_plain_path_and_sd3(mask, monkeypatch, spy):
+    sd3, ours = sd3_and_ours()
     kwargs = model_inputs(torch.float32)
-    kwargs["encoder_attention_mask"] = torch.tensor([[1] * 11, [1] * 6 + [0] * 5])
-    plain, fused_on = run_model(ours, kwargs, False, monkeypatch), run_model(ours, kwargs, True, monkeypatch)
-    assert torch.equal(plain, fused_on)
-    assert spy == {"linear_gelu": 0, "attention": 0}
+    if mask:
+        kwargs["encoder_attention_mask"] = torch.tensor([[1] * 11, [1] * 6 + [0] * 5])
+    plain = run_model(ours, kwargs, False, monkeypatch)
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
+    fused_on = run_model(ours, kwargs, True, monkeypatch)
+    assert spy == {**ONEDNN_PRODUCTS, "attention": 0}
+    assert max_error(fused_on, plain) <= 1e-5  # float32 rounding: another summation order
+    if not mask:  # the repo's parity tolerance against SD3
+        with torch.no_grad():
+            assert max_error(fused_on, sd3(**kwargs).sample) <= 1e-4
+
+
+@pytest.mark.usefixtures("fused")
+def test_float32_training_step_with_the_fused_products_gives_the_plain_gradients(monkeypatch, spy):
+    _, ours = sd3_and_ours()
+    ours.train()
+    kwargs = model_inputs(torch.float32)
+
+    def gradients():
+        ours.zero_grad()
+        ours(**kwargs).sample.square().mean().backward()
+        return {name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None}
+
+    fused_grads = gradients()
+    assert spy["linear"] == 2 * (ONEDNN_PRODUCTS["linear"] + ONEDNN_PRODUCTS["linear_gelu"])  # forward + input grad
+    monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", False)
+    plain_grads = gradients()
+    assert fused_grads.keys() == plain_grads.keys() and "transformer_blocks.0.img.mlp.fc1.weight" in plain_grads
+    for name, grad in plain_grads.items():
+        assert max_error(fused_grads[name], grad) <= 1e-4 * grad.abs().max().item() + 1e-9, name
 
 
 def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     """The model's output with the fused ops on or off (under bfloat16 autocast if `autocast`)."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return model(**kwargs).sample
 
@@ -256,9 +392,9 @@ def test_bfloat16_inference_with_the_fused_ops_is_as_close_to_float32_as_without
     bf16_kwargs = {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v) for k, v in kwargs.items()}
     ours_bf16 = ours.to(torch.bfloat16)
     plain = run_model(ours_bf16, bf16_kwargs, False, monkeypatch)
-    assert spy == {"linear_gelu": 0, "attention": 0}
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
     actual = run_model(ours_bf16, bf16_kwargs, True, monkeypatch)
-    assert spy == {"linear_gelu": 3, "attention": 2}
+    assert spy == {**ONEDNN_PRODUCTS, "attention": 2}
     plain_error, fused_error = rms_error(plain, exact), rms_error(actual, exact)
     assert exact.abs().max() > 1.0
     assert fused_error <= 1.1 * plain_error, (fused_error, plain_error)
@@ -275,18 +411,18 @@ def test_autocast_inference_with_the_fused_ops_is_as_close_to_float32_as_without
     exact = run_model(ours, kwargs, False, monkeypatch).double()
     plain = run_model(ours, kwargs, False, monkeypatch, autocast=True)
     actual = run_model(ours, kwargs, True, monkeypatch, autocast=True)
-    assert spy == {"linear_gelu": 3, "attention": 2}
+    assert spy == {**ONEDNN_PRODUCTS, "attention": 2}
     assert rms_error(actual, exact) <= 1.1 * rms_error(plain, exact)
 
 
 @pytest.mark.usefixtures("fused")
-def test_training_keeps_the_plain_path(spy):
+def test_bfloat16_training_keeps_the_plain_path(spy):
     _, ours = sd3_and_ours()
     ours = ours.to(torch.bfloat16).train()
     kwargs = {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v)
               for k, v in model_inputs(torch.float32).items()}
     ours(**kwargs).sample.float().square().mean().backward()
-    assert spy == {"linear_gelu": 0, "attention": 0}
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
     assert ours.transformer_blocks[0].img.mlp.fc1.weight.grad is not None
 
 

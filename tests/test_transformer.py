@@ -471,11 +471,17 @@ def base_state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
 
 
+# A layer wrapped by PEFT computes its base product with PyTorch's float32 kernel, the bare layer with oneDNN's on
+# CPUs with bfloat16 units (models/fused_ops.py): the same output up to float32 rounding (outputs here are ~5, one
+# unit in the last place ~5e-7), well apart from what a LoRA adds (> 1e-4).
+LORA_OFF_TOLERANCE = 1e-5
+
+
 def test_lora_training_step_changes_output_and_not_base_weights(model):
     kwargs = inputs(model)
     base_out = run(model, **kwargs)
     model.add_adapter(lora_config(), adapter_name="a")
-    assert max_diff(run(model, **kwargs), base_out) == 0  # lora_B starts at zero
+    assert max_diff(run(model, **kwargs), base_out) <= LORA_OFF_TOLERANCE  # lora_B starts at zero
     base_before = base_state(model)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -531,7 +537,7 @@ def test_set_adapters_switches_and_weights_adapters(model):
     both = run(model, **kwargs)
     assert max_diff(both, out_a) > 1e-4 and max_diff(both, out_b) > 1e-4
     model.set_adapters("a", weights=0.0)
-    assert max_diff(run(model, **kwargs), base_out) <= 1e-6
+    assert max_diff(run(model, **kwargs), base_out) <= LORA_OFF_TOLERANCE
 
 
 def test_lora_scale_zero_gives_the_base_output_and_is_not_sticky(model):
@@ -540,7 +546,7 @@ def test_lora_scale_zero_gives_the_base_output_and_is_not_sticky(model):
     model.add_adapter(lora_config(init_lora_weights=False), adapter_name="a")
     lora_out = run(model, **kwargs)
     assert max_diff(lora_out, base_out) > 1e-4
-    assert max_diff(run(model, **kwargs, joint_attention_kwargs={"scale": 0.0}), base_out) <= 1e-6
+    assert max_diff(run(model, **kwargs, joint_attention_kwargs={"scale": 0.0}), base_out) <= LORA_OFF_TOLERANCE
     assert max_diff(run(model, **kwargs), lora_out) <= 1e-6
 
 

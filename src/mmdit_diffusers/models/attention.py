@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..errors import InputError
-from .fused_ops import cpu_bf16_attention, cpu_bf16_attention_applies
+from .fused_ops import cpu_bf16_attention, cpu_bf16_attention_applies, linear
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
 
@@ -103,15 +103,18 @@ class MMDiTAttention(Attention, AttentionModuleMixin):
 
     def image_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, N, D] -> q, k, v [B, N, heads, head_dim] through `to_q`, `to_k`, `to_v` (or `to_qkv`), QK-normed."""
-        qkv = self.to_qkv(x).chunk(3, dim=-1) if self.fused_projections else (self.to_q(x), self.to_k(x), self.to_v(x))
+        if self.fused_projections:
+            qkv = linear(self.to_qkv, x).chunk(3, dim=-1)
+        else:
+            qkv = (linear(self.to_q, x), linear(self.to_k, x), linear(self.to_v, x))
         return _heads(qkv, self.head_dim, self.norm_q, self.norm_k)
 
     def text_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The same through the text projections `add_q_proj`, `add_k_proj`, `add_v_proj` (or `to_added_qkv`)."""
         if self.fused_projections:
-            qkv = self.to_added_qkv(x).chunk(3, dim=-1)
+            qkv = linear(self.to_added_qkv, x).chunk(3, dim=-1)
         else:
-            qkv = (self.add_q_proj(x), self.add_k_proj(x), self.add_v_proj(x))
+            qkv = (linear(self.add_q_proj, x), linear(self.add_k_proj, x), linear(self.add_v_proj, x))
         return _heads(qkv, self.head_dim, self.norm_added_q, self.norm_added_k)
 
 
@@ -215,11 +218,11 @@ class MMDiTAttnProcessor:
             key, value, attention_mask = self.key_mask(key, value, attention_mask)
         out = self.attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:  # FLUX's single-stream attention (`pre_only`) has no output projection
-            return out if attn.pre_only else attn.to_out[0](out)  # to_out[1] is a dropout of probability 0
+            return out if attn.pre_only else linear(attn.to_out[0], out)  # to_out[1] is a dropout of probability 0
         num_txt = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :num_txt], out[:, num_txt:]
-        img_out = attn.to_out[0](img_out)
-        return img_out, (txt_out if attn.to_add_out is None else attn.to_add_out(txt_out))
+        img_out = linear(attn.to_out[0], img_out)
+        return img_out, (txt_out if attn.to_add_out is None else linear(attn.to_add_out, txt_out))
 
     def attend(self, query, key, value, attn_mask):
         """The attention kernel on [B, S, heads, head_dim] tensors (a subclass may compute it differently): under

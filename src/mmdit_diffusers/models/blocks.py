@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward as DiffusersFeedForward
 
 from .attention import MMDiTAttention
-from .fused_ops import add_gated, linear_gelu_tanh, modulate
+from .fused_ops import add_gated, linear, linear_gelu_tanh, modulate
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ class FeedForward(DiffusersFeedForward):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_gelu_tanh(self.fc1, x))
+        return linear(self.fc2, linear_gelu_tanh(self.fc1, x))
 
 
 class Stream(nn.Module):

@@ -1,15 +1,20 @@
-"""Fused forms of the block's elementwise work and of its attention: for inference on x86 CPUs with bfloat16 units,
-and fc1 + GELU on a GPU.
+"""Fused forms of the block's products, elementwise work and attention, for x86 CPUs with bfloat16 units; and
+fc1 + GELU in one product on a GPU.
 
-Where they apply, each does the plain computation in fewer passes over memory (benchmarks/README.md has the
-profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
+Where they apply, each does the plain computation in fewer passes over memory or with faster kernels
+(benchmarks/README.md has the profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
 
-- `linear_gelu_tanh`: `gelu(fc1(x), approximate="tanh")` as one oneDNN product with GELU applied to its output
-  tile (`torch.ops.mkldnn._linear_pointwise`), instead of a product and a separate GELU pass (the GELU alone was
-  8% of a bfloat16 forward). bfloat16 weights, or float32 ones under CPU autocast (the operands cast to bfloat16
-  as autocast would); the result is rounded once instead of twice (closer to float32). Not float32: oneDNN sums
-  in another order than PyTorch's float32 product (MKL), and float32 stays bit for bit the plain computation
-  (a LoRA-wrapped layer, which takes the plain path, must give the same output as the bare one).
+- `linear` / `linear_gelu_tanh`: the block's products (QKV, output projections, MLP) as oneDNN products
+  (`torch.ops.mkldnn._linear_pointwise`), and `gelu(fc1(x), approximate="tanh")` as one product with GELU applied
+  to its output tile. Without gradients: bfloat16 weights, bfloat16 autocast (the operands cast to bfloat16 as
+  autocast would; the GELU's result rounded once instead of twice), or float32, where oneDNN's products take
+  0.86-0.89 of MKL's time at the `medium` shapes (0.61-0.80 with the GELU), from `ONEDNN_FP32_MIN_MACS`
+  multiply-adds per product (smaller ones stay PyTorch's, faster there). With gradients: float32 only
+  (`_OneDNNLinear`: oneDNN forward and input gradient, the weight's gradient as PyTorch's). float32 is then no
+  longer bit for bit PyTorch's ops: oneDNN sums in another order (~1e-6 relative), within the repo's 1e-4 parity
+  tolerance of SD3; a LoRA-wrapped layer (PEFT's, which calls its base layer directly) takes the plain path and
+  agrees with the bare layer to that rounding, not bit for bit. In bfloat16 oneDNN's products are those of
+  PyTorch's own bfloat16 `addmm`.
 - `modulate` / `add_gated`: `x * (1 + scale) + shift` and `x + gate * y` as one `addcmul` (one rounding) for
   bfloat16 / float16 tensors; float32 keeps the two ops, as SD3 computes them.
 - `cpu_bf16_attention`: softmax(q k^T / sqrt(d)) v for bfloat16 q, k, v, one sample at a time (its scores stay in
@@ -19,13 +24,15 @@ profiles and timings, `medium` config, 2-core AMD EPYC with AVX512-BF16):
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op).
 
+The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
+`CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), forward-mode AD and
+torch.func transforms, on plain `nn.Linear` layers without hooks; elsewhere (an AVX2-only CPU, a GPU but for the
+fc1 + GELU below) every call is exactly the plain op. Packed (reordered) weights are not cached: a cache keyed on a weight's version counter and address misses in-place writes through
+`.data` (PEFT's LoRA merge, diffusers' EMA `copy_to`), so it could serve a stale product.
+
 On a GPU, `linear_gelu_tanh` in bfloat16 / float16 inference is one cuBLASLt product with the bias and the tanh GELU
 in its epilogue (`torch._addmm_activation`): fc1 + GELU 0.25 against 0.29 ms at SD3-Medium size on an H200, the
 same error against a float32 reference (benchmarks/README.md, GPU).
-
-The CPU paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present), on CPU
-tensors, when no gradient is recorded and outside torch.compile (inductor fuses on its own); everything else takes
-the plain ops.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -51,47 +59,131 @@ def x86_bf16_instructions() -> bool | None:
 CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_available()
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+# float32 products through oneDNN from this many multiply-adds: below, its per-call setup (~10 us) outweighs its
+# faster kernel (the `tiny` config's: 1.2-1.7x MKL's time; break-even near 8M)
+ONEDNN_FP32_MIN_MACS = 2**24
+
+
+def _on_cpu_eagerly(*tensors: torch.Tensor) -> bool:
+    """The fused paths' first condition: on (where tests force them: `CPU_FUSED_KERNELS`), CPU tensors, not
+    compiling (inductor fuses on its own), outside forward-mode AD and torch.func transforms (the oneDNN ops have
+    no forward derivative: a tangent would be dropped without an error)."""
+    if not CPU_FUSED_KERNELS or torch.compiler.is_compiling() or forward_ad._current_level >= 0:
+        return False
+    return all(t.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
-    """The fused paths' shared condition: CPU tensors, no gradient recorded through them, not compiling."""
-    if not CPU_FUSED_KERNELS or torch.compiler.is_compiling():
-        return False
-    if any(t.device.type != "cpu" for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """CPU tensors, no gradient recorded through them, not compiling."""
+    return _on_cpu_eagerly(*tensors) and not _records_grad(*tensors)
 
 
 def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`F.gelu(linear(x), approximate="tanh")`, fused where it applies (see the module docstring). A layer that is
-    not a plain `nn.Linear` (a LoRA wrapper, `cpu_bf16`'s layer) or carries hooks takes the plain path."""
-    # the cheap tests first: the plain (float32) path pays a few attribute reads
-    if CPU_FUSED_KERNELS and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")) \
-            and type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks) \
-            and "forward" not in linear.__dict__ and _inference_on_cpu(x, linear.weight) and x.is_contiguous():
-        weight, bias = linear.weight, linear.bias
-        if _autocast_bf16():
-            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-            bias = None if bias is None else bias.to(torch.bfloat16)
-        if x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
-    if x.is_cuda and type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks) \
-            and "forward" not in linear.__dict__ and _cuda_epilogue_applies(x, linear.weight, linear.bias):
-        out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
-        return out.view(*x.shape[:-1], out.shape[-1])
-    return F.gelu(linear(x), approximate="tanh")
+def _onednn_operands(linear: nn.Linear, x: torch.Tensor):
+    """(x, weight, bias, records_grad) for oneDNN's product of `linear` where it applies, else None: a plain
+    `nn.Linear` (not a LoRA wrapper or `cpu_bf16`'s layer) without hooks, with plain tensors for parameters, on the
+    CPU; with no gradient recorded, float32 or bfloat16 (or bfloat16 autocast, the operands cast as autocast casts
+    them); with gradients, float32 without autocast (in bfloat16 oneDNN's products are PyTorch's own, and
+    autocast's backward is autocast's)."""
+    # the cheap tests first (a `tiny` model's products take a few microseconds): where nothing applies, the plain
+    # path pays a few attribute reads
+    if not CPU_FUSED_KERNELS or type(linear) is not nn.Linear:
+        return None
+    weight, bias = linear.weight, linear.bias
+    autocast = torch.is_autocast_enabled("cpu")
+    if x.dtype == torch.float32 and not autocast and x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS:
+        return None
+    if linear._forward_hooks or linear._forward_pre_hooks or "forward" in linear.__dict__ \
+            or type(weight) not in _PLAIN_TENSORS or (bias is not None and type(bias) not in _PLAIN_TENSORS) \
+            or not _on_cpu_eagerly(x, weight):
+        return None  # a tensor subclass (torchao's quantized weights, DTensor) has its own F.linear
+    records_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                or (bias is not None and bias.requires_grad))
+    if records_grad:
+        if autocast or x.dtype != torch.float32:
+            return None
+    elif autocast:
+        if not _autocast_bf16():
+            return None
+        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(torch.bfloat16)
+    if x.dtype not in _ONEDNN_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return None
+    return x.contiguous(), weight, bias, records_grad  # F.linear copies a strided input too
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear(x, weight, bias)` in float32 with gradients: oneDNN's product forward and for the input's gradient
+    (0.86-0.89 and 0.87-0.94 of MKL's time at the `medium` shapes); the weight's gradient by PyTorch's `mm` (oneDNN
+    is no faster there). Saves what `F.linear` saves (x and the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t(), None, "none", [], "")
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, as oneDNN's product where it applies (see the module docstring)."""
+    operands = _onednn_operands(layer, x)
+    if operands is None:
+        return layer(x)
+    x, weight, bias, records_grad = operands
+    if records_grad:
+        return _OneDNNLinear.apply(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear_gelu_tanh(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(layer(x), approximate="tanh")`: without gradients, one oneDNN product with the GELU applied to its
+    output tile on a CPU, one cuBLASLt product with the GELU in its epilogue on a GPU, where they apply (see the
+    module docstring)."""
+    operands = _onednn_operands(layer, x)
+    if operands is None:
+        if x.is_cuda and type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks) \
+                and "forward" not in layer.__dict__ and _cuda_epilogue_applies(x, layer.weight, layer.bias):
+            out = torch._addmm_activation(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t(), use_gelu=True)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return F.gelu(layer(x), approximate="tanh")
+    x, weight, bias, records_grad = operands
+    if records_grad:  # GELU's backward reads the product
+        return F.gelu(_OneDNNLinear.apply(x, weight, bias), approximate="tanh")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
 
 
 def _cuda_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """cuBLASLt's product with the bias and the tanh GELU in its epilogue: half-precision inference on a GPU,
-    outside autocast and torch.compile (inductor fuses the GELU on its own)."""
+    """cuBLASLt's product with the bias and the tanh GELU in its epilogue: half-precision inference on a GPU with
+    plain tensors, outside autocast, torch.compile (inductor fuses the GELU on its own), forward-mode AD and
+    torch.func transforms (the op has no derivatives)."""
     return (x.dtype in _LOW_PRECISION and weight.dtype == x.dtype and bias is not None and bias.dtype == x.dtype
+            and type(weight) in _PLAIN_TENSORS and type(bias) in _PLAIN_TENSORS
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and forward_ad._current_level < 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)))
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from diffusers.models.attention import AttentionModuleMixin
 
 from .attention import MMDiTAttention, MMDiTAttnProcessor, _join_unfused_state, _split_fused_state, make_qk_norm
 from .blocks import AdaLNModulation, layer_norm
-from .fused_ops import add_gated, linear_gelu_tanh
+from .fused_ops import add_gated, linear, linear_gelu_tanh
 
 
 class SingleStreamAttention(nn.Module, AttentionModuleMixin):
@@ -101,7 +101,7 @@ class SingleStreamBlock(nn.Module):
         y = mod.modulate(layer_norm(x))
         attn = self.attn(y, attention_mask, image_rotary_emb, **(joint_attention_kwargs or {}))
         mlp = linear_gelu_tanh(self.proj_mlp, y)
-        x = add_gated(x, mod.gate, self.proj_out(torch.cat([attn, mlp], dim=-1)))
+        x = add_gated(x, mod.gate, linear(self.proj_out, torch.cat([attn, mlp], dim=-1)))
         if x.dtype == torch.float16:  # as diffusers' FLUX: keep float16 activations finite
             x = x.clip(-65504, 65504)
         return x[:, num_txt:], x[:, :num_txt]

@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.models.autoencoders import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -60,8 +61,9 @@ EXAMPLE = """
 """
 
 
-# `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Pipeline's.
-SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0}
+# `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Pipeline's (it has no guidance
+# rescale: 0.0 is SDXL's "off").
+SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0, "guidance_rescale": 0.0}
 SECOND_CLIP = ("text_encoder_2", "tokenizer_2")
 T5 = ("text_encoder_3", "tokenizer_3")
 IMAGE_PROMPT = ("image_encoder", "feature_extractor")  # SD3.5's IP-Adapter parts, as SD3 declares them
@@ -169,13 +171,15 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         self.patch_size = transformer.config.patch_size if transformer is not None else 2
 
     def register_sampler_defaults(self, **defaults) -> None:
-        """Store the sampler settings this pipeline samples well with (`num_inference_steps`, `guidance_scale`) in
-        its config: `save_pretrained` writes them to `model_index.json` (so a Hub push carries them), `from_pretrained`
-        reads them back, and `__call__` uses them for the arguments its caller leaves out. The scheduler's own
-        settings (shift, `stochastic_sampling`) already travel in `scheduler/scheduler_config.json`."""
+        """Store the sampler settings this pipeline samples well with (`num_inference_steps`, `guidance_scale`,
+        `guidance_rescale`) in its config: `save_pretrained` writes them to `model_index.json` (so a Hub push carries
+        them), `from_pretrained` reads them back, and `__call__` uses them for the arguments its caller leaves out. The
+        scheduler's own settings (shift, `stochastic_sampling`) already travel in `scheduler/scheduler_config.json`."""
         unknown = sorted(set(defaults) - set(self._sd3_call_defaults))
         if unknown:
             raise ValueError(f"`sampler_defaults` has unknown keys {unknown}; expected some of {sorted(self._sd3_call_defaults)}.")
+        if "guidance_rescale" in defaults:
+            call_checks.check_guidance_rescale(defaults["guidance_rescale"])
         self.register_to_config(sampler_defaults=dict(defaults) or None)
 
     def _call_default(self, name: str, value):
@@ -401,12 +405,13 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         callback_on_step_end=None,
         mu=None,
         joint_attention_kwargs=None,
+        guidance_rescale=None,
     ) -> tuple[int, int]:
         """Check a call before any model runs (diffusers' `check_inputs`, the one check of every MMDiT pipeline's
         `__call__`): raise an `InputError` (a `ValueError`) that names the argument for every input `__call__` cannot
         use, warn about what is legal but most likely not meant (`call_checks`), and return `(height, width)` in
-        pixels (the model's default for None). `num_inference_steps` / `guidance_scale` None: the pipeline's
-        defaults (`sampler_defaults`)."""
+        pixels (the model's default for None). `num_inference_steps` / `guidance_scale` / `guidance_rescale` None:
+        the pipeline's defaults (`sampler_defaults`)."""
         steps_given = num_inference_steps is not None
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         cfg_name, cfg_scale = self._cfg_scale_argument(self._call_default("guidance_scale", guidance_scale))
@@ -420,6 +425,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         call_checks.check_guidance_scale(
             cfg_scale, any(negatives.values()) or negative_prompt_embeds is not None, cfg_name
         )
+        if "guidance_rescale" in self._sd3_call_defaults:  # FLUX.1's pipelines have none
+            call_checks.check_guidance_rescale(self._call_default("guidance_rescale", guidance_rescale))
         call_checks.check_sigmas(sigmas, num_inference_steps if steps_given else None)
         call_checks.check_generator(generator)
         call_checks.check_embeds(self, prompt_embeds, pooled_prompt_embeds, "")
@@ -494,6 +501,10 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         return self._guidance_scale
 
     @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    @property
     def do_classifier_free_guidance(self):
         return self._guidance_scale > 1
 
@@ -563,6 +574,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
+        guidance_rescale: float | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
         Generate images from text. Arguments as diffusers' `StableDiffusion3Pipeline`, plus the masks.
@@ -603,6 +615,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             skip_layer_guidance_start, skip_layer_guidance_stop: Fractions of the steps between which it applies:
                 steps `i` with `start * steps < i < stop * steps` (SD3's 0.01 and 0.2).
             mu: Dynamic-shift parameter; computed from the image size when the scheduler shifts dynamically.
+            guidance_rescale: Guidance rescale phi in [0, 1] (Lin et al. 2023, "Common Diffusion Noise Schedules and
+                Sample Steps are Flawed", as SDXL's pipeline): the guided velocity is scaled to the per-image standard
+                deviation of the conditional one and mixed with the unscaled one, `phi * rescaled + (1 - phi) *
+                guided`; keeps large `guidance_scale` values from over-saturating. Default: the folder's
+                `sampler_defaults`, else 0.0 (off, as SD3).
 
         Examples:
         """
@@ -618,7 +635,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         prompt_attention_mask, negative_prompt_attention_mask, output_type, return_dict, joint_attention_kwargs,
         clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length,
         skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop, skip_layer_guidance_start, mu,
-        ip_adapter_image=None, ip_adapter_image_embeds=None,
+        guidance_rescale, ip_adapter_image=None, ip_adapter_image_embeds=None,
     ) -> MMDiTPipelineOutput | tuple:
         """The generation of every MMDiT pipeline (arguments: `__call__`'s). `start` says where sampling starts: from
         noise (text-to-image), or from an image (`MMDiTImg2ImgPipeline`, `MMDiTInpaintPipeline`)."""
@@ -647,9 +664,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             callback_on_step_end=callback_on_step_end,
             mu=mu,
             joint_attention_kwargs=joint_attention_kwargs,
+            guidance_rescale=guidance_rescale,
         )
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         guidance_scale = self._call_default("guidance_scale", guidance_scale)
+        guidance_rescale = self._call_default("guidance_rescale", guidance_rescale)
         latents = self._initial_latents(latents, height, width, prompt, prompt_embeds, num_images_per_prompt)
         self._check_skip_layer_guidance(
             skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop,
@@ -657,6 +676,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         )
         start.check(self, output_type)
         self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
         self._skip_guidance_layers = skip_guidance_layers
         self._skip_layer_guidance_scale = skip_layer_guidance_scale
         self._skip_layer_guidance_range = (skip_layer_guidance_start, skip_layer_guidance_stop)
@@ -785,7 +805,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
     def _guided_velocity(self, model_input, t, prompt_embeds, pooled_prompt_embeds, text_mask, skip_layers=None):
         """The velocity of one step: one transformer call for both halves of the guidance batch, then
         `v = v_neg + guidance_scale * (v_pos - v_neg)`; with `skip_layers` (skip-layer guidance, SD3.5) one more call
-        on the positive half with those blocks skipped, and `v += skip_layer_guidance_scale * (v_pos - v_skipped)`."""
+        on the positive half with those blocks skipped, and `v += skip_layer_guidance_scale * (v_pos - v_skipped)`;
+        with `guidance_rescale` > 0, `v` rescaled toward `v_pos`'s standard deviation (diffusers' `rescale_noise_cfg`,
+        SDXL's, here on the velocity)."""
         velocity = self._velocity(
             "cond",
             hidden_states=model_input,
@@ -812,6 +834,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
                 **self._model_inputs(positive_input),
             )
             velocity = velocity + (cond - skipped) * self._skip_layer_guidance_scale
+        if self._guidance_rescale > 0:
+            velocity = rescale_noise_cfg(velocity, cond, self._guidance_rescale)
         return velocity
 
     def _velocity(self, cache_context: str, **inputs) -> torch.Tensor:

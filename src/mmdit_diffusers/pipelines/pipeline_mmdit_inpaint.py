@@ -198,6 +198,7 @@ class MMDiTInpaintPipeline(MMDiTPipeline):
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
+        guidance_rescale: float | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
         Redraw the masked region of an image following the prompt. The arguments `MMDiTImg2ImgPipeline.__call__`

@@ -2,11 +2,11 @@
 "Counting and guidance: what moves them".
 
     .venv/bin/python scripts/evaluate_sampler.py pipelines/mmdit-shapes --guidance_scale 4 [--guidance_rescale 0.7]
-        [--ode] [--shift 1] [--categories counting] [--seeds 0 1 2]
+        [--use_cfg_zero_star | --no-use_cfg_zero_star] [--ode] [--shift 1] [--categories counting] [--seeds 0 1 2]
 
 Generation and scoring are `mmdit-diffusers evaluate`'s (the same prompts, batches and generator); what this adds
-is the scheduler's settings (`--ode`: `stochastic_sampling=False`; `--shift`), the pipeline's `guidance_rescale`
-and a choice of categories. Settings not given are the folder's stored ones.
+is the scheduler's settings (`--ode`: `stochastic_sampling=False`; `--shift`), the pipeline's guidance options
+(`guidance_rescale`, `use_cfg_zero_star`) and a choice of categories. Settings not given are the folder's stored ones.
 """
 
 import argparse
@@ -27,6 +27,7 @@ parser.add_argument("--seeds", nargs="+", type=int, default=[0])
 parser.add_argument("--guidance_scale", type=float, default=None)
 parser.add_argument("--steps", type=int, default=None)
 parser.add_argument("--guidance_rescale", type=float, default=None, help="guidance rescale phi in [0, 1]")
+parser.add_argument("--use_cfg_zero_star", action=argparse.BooleanOptionalAction, default=None, help="CFG-Zero*")
 parser.add_argument("--ode", action="store_true", help="deterministic Euler steps instead of stochastic sampling")
 parser.add_argument("--shift", type=float, default=None)
 args = parser.parse_args()
@@ -38,8 +39,9 @@ if args.shift is not None:
     changes["shift"] = args.shift
 pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **changes)
 call = call_arguments(args.steps, args.guidance_scale)
-if args.guidance_rescale is not None:
-    call["guidance_rescale"] = args.guidance_rescale
+for name in ("guidance_rescale", "use_cfg_zero_star"):
+    if getattr(args, name) is not None:
+        call[name] = getattr(args, name)
 scores = {}
 for seed in args.seeds:
     prompts = [p for p in evaluation_prompts(seed) if p.category in args.categories]

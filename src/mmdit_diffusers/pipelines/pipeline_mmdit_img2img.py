@@ -32,7 +32,8 @@ EXAMPLE = """
 """
 
 # `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Img2ImgPipeline's.
-SD3_IMG2IMG_CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.0, "guidance_rescale": 0.0}
+SD3_IMG2IMG_CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.0, "guidance_rescale": 0.0,
+                             "use_cfg_zero_star": False}
 
 
 class ImageStart(NoiseStart):
@@ -137,6 +138,7 @@ class MMDiTImg2ImgPipeline(MMDiTPipeline):
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
         guidance_rescale: float | None = None,
+        use_cfg_zero_star: bool | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
         Redraw an image following the prompt. The arguments `MMDiTPipeline.__call__` has mean the same here; new:

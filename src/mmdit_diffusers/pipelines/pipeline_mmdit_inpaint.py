@@ -199,6 +199,7 @@ class MMDiTInpaintPipeline(MMDiTPipeline):
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
         guidance_rescale: float | None = None,
+        use_cfg_zero_star: bool | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
         Redraw the masked region of an image following the prompt. The arguments `MMDiTImg2ImgPipeline.__call__`

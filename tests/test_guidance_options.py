@@ -1,6 +1,8 @@
-"""Guidance rescale (`guidance_rescale`, Lin et al. 2023, as SDXL's pipeline): the guided velocity is scaled toward
-the per-image standard deviation of the conditional one; 0 (the default without stored defaults) is plain
-classifier-free guidance, and bad values are refused naming the argument."""
+"""The guidance options of the MMDiT pipelines: guidance rescale (`guidance_rescale`, Lin et al. 2023, as SDXL's
+pipeline: the guided velocity scaled toward the per-image standard deviation of the conditional one) and CFG-Zero*
+(`use_cfg_zero_star`, Fan et al. 2025: the unconditional velocity scaled by its optimal projection on the conditional
+one). Off (the default without stored defaults) is plain classifier-free guidance; bad values are refused naming the
+argument."""
 
 import numpy as np
 import pytest
@@ -59,22 +61,49 @@ def test_phi_one_gives_the_velocity_the_conditional_spread_per_image(pipe, monke
     torch.testing.assert_close(velocity.std(), cond.std())
 
 
+def test_cfg_zero_star_scales_the_unconditional_velocity_by_its_projection(pipe, monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    shape = (1, pipe.transformer.in_channels, 8, 8)
+    cond = torch.randn(shape, generator=generator)
+    uncond = 0.5 * cond + torch.randn(shape, generator=generator)
+    stepped = stepped_velocities(pipe, monkeypatch, cond, uncond, guidance_scale=4.0, use_cfg_zero_star=True)
+    scale = float((cond.double() * uncond.double()).sum() / (uncond.double() ** 2).sum())
+    expected = scale * uncond + 4.0 * (cond - scale * uncond)
+    for velocity in stepped:
+        torch.testing.assert_close(velocity, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_zero_star_then_the_rescale(pipe, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    shape = (1, pipe.transformer.in_channels, 8, 8)
+    cond = torch.randn(shape, generator=generator)
+    uncond = 2.0 * torch.randn(shape, generator=generator) - cond
+    (velocity, _) = stepped_velocities(pipe, monkeypatch, cond, uncond, guidance_scale=4.0, use_cfg_zero_star=True,
+                                       guidance_rescale=1.0)
+    scale = (cond * uncond).sum() / (uncond**2).sum()
+    guided = scale * uncond + 4.0 * (cond - scale * uncond)
+    torch.testing.assert_close(velocity, guided * cond.std() / guided.std(), rtol=1e-5, atol=1e-5)
+
+
 def test_zero_is_plain_classifier_free_guidance(pipe, monkeypatch):
     generator = torch.Generator().manual_seed(3)
     shape = (1, pipe.transformer.in_channels, 8, 8)
     cond, uncond = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    stepped = stepped_velocities(pipe, monkeypatch, cond, uncond, guidance_scale=3.0, guidance_rescale=0.0)
+    stepped = stepped_velocities(pipe, monkeypatch, cond, uncond, guidance_scale=3.0, guidance_rescale=0.0,
+                                 use_cfg_zero_star=False)
     assert all(torch.equal(velocity, uncond + 3.0 * (cond - uncond)) for velocity in stepped)
 
 
-def test_off_by_default_and_changes_the_images_when_on(pipe):
+@pytest.mark.parametrize("option", [{"guidance_rescale": 0.7}, {"use_cfg_zero_star": True}])
+def test_off_by_default_and_changes_the_images_when_on(pipe, option):
     plain = sample(pipe, guidance_scale=5.0)
-    assert np.array_equal(plain, sample(pipe, guidance_scale=5.0, guidance_rescale=0.0))
-    assert not np.allclose(plain, sample(pipe, guidance_scale=5.0, guidance_rescale=0.7))
+    assert np.array_equal(plain, sample(pipe, guidance_scale=5.0, guidance_rescale=0.0, use_cfg_zero_star=False))
+    assert not np.allclose(plain, sample(pipe, guidance_scale=5.0, **option))
 
 
 def test_no_effect_without_guidance(pipe):
-    assert np.array_equal(sample(pipe, guidance_scale=1.0), sample(pipe, guidance_scale=1.0, guidance_rescale=0.7))
+    plain = sample(pipe, guidance_scale=1.0)
+    assert np.array_equal(plain, sample(pipe, guidance_scale=1.0, guidance_rescale=0.7, use_cfg_zero_star=True))
 
 
 @pytest.mark.parametrize("cls", [MMDiTImg2ImgPipeline, MMDiTInpaintPipeline])
@@ -89,8 +118,9 @@ def test_image_pipelines_take_it_too(pipe, cls):
         return other(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=4, strength=1.0,
                      guidance_scale=5.0, output_type="np", **extra, **kwargs).images
 
-    assert np.array_equal(draw(), draw(guidance_rescale=0.0))
+    assert np.array_equal(draw(), draw(guidance_rescale=0.0, use_cfg_zero_star=False))
     assert not np.allclose(draw(), draw(guidance_rescale=0.7))
+    assert not np.allclose(draw(), draw(use_cfg_zero_star=True))
     with pytest.raises(InputError, match="`guidance_rescale`"):
         draw(guidance_rescale=2.0)
 
@@ -101,7 +131,21 @@ def test_bad_values_are_refused_naming_the_argument(pipe, value):
         sample(pipe, guidance_scale=5.0, guidance_rescale=value)
 
 
-def test_a_bad_stored_default_is_refused(pipe):
+@pytest.mark.parametrize("value", [1, "yes"])
+def test_a_use_cfg_zero_star_that_is_not_a_bool_is_refused(pipe, value):
+    with pytest.raises(InputError, match="`use_cfg_zero_star` must be True or False"):
+        sample(pipe, guidance_scale=5.0, use_cfg_zero_star=value)
+
+
+def test_a_bad_value_in_a_hand_edited_model_index_is_refused_at_the_call(pipe):
     fresh = MMDiTPipeline(**pipe.components)
-    with pytest.raises(InputError, match="`guidance_rescale`"):
-        fresh.register_sampler_defaults(guidance_rescale=1.2)
+    fresh.register_to_config(sampler_defaults={"guidance_rescale": 3})  # as a model_index.json edited by hand
+    with pytest.raises(InputError, match="`guidance_rescale`=3 must be a number in"):
+        sample(fresh, guidance_scale=5.0)
+
+
+@pytest.mark.parametrize("stored", [{"guidance_rescale": 1.2}, {"use_cfg_zero_star": "yes"}])
+def test_a_bad_stored_default_is_refused(pipe, stored):
+    fresh = MMDiTPipeline(**pipe.components)
+    with pytest.raises(InputError, match=f"`{next(iter(stored))}`"):
+        fresh.register_sampler_defaults(**stored)

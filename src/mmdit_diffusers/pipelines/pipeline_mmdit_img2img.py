@@ -91,7 +91,7 @@ class MMDiTImg2ImgPipeline(MMDiTPipeline):
     r"""
     Image-to-image with the MMDiT: `MMDiTPipeline` (same components, folders, LoRA, text conditioning, guidance)
     started from an image instead of noise. Arguments as diffusers' `StableDiffusion3Img2ImgPipeline`, plus the
-    text masks and skip-layer guidance of `MMDiTPipeline`.
+    text masks, skip-layer guidance and guidance options (`guidance_rescale`, `use_cfg_zero_star`) of `MMDiTPipeline`.
 
     Load it from any folder `MMDiTPipeline` loads (`from_pretrained`), or from a loaded pipeline without copying
     weights (`MMDiTImg2ImgPipeline.from_pipe(pipe)`); a folder's `sampler_defaults` apply here too.

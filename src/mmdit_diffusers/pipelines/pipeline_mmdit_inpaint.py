@@ -137,8 +137,8 @@ class MaskedImageStart(ImageStart):
 class MMDiTInpaintPipeline(MMDiTPipeline):
     r"""
     Inpainting with the MMDiT: `MMDiTPipeline` (same components, folders, LoRA, text conditioning, guidance) that
-    redraws only where a mask says. Arguments as diffusers' `StableDiffusion3InpaintPipeline`, plus the text masks
-    and skip-layer guidance of `MMDiTPipeline`.
+    redraws only where a mask says. Arguments as diffusers' `StableDiffusion3InpaintPipeline`, plus the text masks,
+    skip-layer guidance and guidance options (`guidance_rescale`, `use_cfg_zero_star`) of `MMDiTPipeline`.
 
     Load it from any folder `MMDiTPipeline` loads (`from_pretrained`), or from a loaded pipeline without copying
     weights (`MMDiTInpaintPipeline.from_pipe(pipe)`); a folder's `sampler_defaults` apply here too.

@@ -21,7 +21,7 @@ def sample(pipe, **kwargs) -> np.ndarray:
 
 def stepped_velocities(pipe, monkeypatch, cond: torch.Tensor, uncond: torch.Tensor, **kwargs) -> list[torch.Tensor]:
     """The velocities the scheduler steps with when the transformer predicts `uncond` for the negative half of the
-    guidance batch and `cond` for the positive one."""
+    guidance batch and `cond` for the positive one (one image per row of `cond`)."""
     monkeypatch.setattr(pipe, "_velocity", lambda context, **inputs: torch.cat([uncond, cond]))
     stepped = []
     original_step = pipe.scheduler.step
@@ -31,7 +31,8 @@ def stepped_velocities(pipe, monkeypatch, cond: torch.Tensor, uncond: torch.Tens
         return original_step(velocity, *args, **step_kwargs)
 
     monkeypatch.setattr(pipe.scheduler, "step", step)
-    pipe(PROMPT, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs)
+    pipe([PROMPT] * len(cond), num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+         **kwargs)
     return stepped
 
 
@@ -55,10 +56,11 @@ def test_the_stepped_velocity_is_the_rescaled_guidance_of_lin_et_al(pipe, monkey
 
 def test_phi_one_gives_the_velocity_the_conditional_spread_per_image(pipe, monkeypatch):
     generator = torch.Generator().manual_seed(2)
-    shape = (1, pipe.transformer.in_channels, 8, 8)
-    cond, uncond = torch.randn(shape, generator=generator), 3 * torch.randn(shape, generator=generator)
+    shape = (2, pipe.transformer.in_channels, 8, 8)
+    cond = torch.randn(shape, generator=generator) * torch.tensor([0.5, 2.0]).view(2, 1, 1, 1)
+    uncond = 3 * torch.randn(shape, generator=generator)
     (velocity, _) = stepped_velocities(pipe, monkeypatch, cond, uncond, guidance_scale=5.0, guidance_rescale=1.0)
-    torch.testing.assert_close(velocity.std(), cond.std())
+    torch.testing.assert_close(velocity.flatten(1).std(dim=1), cond.flatten(1).std(dim=1))
 
 
 def test_cfg_zero_star_scales_the_unconditional_velocity_by_its_projection(pipe, monkeypatch):
@@ -112,7 +114,9 @@ def test_image_pipelines_take_it_too(pipe, cls):
     other = cls.from_pipe(pipe)
     other.set_progress_bar_config(disable=True)
     image = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
-    extra = {"image": image} if cls is MMDiTImg2ImgPipeline else {"image": image, "mask_image": np.ones((16, 16, 1), dtype=np.float32)}
+    extra = {"image": image}
+    if cls is MMDiTInpaintPipeline:
+        extra["mask_image"] = np.ones((16, 16, 1), dtype=np.float32)
 
     def draw(**kwargs):
         return other(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=4, strength=1.0,

@@ -1,11 +1,12 @@
 """Scores of a Shapes pipeline folder under other sampler settings: the experiments of the model card's section
 "Counting and guidance: what moves them".
 
-    .venv/bin/python scripts/evaluate_sampler.py pipelines/mmdit-shapes --guidance_scale 4 [--ode] [--shift 1]
-        [--categories counting] [--seeds 0 1 2]
+    .venv/bin/python scripts/evaluate_sampler.py pipelines/mmdit-shapes --guidance_scale 4 [--guidance_rescale 0.7]
+        [--use_cfg_zero_star | --no-use_cfg_zero_star] [--ode] [--shift 1] [--categories counting] [--seeds 0 1 2]
 
 Generation and scoring are `mmdit-diffusers evaluate`'s (the same prompts, batches and generator); what this adds
-is the scheduler's settings (`--ode`: `stochastic_sampling=False`; `--shift`) and a choice of categories.
+is the scheduler's settings (`--ode`: `stochastic_sampling=False`; `--shift`), the pipeline's guidance options
+(`guidance_rescale`, `use_cfg_zero_star`) and a choice of categories. Settings not given are the folder's stored ones.
 """
 
 import argparse
@@ -25,6 +26,8 @@ parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(
 parser.add_argument("--seeds", nargs="+", type=int, default=[0])
 parser.add_argument("--guidance_scale", type=float, default=None)
 parser.add_argument("--steps", type=int, default=None)
+parser.add_argument("--guidance_rescale", type=float, default=None, help="guidance rescale phi in [0, 1]")
+parser.add_argument("--use_cfg_zero_star", action=argparse.BooleanOptionalAction, default=None, help="CFG-Zero*")
 parser.add_argument("--ode", action="store_true", help="deterministic Euler steps instead of stochastic sampling")
 parser.add_argument("--shift", type=float, default=None)
 args = parser.parse_args()
@@ -35,14 +38,18 @@ changes = {"stochastic_sampling": False} if args.ode else {}
 if args.shift is not None:
     changes["shift"] = args.shift
 pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **changes)
+call = call_arguments(args.steps, args.guidance_scale)
+for name in ("guidance_rescale", "use_cfg_zero_star"):
+    if getattr(args, name) is not None:
+        call[name] = getattr(args, name)
 scores = {}
 for seed in args.seeds:
     prompts = [p for p in evaluation_prompts(seed) if p.category in args.categories]
-    images = [image for batch in sample_batches(pipe, prompts, seed, 16, **call_arguments(args.steps, args.guidance_scale))
-              for image in batch]
+    images = [image for batch in sample_batches(pipe, prompts, seed, 16, **call) for image in batch]
     for category in args.categories:
         verdicts = [judge(image, p.caption) for p, image in zip(prompts, images) if p.category == category]
         scores[f"{category}@{seed}"] = round(100 * sum(v.passed for v in verdicts) / len(verdicts), 1)
         failures = [v.reason for v in verdicts if not v.passed][:3]
         print(f"seed {seed} {category}: {scores[f'{category}@{seed}']}%", *failures, sep="\n  ", flush=True)
-print(json.dumps(dict(model=args.model, scheduler=dict(pipe.scheduler.config), scores=scores), default=str))
+print(json.dumps(dict(model=args.model, call=call, sampler_defaults=pipe.config.get("sampler_defaults"),
+                 scheduler=dict(pipe.scheduler.config), scores=scores), default=str))

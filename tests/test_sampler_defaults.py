@@ -2,6 +2,8 @@
 `MMDiTPipeline.__call__` uses them for the arguments its caller leaves out, explicit arguments win, they survive
 `save_pretrained` and a Hub round trip, and a folder without them samples exactly as SD3's pipeline does."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,27 @@ def test_a_folder_without_defaults_samples_as_sd3_does(pipe):
 def test_unknown_default_is_refused(pipe):
     with pytest.raises(ValueError, match=r"unknown keys \['steps'\]"):
         pipe.register_sampler_defaults(steps=3)
+
+
+def test_stored_guidance_options_are_saved_loaded_and_used_and_explicit_ones_win(tmp_path):
+    pipe = tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True)
+    pipe.set_progress_bar_config(disable=True)
+    stored = {"num_inference_steps": 2, "guidance_scale": 4.0, "guidance_rescale": 0.7, "use_cfg_zero_star": True}
+    pipe.register_sampler_defaults(**stored)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["sampler_defaults"] == stored
+    loaded = MMDiTPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.sampler_defaults == stored
+    assert np.array_equal(sample(loaded), sample(loaded, **stored))
+    assert loaded.guidance_rescale == 0.7
+    plain = sample(loaded, guidance_rescale=0.0, use_cfg_zero_star=False)
+    assert loaded.guidance_rescale == 0.0
+    assert not np.allclose(sample(loaded), plain)
+    assert not np.allclose(sample(loaded), sample(loaded, use_cfg_zero_star=False))
+    assert not np.allclose(sample(loaded), sample(loaded, guidance_rescale=0.0))
+    pipe.register_sampler_defaults()  # none stored: SD3's plain guidance
+    assert np.array_equal(plain, sample(pipe, num_inference_steps=2, guidance_scale=4.0))
 
 
 def test_defaults_survive_a_hub_round_trip(saved_dir, hub_repo_id, tmp_path):  # noqa: F811

@@ -3,12 +3,13 @@ entry, diffusers' name) runs them in turn. Each refuses what cannot work with an
 the value and what is expected (sizes in pixels, with the model's maximum), or warns about what is legal but most
 likely not meant.
 
-Refused: a size that is not a positive whole number of pixels, not a multiple of `vae_scale_factor * patch_size`
-or beyond the model's position grid; a `guidance_scale` that is not a finite number >= 0; `sigmas` that are not
-noise levels in [0, 1], or disagree with an explicit `num_inference_steps`; a `generator` that is not a
-`torch.Generator`; precomputed embeddings of another width or rank than the transformer reads; a `clip_skip` beyond
-the CLIP's layers; integer `latents` or latents of another shape than the call's noise, a `mu` or LoRA scale that is not a finite number; a call whose memory, known from its steps, images and size, exceeds what the machine has
-(`memory_needed` against `available_memory`).
+Refused: a size that is not a positive whole number of pixels, not a multiple of `vae_scale_factor * patch_size` or
+beyond the model's position grid; a `guidance_scale` that is not a finite number >= 0; a `guidance_rescale` not in
+[0, 1] or a `use_cfg_zero_star` not a bool; `sigmas` that are not noise levels in [0, 1], or disagree with an
+explicit `num_inference_steps`; a `generator` that is not a `torch.Generator`; precomputed embeddings of another
+width or rank than the transformer reads; a `clip_skip` beyond the CLIP's layers; integer `latents` or latents of
+another shape than the call's noise, a `mu` or LoRA scale that is not a finite number; a call whose memory, known
+from its steps, images and size, exceeds what the machine has (`memory_needed` against `available_memory`).
 
 Warned (logged, the call goes on): `guidance_scale` below 1 (guidance is off, as at 1), a negative prompt while
 guidance is off (it is not used), and prompt words a tokenizer does not know (`unknown_words`: spelled letter by
@@ -81,6 +82,17 @@ def check_guidance_scale(guidance_scale, negative_given: bool, name: str = "guid
     if guidance_scale <= 1 and negative_given:
         logger.warning(f"The negative prompt is not used: `{name}`={guidance_scale} <= 1 turns "
                        "classifier-free guidance off. Use a value > 1 for the negative prompt to act.")
+
+
+def check_guidance_options(guidance_rescale, use_cfg_zero_star) -> None:
+    """`guidance_rescale` (phi): a number in [0, 1], the weight of the rescaled guided prediction;
+    `use_cfg_zero_star`: a bool."""
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, numbers.Real) \
+            or not 0 <= guidance_rescale <= 1:
+        raise InputError(f"`guidance_rescale`={guidance_rescale!r} must be a number in [0, 1] (0 is off; 0.7 is "
+                         "Lin et al.'s choice).")
+    if not isinstance(use_cfg_zero_star, bool):
+        raise InputError(f"`use_cfg_zero_star` must be True or False; got {use_cfg_zero_star!r}.")
 
 
 def check_sigmas(sigmas, num_inference_steps: int | None) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.models.autoencoders import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -60,8 +62,10 @@ EXAMPLE = """
 """
 
 
-# `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Pipeline's.
-SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0}
+# `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Pipeline's (it has neither guidance
+# rescale nor CFG-Zero*: both off).
+SD3_CALL_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0, "guidance_rescale": 0.0,
+                     "use_cfg_zero_star": False}
 SECOND_CLIP = ("text_encoder_2", "tokenizer_2")
 T5 = ("text_encoder_3", "tokenizer_3")
 IMAGE_PROMPT = ("image_encoder", "feature_extractor")  # SD3.5's IP-Adapter parts, as SD3 declares them
@@ -169,13 +173,16 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         self.patch_size = transformer.config.patch_size if transformer is not None else 2
 
     def register_sampler_defaults(self, **defaults) -> None:
-        """Store the sampler settings this pipeline samples well with (`num_inference_steps`, `guidance_scale`) in
-        its config: `save_pretrained` writes them to `model_index.json` (so a Hub push carries them), `from_pretrained`
-        reads them back, and `__call__` uses them for the arguments its caller leaves out. The scheduler's own
-        settings (shift, `stochastic_sampling`) already travel in `scheduler/scheduler_config.json`."""
+        """Store the sampler settings this pipeline samples well with (`num_inference_steps`, `guidance_scale`,
+        `guidance_rescale`, `use_cfg_zero_star`) in its config: `save_pretrained` writes them to `model_index.json`
+        (so a Hub push carries them), `from_pretrained` reads them back, and `__call__` uses them for the arguments its
+        caller leaves out. The scheduler's own settings (shift, `stochastic_sampling`) already travel in
+        `scheduler/scheduler_config.json`."""
         unknown = sorted(set(defaults) - set(self._sd3_call_defaults))
         if unknown:
             raise ValueError(f"`sampler_defaults` has unknown keys {unknown}; expected some of {sorted(self._sd3_call_defaults)}.")
+        call_checks.check_guidance_options(defaults.get("guidance_rescale", 0.0),
+                                           defaults.get("use_cfg_zero_star", False))
         self.register_to_config(sampler_defaults=dict(defaults) or None)
 
     def _call_default(self, name: str, value):
@@ -401,12 +408,14 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         callback_on_step_end=None,
         mu=None,
         joint_attention_kwargs=None,
+        guidance_rescale=None,
+        use_cfg_zero_star=None,
     ) -> tuple[int, int]:
         """Check a call before any model runs (diffusers' `check_inputs`, the one check of every MMDiT pipeline's
         `__call__`): raise an `InputError` (a `ValueError`) that names the argument for every input `__call__` cannot
         use, warn about what is legal but most likely not meant (`call_checks`), and return `(height, width)` in
-        pixels (the model's default for None). `num_inference_steps` / `guidance_scale` None: the pipeline's
-        defaults (`sampler_defaults`)."""
+        pixels (the model's default for None). `num_inference_steps`, `guidance_scale`, `guidance_rescale`,
+        `use_cfg_zero_star` None: the pipeline's defaults (`sampler_defaults`)."""
         steps_given = num_inference_steps is not None
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         cfg_name, cfg_scale = self._cfg_scale_argument(self._call_default("guidance_scale", guidance_scale))
@@ -420,6 +429,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         call_checks.check_guidance_scale(
             cfg_scale, any(negatives.values()) or negative_prompt_embeds is not None, cfg_name
         )
+        if "guidance_rescale" in self._sd3_call_defaults:  # FLUX.1's pipelines have neither
+            call_checks.check_guidance_options(self._call_default("guidance_rescale", guidance_rescale),
+                                               self._call_default("use_cfg_zero_star", use_cfg_zero_star))
         call_checks.check_sigmas(sigmas, num_inference_steps if steps_given else None)
         call_checks.check_generator(generator)
         call_checks.check_embeds(self, prompt_embeds, pooled_prompt_embeds, "")
@@ -494,6 +506,10 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         return self._guidance_scale
 
     @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    @property
     def do_classifier_free_guidance(self):
         return self._guidance_scale > 1
 
@@ -563,6 +579,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
+        guidance_rescale: float | None = None,
+        use_cfg_zero_star: bool | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
         Generate images from text. Arguments as diffusers' `StableDiffusion3Pipeline`, plus the masks.
@@ -603,6 +621,16 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             skip_layer_guidance_start, skip_layer_guidance_stop: Fractions of the steps between which it applies:
                 steps `i` with `start * steps < i < stop * steps` (SD3's 0.01 and 0.2).
             mu: Dynamic-shift parameter; computed from the image size when the scheduler shifts dynamically.
+            guidance_rescale: Guidance rescale phi in [0, 1] (Lin et al. 2023, "Common Diffusion Noise Schedules and
+                Sample Steps are Flawed", as SDXL's pipeline): the guided velocity is scaled to the per-image standard
+                deviation of the conditional one and mixed with the unscaled one, `phi * rescaled + (1 - phi) *
+                guided`; keeps large `guidance_scale` values from over-saturating. Default: the folder's
+                `sampler_defaults`, else 0.0 (off, as SD3).
+            use_cfg_zero_star: CFG-Zero* (Fan et al. 2025, "Improved Classifier-Free Guidance for Flow Matching
+                Models"; the authors' SD3 pipeline's argument): the unconditional velocity is first scaled by its
+                optimal projection on the conditional one, `s* = <v_pos, v_neg> / |v_neg|^2` per image, so
+                `v = s* v_neg + guidance_scale * (v_pos - s* v_neg)` (without the paper's zeroed first steps).
+                Default: the folder's `sampler_defaults`, else False (as SD3).
 
         Examples:
         """
@@ -618,7 +646,7 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         prompt_attention_mask, negative_prompt_attention_mask, output_type, return_dict, joint_attention_kwargs,
         clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length,
         skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop, skip_layer_guidance_start, mu,
-        ip_adapter_image=None, ip_adapter_image_embeds=None,
+        guidance_rescale, use_cfg_zero_star, ip_adapter_image=None, ip_adapter_image_embeds=None,
     ) -> MMDiTPipelineOutput | tuple:
         """The generation of every MMDiT pipeline (arguments: `__call__`'s). `start` says where sampling starts: from
         noise (text-to-image), or from an image (`MMDiTImg2ImgPipeline`, `MMDiTInpaintPipeline`)."""
@@ -647,9 +675,13 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
             callback_on_step_end=callback_on_step_end,
             mu=mu,
             joint_attention_kwargs=joint_attention_kwargs,
+            guidance_rescale=guidance_rescale,
+            use_cfg_zero_star=use_cfg_zero_star,
         )
         num_inference_steps = self._call_default("num_inference_steps", num_inference_steps)
         guidance_scale = self._call_default("guidance_scale", guidance_scale)
+        guidance_rescale = self._call_default("guidance_rescale", guidance_rescale)
+        use_cfg_zero_star = self._call_default("use_cfg_zero_star", use_cfg_zero_star)
         latents = self._initial_latents(latents, height, width, prompt, prompt_embeds, num_images_per_prompt)
         self._check_skip_layer_guidance(
             skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop,
@@ -657,6 +689,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         )
         start.check(self, output_type)
         self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._use_cfg_zero_star = use_cfg_zero_star
         self._skip_guidance_layers = skip_guidance_layers
         self._skip_layer_guidance_scale = skip_layer_guidance_scale
         self._skip_layer_guidance_range = (skip_layer_guidance_start, skip_layer_guidance_stop)
@@ -784,8 +818,11 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
 
     def _guided_velocity(self, model_input, t, prompt_embeds, pooled_prompt_embeds, text_mask, skip_layers=None):
         """The velocity of one step: one transformer call for both halves of the guidance batch, then
-        `v = v_neg + guidance_scale * (v_pos - v_neg)`; with `skip_layers` (skip-layer guidance, SD3.5) one more call
-        on the positive half with those blocks skipped, and `v += skip_layer_guidance_scale * (v_pos - v_skipped)`."""
+        `v = v_neg + guidance_scale * (v_pos - v_neg)` (with `use_cfg_zero_star`, `v_neg` scaled by CFG-Zero*'s
+        `s*` first: diffusers' `cfg_zero_star_scale`); with `skip_layers` (skip-layer guidance, SD3.5) one more call
+        on the positive half with those blocks skipped, and `v += skip_layer_guidance_scale * (v_pos - v_skipped)`;
+        with `guidance_rescale` > 0, `v` rescaled toward `v_pos`'s standard deviation (diffusers' `rescale_noise_cfg`,
+        SDXL's, here on the velocity)."""
         velocity = self._velocity(
             "cond",
             hidden_states=model_input,
@@ -798,6 +835,9 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
         if not self.do_classifier_free_guidance:
             return velocity
         uncond, cond = velocity.chunk(2)
+        if self._use_cfg_zero_star:
+            optimal_scale = cfg_zero_star_scale(cond.flatten(1), uncond.flatten(1))  # [B, 1]
+            uncond = uncond * optimal_scale.view(-1, *(1,) * (uncond.ndim - 1))
         velocity = uncond + self._cfg_scale_argument(self.guidance_scale)[1] * (cond - uncond)
         if skip_layers:
             positive_input, positive_embeds, positive_pooled = (x.chunk(2)[1] for x in (model_input, prompt_embeds, pooled_prompt_embeds))
@@ -812,6 +852,8 @@ class MMDiTPipeline(DiffusionPipeline, MMDiTLoraLoaderMixin, MMDiTIPAdapterMixin
                 **self._model_inputs(positive_input),
             )
             velocity = velocity + (cond - skipped) * self._skip_layer_guidance_scale
+        if self._guidance_rescale > 0:
+            velocity = rescale_noise_cfg(velocity, cond, self._guidance_rescale)
         return velocity
 
     def _velocity(self, cache_context: str, **inputs) -> torch.Tensor:

@@ -356,7 +356,7 @@ class MMDiTFluxPipeline(MMDiTPipeline):
         self._do_true_cfg = true_cfg_scale > 1 and has_negative
         # SD3's generation (checks, one encoding pass, sampling loop, decoding) with FLUX.1's differences: the
         # hooks above, `_timesteps`, `_initial_latents`, and `_encode_text`'s layout; no third prompt, no clip_skip,
-        # no skip-layer guidance, no IP-Adapter
+        # no skip-layer guidance, no guidance rescale or CFG-Zero*, no IP-Adapter
         return self._generate(
             NoiseStart(), prompt=prompt, prompt_2=prompt_2, prompt_3=None, height=height, width=width,
             num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
@@ -369,5 +369,6 @@ class MMDiTFluxPipeline(MMDiTPipeline):
             clip_skip=None, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length, skip_guidance_layers=None, skip_layer_guidance_scale=0.0,
-            skip_layer_guidance_stop=0.0, skip_layer_guidance_start=0.0, mu=mu,
+            skip_layer_guidance_stop=0.0, skip_layer_guidance_start=0.0, mu=mu, guidance_rescale=0.0,
+            use_cfg_zero_star=False,
         )

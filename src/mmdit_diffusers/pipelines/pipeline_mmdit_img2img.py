@@ -32,7 +32,8 @@ EXAMPLE = """
 """
 
 # `__call__`'s defaults where the pipeline folder stores none: StableDiffusion3Img2ImgPipeline's.
-SD3_IMG2IMG_CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.0}
+SD3_IMG2IMG_CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.0, "guidance_rescale": 0.0,
+                             "use_cfg_zero_star": False}
 
 
 class ImageStart(NoiseStart):
@@ -90,7 +91,7 @@ class MMDiTImg2ImgPipeline(MMDiTPipeline):
     r"""
     Image-to-image with the MMDiT: `MMDiTPipeline` (same components, folders, LoRA, text conditioning, guidance)
     started from an image instead of noise. Arguments as diffusers' `StableDiffusion3Img2ImgPipeline`, plus the
-    text masks and skip-layer guidance of `MMDiTPipeline`.
+    text masks, skip-layer guidance and guidance options (`guidance_rescale`, `use_cfg_zero_star`) of `MMDiTPipeline`.
 
     Load it from any folder `MMDiTPipeline` loads (`from_pretrained`), or from a loaded pipeline without copying
     weights (`MMDiTImg2ImgPipeline.from_pipe(pipe)`); a folder's `sampler_defaults` apply here too.
@@ -136,6 +137,8 @@ class MMDiTImg2ImgPipeline(MMDiTPipeline):
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
+        guidance_rescale: float | None = None,
+        use_cfg_zero_star: bool | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
         Redraw an image following the prompt. The arguments `MMDiTPipeline.__call__` has mean the same here; new:

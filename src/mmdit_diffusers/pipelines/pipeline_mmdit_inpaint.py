@@ -137,8 +137,8 @@ class MaskedImageStart(ImageStart):
 class MMDiTInpaintPipeline(MMDiTPipeline):
     r"""
     Inpainting with the MMDiT: `MMDiTPipeline` (same components, folders, LoRA, text conditioning, guidance) that
-    redraws only where a mask says. Arguments as diffusers' `StableDiffusion3InpaintPipeline`, plus the text masks
-    and skip-layer guidance of `MMDiTPipeline`.
+    redraws only where a mask says. Arguments as diffusers' `StableDiffusion3InpaintPipeline`, plus the text masks,
+    skip-layer guidance and guidance options (`guidance_rescale`, `use_cfg_zero_star`) of `MMDiTPipeline`.
 
     Load it from any folder `MMDiTPipeline` loads (`from_pretrained`), or from a loaded pipeline without copying
     weights (`MMDiTInpaintPipeline.from_pipe(pipe)`); a folder's `sampler_defaults` apply here too.
@@ -198,6 +198,8 @@ class MMDiTInpaintPipeline(MMDiTPipeline):
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
+        guidance_rescale: float | None = None,
+        use_cfg_zero_star: bool | None = None,
     ) -> MMDiTPipelineOutput | tuple:
         r"""
         Redraw the masked region of an image following the prompt. The arguments `MMDiTImg2ImgPipeline.__call__`

@@ -54,3 +54,22 @@ def pipe():
     pipe = tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    """That pipeline saved to a folder: the base model of the training tests (a test module may override it)."""
+    from tiny_pipeline import tiny_mmdit_pipeline
+
+    path = tmp_path_factory.mktemp("base") / "pipeline"
+    tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    """Eight captioned images in a folder (tests/tiny_pipeline.py's `write_dataset`); modules needing other data
+    override it."""
+    from tiny_pipeline import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=8)

@@ -36,18 +36,6 @@ from mmdit_diffusers.training.data import ResumableBatchSampler, collate
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("base") / "pipeline"
-    tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=8)
-
-
 
 
 def common(base: str, data: str, out, *extra: str) -> list[str]:

@@ -25,18 +25,6 @@ from mmdit_diffusers.training.text import PromptEncoder
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("base") / "pipeline"
-    tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=8)
-
-
 def cache_folders(root) -> list[str]:
     return sorted(os.listdir(root))
 

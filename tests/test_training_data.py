@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
+from tiny_pipeline import write_dataset
 
 from mmdit_diffusers.errors import InputError
 from mmdit_diffusers.training import parse_args, train
@@ -34,13 +34,6 @@ from mmdit_diffusers.training.data import (
 from mmdit_diffusers.training.streaming import StreamingBatches
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("base") / "pipeline"
-    tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import torch
 from conftest import free_port
 from safetensors.torch import load_file
 from test_training import common, generate, max_abs_diff, run, subprocess_env, transformer_weights
-from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
 
 from mmdit_diffusers import MMDiTPipeline, MMDiTTransformer2DModel
 from mmdit_diffusers.errors import InputError
@@ -37,18 +36,6 @@ FSDP_CONFIG = os.path.join(ROOT, "configs", "accelerate_fsdp.yaml")
 EMA_RUN = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--use_ema",
            "--ema_decay", "0.5", "--caption_dropout_prob", "0.3", "--random_flip", "--lr_scheduler", "cosine",
            "--lr_warmup_steps", "1")
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("base") / "pipeline"
-    tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=8)
 
 
 def launch_fsdp(base, data, out, *extra, on_cpu: bool = True) -> subprocess.CompletedProcess:

@@ -11,20 +11,13 @@ import types
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_pipeline import tiny_mmdit_pipeline, write_dataset
+from tiny_pipeline import write_dataset
 
 from mmdit_diffusers.errors import InputError
 from mmdit_diffusers.train import main
 from mmdit_diffusers.training import TrainingDivergedError, loop, parse_args, train
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("base") / "pipeline"
-    tiny_mmdit_pipeline(seed=0, layout="sd3", masked=True).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterTimeImageProjection
 from PIL import Image
@@ -24,7 +24,7 @@ from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionM
 
 from mmdit_diffusers import InputError, MMDiTTransformer2DModel
 from mmdit_diffusers.models.attention import MMDiTAttnProcessor
-from mmdit_diffusers.pipelines import MMDiTPipeline
+from mmdit_diffusers.pipelines import MMDiTImg2ImgPipeline, MMDiTInpaintPipeline, MMDiTPipeline
 from tiny_pipeline import _randomize, _seeded, save_tiny_sd3_pipeline, tiny_mmdit_pipeline, tiny_sd3_transformer
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
@@ -131,6 +131,25 @@ def test_image_embeds_as_stable_diffusion_3(pipelines):
     got = _images(ours, ip_adapter_image_embeds=embeds)
     assert np.abs(got - from_image).max() <= 1e-6
     assert np.abs(got - _images(reference, ip_adapter_image_embeds=embeds)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_as_stable_diffusion_3(adapter_dir, tmp_path, task):
+    """The image prompt reaches the redrawing pipelines too, as in SD3's img2img and inpainting pipelines."""
+    reference_class, our_class = {
+        "img2img": (StableDiffusion3Img2ImgPipeline, MMDiTImg2ImgPipeline),
+        "inpaint": (StableDiffusion3InpaintPipeline, MMDiTInpaintPipeline),
+    }[task]
+    # SD3's inpainting takes 16 latent channels, and decodes without the VAE's shift (see test_img2img_inpaint.py)
+    folder = save_tiny_sd3_pipeline(tmp_path, seed=3, latent_channels=16, shift_factor=0.0)
+    start = dict(image=picture(3).resize((16, 16)), strength=0.8)
+    if task == "inpaint":
+        start["mask_image"] = Image.fromarray(np.kron(np.eye(2), np.ones((8, 8))).astype("uint8") * 255)
+    reference, ours = (_load_adapter(cls.from_pretrained(folder), adapter_dir) for cls in (reference_class, our_class))
+    expected, got = (_images(pipe, ip_adapter_image=picture(4), **start) for pipe in (reference, ours))
+    assert got.shape == expected.shape == (4, 16, 16, 3)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - _images(ours, **start)).max() > 1e-3  # without the image prompt: another picture
 
 
 def test_caller_joint_attention_kwargs_left_alone(pipelines):

@@ -125,6 +125,8 @@ class MMDiTImg2ImgPipeline(MMDiTPipeline):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         joint_attention_kwargs: dict[str, Any] | None = None,

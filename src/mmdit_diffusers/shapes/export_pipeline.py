@@ -22,7 +22,7 @@ MAX_WEIGHT_BYTES = 40 * 2**20  # the shipped pipeline's budget for all weights t
 # The sampler the recipe evaluates the model with (its card's scores are at these): stored in the folder, where
 # `MMDiTPipeline.__call__` and every command read them. The scheduler's shift and stochastic sampling travel in
 # scheduler_config.json from the base pipeline.
-SAMPLER_DEFAULTS = dict(num_inference_steps=40, guidance_scale=2.0, guidance_rescale=1.0, use_cfg_zero_star=True)
+SAMPLER_DEFAULTS = dict(num_inference_steps=60, guidance_scale=2.0, guidance_rescale=1.0, use_cfg_zero_star=True)
 CARD = "README.md"
 
 

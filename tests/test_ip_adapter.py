@@ -15,7 +15,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+)
 from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterTimeImageProjection
 from PIL import Image
@@ -24,8 +29,16 @@ from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionM
 
 from mmdit_diffusers import InputError, MMDiTTransformer2DModel
 from mmdit_diffusers.models.attention import MMDiTAttnProcessor
-from mmdit_diffusers.pipelines import MMDiTImg2ImgPipeline, MMDiTInpaintPipeline, MMDiTPipeline
-from tiny_pipeline import _randomize, _seeded, save_tiny_sd3_pipeline, tiny_mmdit_pipeline, tiny_sd3_transformer
+from mmdit_diffusers.pipelines import MMDiTControlNetPipeline, MMDiTImg2ImgPipeline, MMDiTInpaintPipeline, MMDiTPipeline
+from test_controlnet_pag import tiny_controlnet
+from tiny_pipeline import (
+    _randomize,
+    _seeded,
+    save_tiny_sd3_pipeline,
+    tiny_mmdit_pipeline,
+    tiny_sd3_components,
+    tiny_sd3_transformer,
+)
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
 WIDTH, HEAD_DIM, DEPTH = 32, 8, 2  # the tiny SD3 transformer's (tiny_pipeline.tiny_sd3_transformer)
@@ -150,6 +163,28 @@ def test_img2img_and_inpaint_as_stable_diffusion_3(adapter_dir, tmp_path, task):
     assert got.shape == expected.shape == (4, 16, 16, 3)
     assert np.abs(got - expected).max() <= 1e-4
     assert np.abs(got - _images(ours, **start)).max() > 1e-3  # without the image prompt: another picture
+
+
+def test_controlnet_as_stable_diffusion_3(adapter_dir):
+    """ControlNet residuals and the image prompt together, as SD3's ControlNet pipeline combines them."""
+    components = tiny_sd3_components(seed=0)
+    controlnet = tiny_controlnet(seed=14)
+    reference = StableDiffusion3ControlNetPipeline(**components, controlnet=controlnet)
+    transformer = MMDiTTransformer2DModel.from_sd3(components["transformer"]).eval()
+    ours = MMDiTControlNetPipeline(**{**components, "transformer": transformer}, controlnet=controlnet)
+    call = dict(control_image=picture(5).resize((16, 16)), controlnet_conditioning_scale=0.8)
+
+    def images(pipe, **kwargs):
+        with torch.random.fork_rng(devices=[]):  # SD3's ControlNet pipeline samples the control latents globally
+            torch.manual_seed(0)
+            return _images(pipe, **call, **kwargs)
+
+    for pipe in (reference, ours):
+        _load_adapter(pipe, adapter_dir)
+    expected, got = images(reference, ip_adapter_image=picture(4)), images(ours, ip_adapter_image=picture(4))
+    assert got.shape == expected.shape == (4, 16, 16, 3)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - images(ours)).max() > 1e-3  # without the image prompt: another picture
 
 
 def test_caller_joint_attention_kwargs_left_alone(pipelines):

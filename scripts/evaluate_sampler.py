@@ -23,12 +23,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mmdit_diffusers import MMDiTImg2ImgPipeline
-
 from mmdit_diffusers.shapes.evaluation import sample_batches
 from mmdit_diffusers.shapes.prompts import evaluation_prompts
+from mmdit_diffusers.shapes.render import render_scene
 from mmdit_diffusers.shapes.scorer import judge
 from mmdit_diffusers.shapes.shipped import call_arguments, load_pipeline
-from mmdit_diffusers.shapes.render import render_scene
 from mmdit_diffusers.shapes.world import CATEGORIES, parse_caption
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,5 +78,6 @@ for seed in args.seeds:
         scores[f"{category}@{seed}"] = round(100 * sum(v.passed for v in verdicts) / len(verdicts), 1)
         failures = [v.reason for v in verdicts if not v.passed][:3]
         print(f"seed {seed} {category}: {scores[f'{category}@{seed}']}%", *failures, sep="\n  ", flush=True)
-print(json.dumps(dict(model=args.model, call=call, strength=args.strength, sampler_defaults=pipe.config.get("sampler_defaults"),
-                 scheduler=dict(pipe.scheduler.config), scores=scores), default=str))
+print(json.dumps(dict(model=args.model, call=call, strength=args.strength,
+                      sampler_defaults=pipe.config.get("sampler_defaults"), scheduler=dict(pipe.scheduler.config),
+                      scores=scores), default=str))

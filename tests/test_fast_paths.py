@@ -36,6 +36,8 @@ def one_thread():
 def fused(monkeypatch):
     """The fused paths on, the attention's and the float32 products' down to the tests' small sizes."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_PRODUCTS", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
 
@@ -218,6 +220,27 @@ def test_small_float32_products_keep_the_plain_path(monkeypatch, spy):
     assert spy["linear"] == 2
 
 
+@pytest.mark.usefixtures("fused")
+def test_intel_cpus_keep_mkl_for_float32_products_but_fc1_gelu_inference(monkeypatch, spy):
+    """Where oneDNN's float32 products are no faster than MKL's (Intel CPUs: `ONEDNN_FP32_PRODUCTS` false), float32
+    products without the GELU and float32 training are PyTorch's, bit for bit; fc1 + GELU inference stays fused, and
+    bfloat16 products take oneDNN."""
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_PRODUCTS", False)
+    layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    with torch.no_grad():
+        assert torch.equal(fused_ops.linear(layer, x), layer(x))
+        assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
+        fused_gelu = fused_ops.linear_gelu_tanh(layer, x)
+        assert spy["linear_gelu"] == 1
+        assert max_error(fused_gelu, F.gelu(layer(x), approximate="tanh")) <= 1e-5
+        fused_ops.linear(linear_layer(torch.bfloat16), x.bfloat16())
+        assert spy["linear"] == 1
+    for out, plain in ((fused_ops.linear(layer, x), layer(x)),
+                       (fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))):
+        assert torch.equal(out, plain) and out.grad_fn.name() == plain.grad_fn.name()
+    assert spy == {"linear": 1, "linear_gelu": 1, "attention": 0}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_products_are_plain_where_the_fused_kernels_are_off(dtype, monkeypatch, spy):
     """An AVX2-only CPU (or any without bfloat16 units): PyTorch's ops, bit for bit, with and without gradients."""
@@ -299,8 +322,12 @@ def test_cpu_bf16_attention_applies_to_bfloat16_inference_within_its_size_limits
         assert fused_ops.cpu_bf16_attention_applies(q, k, v)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # measured faster on one thread only
         assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", False)  # a CPU with AMX: the flash kernel is faster
+        assert not fused_ops.cpu_bf16_attention_applies(q, k, v)
     monkeypatch.undo()
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     assert not fused_ops.cpu_bf16_attention_applies(q.requires_grad_(), k, v)
 
@@ -376,6 +403,8 @@ def test_float32_training_step_with_the_fused_products_gives_the_plain_gradients
 def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     """The model's output with the fused ops on or off (under bfloat16 autocast if `autocast`)."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_PRODUCTS", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

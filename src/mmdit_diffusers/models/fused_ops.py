@@ -8,9 +8,11 @@ Where they apply, each does the plain computation in fewer passes over memory or
   (`torch.ops.mkldnn._linear_pointwise`), and `gelu(fc1(x), approximate="tanh")` as one product with GELU applied
   to its output tile. Without gradients: bfloat16 weights, bfloat16 autocast (the operands cast to bfloat16 as
   autocast would; the GELU's result rounded once instead of twice), or float32, where oneDNN's products take
-  0.86-0.89 of MKL's time at the `medium` shapes (0.61-0.80 with the GELU), from `ONEDNN_FP32_MIN_MACS`
-  multiply-adds per product (smaller ones stay PyTorch's, faster there). With gradients: float32 only
-  (`_OneDNNLinear`: oneDNN forward and input gradient, the weight's gradient as PyTorch's). float32 is then no
+  0.86-0.89 of MKL's time at the `medium` shapes on an AMD EPYC (0.61-0.80 with the GELU), from
+  `ONEDNN_FP32_MIN_MACS` multiply-adds per product (smaller ones stay PyTorch's, faster there); on Intel CPUs, where
+  MKL's float32 products are as fast, only fc1 + GELU (`ONEDNN_FP32_PRODUCTS`). With gradients: float32 only, and
+  only where `ONEDNN_FP32_PRODUCTS` (`_OneDNNLinear`: oneDNN forward and input gradient, the weight's gradient as
+  PyTorch's). float32 is then no
   longer bit for bit PyTorch's ops: oneDNN sums in another order (~1e-6 relative), within the repo's 1e-4 parity
   tolerance of SD3; a LoRA-wrapped layer (PEFT's, which calls its base layer directly) takes the plain path and
   agrees with the bare layer to that rounding, not bit for bit. In bfloat16 oneDNN's products are those of
@@ -22,7 +24,8 @@ Where they apply, each does the plain computation in fewer passes over memory or
   in float32, probabilities rounded to bfloat16 for the product with v (as the flash kernel does); up to 16 MiB
   of logits per sample (`MAX_LOGITS_BYTES`), from 128k logits (`MIN_LOGITS`; below, the flash kernel is faster),
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
-  threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op).
+  threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op), and not
+  on CPUs with AMX (`CPU_BF16_ATTENTION`), where the flash kernel's bfloat16 tile products beat its float32 logits.
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
 `CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), forward-mode AD and
@@ -38,6 +41,7 @@ same error against a float32 reference (benchmarks/README.md, GPU).
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -55,8 +59,30 @@ def x86_bf16_instructions() -> bool | None:
     return any(getattr(cpu, name)() for name in checks)
 
 
+def _intel_cpu() -> bool:
+    """Whether this is an Intel CPU (`vendor_id` GenuineIntel in /proc/cpuinfo, else the platform's processor name)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in cpuinfo)
+    except OSError:
+        return "intel" in platform.processor().lower()
+
+
+def x86_amx() -> bool:
+    """Whether this x86 CPU has AMX tiles (PyTorch's bfloat16 products and its CPU flash attention use them)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 # Module-level so that tests can turn the fused paths on (or off) on any CPU.
 CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_available()
+# float32 products (without GELU, and in training) through oneDNN where they beat MKL's: on CPUs other than Intel's
+# (2-core AMD EPYC: 0.86-0.89 of MKL's time); on Intel's, whose MKL kernels are its own, oneDNN took 1.00-1.08 of
+# MKL's time forward and 1.06-1.09 for the input gradient (2-core Xeon with AMX; benchmarks/README.md). float32
+# fc1 + GELU stays fused everywhere: the GELU pass it saves wins on both.
+ONEDNN_FP32_PRODUCTS = not _intel_cpu()
+# `cpu_bf16_attention` where it beat the flash kernel: AVX512-BF16 without AMX. With AMX the flash kernel's
+# bfloat16 tile products win (a `medium` bf16 forward took 1.095x the time with it: benchmarks/README.md).
+CPU_BF16_ATTENTION = not x86_amx()
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -88,19 +114,21 @@ def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-def _onednn_operands(linear: nn.Linear, x: torch.Tensor):
-    """(x, weight, bias, records_grad) for oneDNN's product of `linear` where it applies, else None: a plain
-    `nn.Linear` (not a LoRA wrapper or `cpu_bf16`'s layer) without hooks, with plain tensors for parameters, on the
-    CPU; with no gradient recorded, float32 or bfloat16 (or bfloat16 autocast, the operands cast as autocast casts
-    them); with gradients, float32 without autocast (in bfloat16 oneDNN's products are PyTorch's own, and
-    autocast's backward is autocast's)."""
+def _onednn_operands(linear: nn.Linear, x: torch.Tensor, gelu: bool = False):
+    """(x, weight, bias, records_grad) for oneDNN's product of `linear` (followed by a GELU if `gelu`) where it
+    applies, else None: a plain `nn.Linear` (not a LoRA wrapper or `cpu_bf16`'s layer) without hooks, with plain
+    tensors for parameters, on the CPU; with no gradient recorded, float32 or bfloat16 (or bfloat16 autocast, the
+    operands cast as autocast casts them); with gradients, float32 without autocast (in bfloat16 oneDNN's products
+    are PyTorch's own, and autocast's backward is autocast's). float32 products without the GELU, and all of them
+    in training, only where `ONEDNN_FP32_PRODUCTS`."""
     # the cheap tests first (a `tiny` model's products take a few microseconds): where nothing applies, the plain
     # path pays a few attribute reads
     if not CPU_FUSED_KERNELS or type(linear) is not nn.Linear:
         return None
     weight, bias = linear.weight, linear.bias
     autocast = torch.is_autocast_enabled("cpu")
-    if x.dtype == torch.float32 and not autocast and x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS:
+    if x.dtype == torch.float32 and not autocast and (x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS or not (
+            ONEDNN_FP32_PRODUCTS or (gelu and not torch.is_grad_enabled()))):
         return None
     if linear._forward_hooks or linear._forward_pre_hooks or "forward" in linear.__dict__ \
             or type(weight) not in _PLAIN_TENSORS or (bias is not None and type(bias) not in _PLAIN_TENSORS) \
@@ -162,7 +190,7 @@ def linear_gelu_tanh(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(layer(x), approximate="tanh")`: without gradients, one oneDNN product with the GELU applied to its
     output tile on a CPU, one cuBLASLt product with the GELU in its epilogue on a GPU, where they apply (see the
     module docstring)."""
-    operands = _onednn_operands(layer, x)
+    operands = _onednn_operands(layer, x, gelu=True)
     if operands is None:
         if x.is_cuda and type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks) \
                 and "forward" not in layer.__dict__ and _cuda_epilogue_applies(x, layer.weight, layer.bias):
@@ -209,7 +237,8 @@ MAX_LOGITS_BYTES = 16 * 2**20
 def cpu_bf16_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `cpu_bf16_attention` takes these [B, S, heads, head_dim] tensors."""
     # device and compiling first: under torch.compile `get_num_threads()` is a graph break in every block
-    if not CPU_FUSED_KERNELS or query.dtype != torch.bfloat16 or not _inference_on_cpu(query, key, value) \
+    if not (CPU_FUSED_KERNELS and CPU_BF16_ATTENTION) or query.dtype != torch.bfloat16 \
+            or not _inference_on_cpu(query, key, value) \
             or torch.get_num_threads() != 1:
         return False
     logits = query.shape[1] * query.shape[2] * key.shape[1]

@@ -6,6 +6,7 @@ without bfloat16 units; and the pipeline's text padding, dropped before the bloc
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -37,7 +38,8 @@ def fused(monkeypatch):
     """The fused paths on, the attention's and the float32 products' down to the tests' small sizes."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
     monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
-    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_PRODUCTS", True)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", math.inf)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
 
@@ -221,12 +223,14 @@ def test_small_float32_products_keep_the_plain_path(monkeypatch, spy):
 
 
 @pytest.mark.usefixtures("fused")
-def test_intel_cpus_keep_mkl_for_float32_products_but_fc1_gelu_inference(monkeypatch, spy):
-    """Where oneDNN's float32 products are no faster than MKL's (Intel CPUs: `ONEDNN_FP32_PRODUCTS` false), float32
-    products without the GELU and float32 training are PyTorch's, bit for bit; fc1 + GELU inference stays fused, and
-    bfloat16 products take oneDNN."""
-    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_PRODUCTS", False)
+def test_intel_cpus_keep_mkl_for_large_float32_products_and_input_gradients(monkeypatch, spy):
+    """Intel CPUs (`ONEDNN_FP32_MAX_NARROW_SIDE` finite, `ONEDNN_FP32_INPUT_GRAD` false): float32 products of layers
+    wider than the limit on both sides are PyTorch's, bit for bit, with and without gradients, but fc1 + GELU
+    inference stays fused and bfloat16 takes oneDNN; for a narrower layer the training forward is oneDNN's and the
+    input gradient PyTorch's, bit for bit."""
     layer, x = linear_layer(torch.float32), torch.randn(3, 20, 64)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", 63)  # the layer: 64 in, 256 out
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", False)
     with torch.no_grad():
         assert torch.equal(fused_ops.linear(layer, x), layer(x))
         assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
@@ -239,6 +243,13 @@ def test_intel_cpus_keep_mkl_for_float32_products_but_fc1_gelu_inference(monkeyp
                        (fused_ops.linear_gelu_tanh(layer, x), F.gelu(layer(x), approximate="tanh"))):
         assert torch.equal(out, plain) and out.grad_fn.name() == plain.grad_fn.name()
     assert spy == {"linear": 1, "linear_gelu": 1, "attention": 0}
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", 64)
+    grad = torch.randn(3, 20, 256)
+    x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused_ops.linear(layer, x_fused).backward(grad)
+    assert spy["linear"] == 2  # the forward only
+    layer(x_plain).backward(grad)
+    assert torch.equal(x_fused.grad, x_plain.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -404,7 +415,8 @@ def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     """The model's output with the fused ops on or off (under bfloat16 autocast if `autocast`)."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
     monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
-    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_PRODUCTS", True)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", math.inf)
+    monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -10,9 +10,10 @@ Where they apply, each does the plain computation in fewer passes over memory or
   autocast would; the GELU's result rounded once instead of twice), or float32, where oneDNN's products take
   0.86-0.89 of MKL's time at the `medium` shapes on an AMD EPYC (0.61-0.80 with the GELU), from
   `ONEDNN_FP32_MIN_MACS` multiply-adds per product (smaller ones stay PyTorch's, faster there); on Intel CPUs, where
-  MKL's float32 products are as fast, only fc1 + GELU (`ONEDNN_FP32_PRODUCTS`). With gradients: float32 only, and
-  only where `ONEDNN_FP32_PRODUCTS` (`_OneDNNLinear`: oneDNN forward and input gradient, the weight's gradient as
-  PyTorch's). float32 is then no
+  MKL's wide float32 products are faster, only those with a side of at most `ONEDNN_FP32_MAX_NARROW_SIDE`
+  features (fc1 + GELU at any width). With
+  gradients: float32 only (`_OneDNNLinear`: oneDNN forward, the input gradient by oneDNN where
+  `ONEDNN_FP32_INPUT_GRAD`, else by PyTorch's `mm` as the weight's gradient always is). float32 is then no
   longer bit for bit PyTorch's ops: oneDNN sums in another order (~1e-6 relative), within the repo's 1e-4 parity
   tolerance of SD3; a LoRA-wrapped layer (PEFT's, which calls its base layer directly) takes the plain path and
   agrees with the bare layer to that rounding, not bit for bit. In bfloat16 oneDNN's products are those of
@@ -75,11 +76,14 @@ def x86_amx() -> bool:
 
 # Module-level so that tests can turn the fused paths on (or off) on any CPU.
 CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_available()
-# float32 products (without GELU, and in training) through oneDNN where they beat MKL's: on CPUs other than Intel's
-# (2-core AMD EPYC: 0.86-0.89 of MKL's time); on Intel's, whose MKL kernels are its own, oneDNN took 1.00-1.08 of
-# MKL's time forward and 1.06-1.09 for the input gradient (2-core Xeon with AMX; benchmarks/README.md). float32
-# fc1 + GELU stays fused everywhere: the GELU pass it saves wins on both.
-ONEDNN_FP32_PRODUCTS = not _intel_cpu()
+# float32 products (without GELU, and in training) through oneDNN where they beat MKL's. On an AMD EPYC: every size
+# from ONEDNN_FP32_MIN_MACS (0.86-0.89 of MKL's time), input gradients too. On an Intel Xeon (AMX), whose MKL
+# kernels are Intel's own: forward 0.90-0.96 of MKL's time where the layer has 256 or fewer input or output
+# features (the Shapes model's width 128), 1.00-1.08 where both are 384 or more (the `medium` config's 512-2048);
+# input gradients 1.02-1.16 (benchmarks/README.md, "on a CPU with AMX"). fc1 + GELU stays fused at every width:
+# the GELU pass it saves wins on both.
+ONEDNN_FP32_MAX_NARROW_SIDE = 256 if _intel_cpu() else math.inf
+ONEDNN_FP32_INPUT_GRAD = not _intel_cpu()
 # `cpu_bf16_attention` where it beat the flash kernel: AVX512-BF16 without AMX. With AMX the flash kernel's
 # bfloat16 tile products win (a `medium` bf16 forward took 1.095x the time with it: benchmarks/README.md).
 CPU_BF16_ATTENTION = not x86_amx()
@@ -120,16 +124,17 @@ def _onednn_operands(linear: nn.Linear, x: torch.Tensor, gelu: bool = False):
     tensors for parameters, on the CPU; with no gradient recorded, float32 or bfloat16 (or bfloat16 autocast, the
     operands cast as autocast casts them); with gradients, float32 without autocast (in bfloat16 oneDNN's products
     are PyTorch's own, and autocast's backward is autocast's). float32 products without the GELU, and all of them
-    in training, only where `ONEDNN_FP32_PRODUCTS`."""
+    in training, only with at most `ONEDNN_FP32_MAX_NARROW_SIDE` input or output features."""
     # the cheap tests first (a `tiny` model's products take a few microseconds): where nothing applies, the plain
     # path pays a few attribute reads
     if not CPU_FUSED_KERNELS or type(linear) is not nn.Linear:
         return None
     weight, bias = linear.weight, linear.bias
     autocast = torch.is_autocast_enabled("cpu")
-    if x.dtype == torch.float32 and not autocast and (x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS or not (
-            ONEDNN_FP32_PRODUCTS or (gelu and not torch.is_grad_enabled()))):
-        return None
+    if x.dtype == torch.float32 and not autocast:
+        if x.numel() * weight.shape[0] < ONEDNN_FP32_MIN_MACS or (
+                min(weight.shape) > ONEDNN_FP32_MAX_NARROW_SIDE and not (gelu and not torch.is_grad_enabled())):
+            return None
     if linear._forward_hooks or linear._forward_pre_hooks or "forward" in linear.__dict__ \
             or type(weight) not in _PLAIN_TENSORS or (bias is not None and type(bias) not in _PLAIN_TENSORS) \
             or not _on_cpu_eagerly(x, weight):
@@ -150,9 +155,10 @@ def _onednn_operands(linear: nn.Linear, x: torch.Tensor, gelu: bool = False):
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear(x, weight, bias)` in float32 with gradients: oneDNN's product forward and for the input's gradient
-    (0.86-0.89 and 0.87-0.94 of MKL's time at the `medium` shapes); the weight's gradient by PyTorch's `mm` (oneDNN
-    is no faster there). Saves what `F.linear` saves (x and the weight)."""
+    """`F.linear(x, weight, bias)` in float32 with gradients: oneDNN's product forward and, where
+    `ONEDNN_FP32_INPUT_GRAD`, for the input's gradient (0.86-0.89 and 0.87-0.94 of MKL's time at the `medium` shapes
+    on an AMD EPYC); the weight's gradient by PyTorch's `mm` (oneDNN is no faster there). Saves what `F.linear` saves
+    (x and the weight)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -166,7 +172,8 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t(), None, "none", [], "")
+            grad_x = (torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t(), None, "none", [], "")
+                      if ONEDNN_FP32_INPUT_GRAD else grad @ weight)
         grad_2d = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])

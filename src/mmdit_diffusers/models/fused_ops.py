@@ -11,9 +11,8 @@ Where they apply, each does the plain computation in fewer passes over memory or
   0.86-0.89 of MKL's time at the `medium` shapes on an AMD EPYC (0.61-0.80 with the GELU), from
   `ONEDNN_FP32_MIN_MACS` multiply-adds per product (smaller ones stay PyTorch's, faster there); on Intel CPUs, where
   MKL's wide float32 products are faster, only those with a side of at most `ONEDNN_FP32_MAX_NARROW_SIDE`
-  features (fc1 + GELU at any width). With
-  gradients: float32 only (`_OneDNNLinear`: oneDNN forward, the input gradient by oneDNN where
-  `ONEDNN_FP32_INPUT_GRAD`, else by PyTorch's `mm` as the weight's gradient always is). float32 is then no
+  features (fc1 + GELU at any width). With gradients: float32 only (`_OneDNNLinear`: oneDNN forward, the input
+  gradient by oneDNN where `ONEDNN_FP32_INPUT_GRAD`, else by PyTorch's `mm` as the weight's gradient always is). float32 is then no
   longer bit for bit PyTorch's ops: oneDNN sums in another order (~1e-6 relative), within the repo's 1e-4 parity
   tolerance of SD3; a LoRA-wrapped layer (PEFT's, which calls its base layer directly) takes the plain path and
   agrees with the bare layer to that rounding, not bit for bit. In bfloat16 oneDNN's products are those of
@@ -82,8 +81,9 @@ CPU_FUSED_KERNELS = bool(x86_bf16_instructions()) and torch.backends.mkldnn.is_a
 # features (the Shapes model's width 128), 1.00-1.08 where both are 384 or more (the `medium` config's 512-2048);
 # input gradients 1.02-1.16 (benchmarks/README.md, "on a CPU with AMX"). fc1 + GELU stays fused at every width:
 # the GELU pass it saves wins on both.
-ONEDNN_FP32_MAX_NARROW_SIDE = 256 if _intel_cpu() else math.inf
-ONEDNN_FP32_INPUT_GRAD = not _intel_cpu()
+_INTEL = _intel_cpu()
+ONEDNN_FP32_MAX_NARROW_SIDE = 256 if _INTEL else math.inf
+ONEDNN_FP32_INPUT_GRAD = not _INTEL
 # `cpu_bf16_attention` where it beat the flash kernel: AVX512-BF16 without AMX. With AMX the flash kernel's
 # bfloat16 tile products win (a `medium` bf16 forward took 1.095x the time with it: benchmarks/README.md).
 CPU_BF16_ATTENTION = not x86_amx()

@@ -6,6 +6,7 @@ without bfloat16 units; and the pipeline's text padding, dropped before the bloc
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -38,6 +39,7 @@ def fused(monkeypatch):
     """The fused paths on, the attention's and the float32 products' down to the tests' small sizes."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
     monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_ATTENTION", True)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", math.inf)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
@@ -343,6 +345,45 @@ def test_cpu_bf16_attention_applies_to_bfloat16_inference_within_its_size_limits
     assert not fused_ops.cpu_bf16_attention_applies(q.requires_grad_(), k, v)
 
 
+def gradients_of(attend, q, k, v, grad_out):
+    """(output, [dq, dk, dv]) of `attend` on [B, S, heads, head_dim] tensors."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v)
+    out.backward(grad_out.to(out.dtype))
+    return out, [t.grad for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("spread", [2.0, 1.0, 0.5], ids=["peaked", "middling", "flat"])
+@pytest.mark.parametrize("keys", [40, 52])
+def test_cpu_bf16_training_attention_is_the_flash_forward_with_gradients_as_accurate(spread, keys):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 32, generator=g).mul(spread).bfloat16() for n in (40, keys, keys))
+    grad_out = torch.randn(2, 40, 4, 32, generator=g).bfloat16()
+    out, grads = gradients_of(fused_ops.cpu_bf16_training_attention, q, k, v, grad_out)
+    flash_out, flash_grads = gradients_of(lambda *t: sdpa(*t, None), q, k, v, grad_out)
+    _, exact = gradients_of(lambda *t: sdpa(*t, None), q.double(), k.double(), v.double(), grad_out)
+    assert torch.equal(out, flash_out)
+    assert [(t.dtype, t.shape) for t in grads] == [(t.dtype, t.shape) for t in (q, k, v)]
+    errors = [rms_error(a, e) / rms_error(f, e) for a, f, e in zip(grads, flash_grads, exact)]
+    # dV is P^T dO, so it shows the probabilities (within 1.25x only with their low part); dQ, dK carry the
+    # rounded dS (up to 1.8x the flash kernel's error measured, three roundings against its one)
+    assert errors[0] <= 2.5 and errors[1] <= 2.5 and errors[2] <= 1.25, errors
+
+
+@pytest.mark.usefixtures("fused")
+def test_cpu_bf16_training_attention_applies_to_bfloat16_training_without_a_mask(monkeypatch):
+    q, k, v, mask = attention_inputs()
+    q.requires_grad_()
+    assert fused_ops.cpu_bf16_training_attention_applies(q, k, v, None)
+    assert not fused_ops.cpu_bf16_training_attention_applies(q, k, v, mask)
+    assert not fused_ops.cpu_bf16_training_attention_applies(q.detach(), k, v, None)  # inference
+    with torch.no_grad():
+        assert not fused_ops.cpu_bf16_training_attention_applies(q, k, v, None)
+    assert not fused_ops.cpu_bf16_training_attention_applies(q.float(), k.float(), v.float(), None)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_ATTENTION", False)  # a CPU without AMX
+    assert not fused_ops.cpu_bf16_training_attention_applies(q, k, v, None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Inside the model
 # ----------------------------------------------------------------------------------------------------------
@@ -415,6 +456,7 @@ def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     """The model's output with the fused ops on or off (under bfloat16 autocast if `autocast`)."""
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
     monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_ATTENTION", True)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", math.inf)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
@@ -457,14 +499,28 @@ def test_autocast_inference_with_the_fused_ops_is_as_close_to_float32_as_without
 
 
 @pytest.mark.usefixtures("fused")
-def test_bfloat16_training_keeps_the_plain_path(spy):
+def test_bfloat16_training_keeps_the_plain_products_and_takes_the_training_attention(monkeypatch, spy):
     _, ours = sd3_and_ours()
-    ours = ours.to(torch.bfloat16).train()
-    kwargs = {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v)
-              for k, v in model_inputs(torch.float32).items()}
-    ours(**kwargs).sample.float().square().mean().backward()
-    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0}
-    assert ours.transformer_blocks[0].img.mlp.fc1.weight.grad is not None
+    kwargs = model_inputs(torch.float32)
+    bf16_kwargs = {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v) for k, v in kwargs.items()}
+    trainings = []
+    monkeypatch.setattr(attention, "cpu_bf16_training_attention",
+                        lambda *args, run=fused_ops.cpu_bf16_training_attention: trainings.append(1) or run(*args))
+
+    def gradients(model, inputs):
+        model.train().zero_grad()
+        model(**inputs).sample.double().square().mean().backward()
+        return torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
+
+    exact = gradients(copy.deepcopy(ours).double(), {k: (v.double() if v.is_floating_point() else v)
+                                                      for k, v in kwargs.items()})
+    ours = ours.to(torch.bfloat16)
+    actual = gradients(ours, bf16_kwargs)
+    assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0} and len(trainings) == 2  # one per block
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_ATTENTION", False)
+    plain = gradients(ours, bf16_kwargs)
+    assert len(trainings) == 2
+    assert rms_error(actual, exact) <= 1.1 * rms_error(plain, exact), (rms_error(actual, exact), rms_error(plain, exact))
 
 
 @pytest.mark.usefixtures("fused")

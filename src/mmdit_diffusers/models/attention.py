@@ -17,7 +17,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..errors import InputError
-from .fused_ops import cpu_bf16_attention, cpu_bf16_attention_applies, linear
+from .fused_ops import (cpu_bf16_attention, cpu_bf16_attention_applies, cpu_bf16_training_attention,
+                        cpu_bf16_training_attention_applies, linear)
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
 
@@ -228,10 +229,13 @@ class MMDiTAttnProcessor:
         """The attention kernel on [B, S, heads, head_dim] tensors (a subclass may compute it differently): under
         PyTorch's SDPA backend (the default), bfloat16 inference on a CPU with bfloat16 units takes
         `fused_ops.cpu_bf16_attention` where it applies (faster than the CPU flash kernel there; float32 logits
-        as that kernel)."""
-        if (self._parallel_config is None and self._backend() == _Backend.NATIVE
-                and cpu_bf16_attention_applies(query, key, value)):
-            return cpu_bf16_attention(query, key, value, attn_mask)
+        as that kernel), and bfloat16 training on a CPU with AMX `fused_ops.cpu_bf16_training_attention` (the flash
+        kernel's forward, a backward on the bfloat16 tiles)."""
+        if self._parallel_config is None and self._backend() == _Backend.NATIVE:
+            if cpu_bf16_attention_applies(query, key, value):
+                return cpu_bf16_attention(query, key, value, attn_mask)
+            if cpu_bf16_training_attention_applies(query, key, value, attn_mask):
+                return cpu_bf16_training_attention(query, key, value)
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, backend=self._attention_backend,
                                      parallel_config=self._parallel_config)
 

@@ -26,6 +26,11 @@ Where they apply, each does the plain computation in fewer passes over memory or
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op), and not
   on CPUs with AMX (`CPU_BF16_ATTENTION`), where the flash kernel's bfloat16 tile products beat its float32 logits.
+- `cpu_bf16_training_attention`: the same attention with gradients, for bfloat16 training on CPUs with AMX
+  (`CPU_BF16_TRAINING_ATTENTION`), whose flash backward leaves the tiles idle: the flash kernel's forward (the same
+  output) and a backward of bfloat16 batched products, each quantity rounded once relative to itself
+  (`_bf16_attention_backward`); 0.52-0.59 of the flash backward's time at `medium`'s 333 tokens, 0.28-0.36 at
+  96-180, its gradients' error against float64 the flash kernel's for dK and dV and up to ~1.8x it for dQ.
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
 `CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), forward-mode AD and
@@ -267,3 +272,94 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                 logits.masked_fill_(~attn_mask[b], float("-inf"))
             torch.matmul(torch.softmax(logits, dim=-1).to(value.dtype), v, out=out[b])
     return out.transpose(1, 2)
+
+
+# `cpu_bf16_training_attention` where PyTorch's CPU flash backward leaves the bfloat16 tiles idle: CPUs with AMX
+# (`medium`: its backward 30 ms a call, ~80 GFLOP/s on a ~1,100 GFLOP/s machine; this one 0.52-0.59 of that time).
+CPU_BF16_TRAINING_ATTENTION = x86_amx()
+# One chunk of heads' bfloat16 scores in the backward, [heads, keys, queries]: about the size of one core's L2 cache
+# (`medium`, 333 tokens: 8 heads a chunk, 0.52 of the flash backward's time against 0.59 at 4 and 0.65 at 2).
+BACKWARD_CHUNK_BYTES = 2 * 2**20
+
+
+def cpu_bf16_training_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                        attn_mask: torch.Tensor | None) -> bool:
+    """Whether `cpu_bf16_training_attention` takes these [B, S, heads, head_dim] tensors: bfloat16, on a CPU with
+    AMX, with a gradient to record, without a mask (at every size: 0.28-0.36 of the flash backward's time at
+    96-180 tokens, 0.52-0.82 at 256-333)."""
+    return (CPU_FUSED_KERNELS and CPU_BF16_TRAINING_ATTENTION and attn_mask is None
+            and all(t.dtype == torch.bfloat16 for t in (query, key, value))
+            and _on_cpu_eagerly(query, key, value) and _records_grad(query, key, value))
+
+
+def cpu_bf16_training_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v over [B, S, heads, head_dim] bfloat16 tensors, for training: the forward is
+    PyTorch's CPU flash kernel (the same output), the backward `_bf16_attention_backward`."""
+    out = _FlashForwardTileBackward.apply(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class _FlashForwardTileBackward(torch.autograd.Function):
+    """[B, heads, S, head_dim] attention: the flash kernel's forward, which keeps what its backward keeps (q, k, v,
+    the output and the rows' log-sum-exp), and the backward in bfloat16 batched products."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)[:2]
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        with torch.autocast("cpu", enabled=False):
+            return _bf16_attention_backward(grad_out, *ctx.saved_tensors)
+
+
+def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x as two bfloat16 tensors whose sum is x to ~16 bits."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def _bf16_attention_backward(grad_out, query, key, value, out, logsumexp):
+    """The gradients of O = P v, P = softmax(s q k^T) for [B, heads, S, head_dim] bfloat16 tensors, from the forward's
+    O and the rows' log-sum-exp L: dV = P^T dO, dS = P * (dO v^T - D) with D = rowsum(dO * O), dQ = s dS k,
+    dK = s dS^T q; transposed (P^T, dS^T: [keys, queries]) so that dV and dK are untransposed products.
+
+    Five products of the flash backward, all on bfloat16 operands, which is what makes it fast (the tiles); a
+    bfloat16 product sums in float32 and rounds its output once, so each quantity is arranged to be rounded once,
+    relative to itself:
+    - log2 P = (s / ln 2) (q.k - L / s) is one product: -L / s enters as two extra columns of q (its bfloat16 high
+      and low parts) over two columns of ones in k. Its bfloat16 rounding would still move P by up to 1% where
+      |log P| ~ 5, so a second product gives the remainder, lo = bf16(x - hi) (`baddbmm` with beta = -1 subtracts hi
+      before rounding), and P = 2^hi (1 + ln2 lo), rounded to bfloat16 (the flash kernel rounds P so for dV).
+    - dO v^T - D likewise, with -D as two extra columns of dO: one rounding relative to the difference, where
+      rounding dO v^T alone would lose what the subtraction cancels.
+    Against a float64 reference the gradients' error is the flash backward's (dK, dV) or up to ~1.6x it (dQ, whose
+    dS is rounded three times where the flash kernel rounds once; tests/test_fast_paths.py)."""
+    batch, heads, n_q, dim = query.shape
+    rows = batch * heads
+    scale = 1 / math.sqrt(dim)
+    query, key, value, out, grad_out = (t.reshape(rows, -1, dim) for t in (query, key, value, out, grad_out))
+    n_k = key.shape[1]
+    lse_hi, lse_lo = _split_bf16(logsumexp.reshape(rows, n_q, 1) / -scale)
+    d_hi, d_lo = _split_bf16((grad_out.float() * out.float()).sum(-1, keepdim=True).neg_())
+    ones = query.new_ones(rows, n_k, 2)
+    query_aug, key_aug = torch.cat([query, lse_hi, lse_lo], -1), torch.cat([key, ones], -1)
+    grad_aug, value_aug = torch.cat([grad_out, d_hi, d_lo], -1), torch.cat([value, ones], -1)
+    grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (query, key, value))
+    zero, log2_scale = query.new_zeros(()), scale / math.log(2)
+    chunk = max(1, BACKWARD_CHUNK_BYTES // (2 * n_q * n_k))
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        query_t = query_aug[part].transpose(1, 2)
+        hi = torch.baddbmm(zero, key_aug[part], query_t, beta=0, alpha=log2_scale)  # log2 P^T, [chunk, keys, queries]
+        lo = torch.baddbmm(hi, key_aug[part], query_t, beta=-1, alpha=log2_scale)
+        probs_t = torch.exp2(hi)
+        probs_t = torch.addcmul(probs_t, probs_t, lo, value=math.log(2), out=lo)
+        torch.bmm(probs_t, grad_out[part], out=grad_v[part])
+        grad_scores_t = torch.bmm(value_aug[part], grad_aug[part].transpose(1, 2)).mul_(probs_t)
+        torch.bmm(grad_scores_t, query[part], out=grad_k[part])
+        torch.bmm(grad_scores_t.transpose(1, 2), key[part], out=grad_q[part])
+    return tuple(g.view(batch, heads, -1, dim) for g in (grad_q.mul_(scale), grad_k.mul_(scale), grad_v))

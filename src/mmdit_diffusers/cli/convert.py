@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..files import atomic_directory, folder_problem
+from ..files import atomic_directory, config_class_name, folder_problem
 
 HELP = "convert an SD3/SD3.5 transformer folder to MMDiT and back"
 PROG = "mmdit-diffusers convert"
@@ -92,7 +92,10 @@ def find_model_folder(src: Path, class_name: str) -> Path:
         raise InputError(f"SRC {src} is not a folder.")
     found = {}
     for folder in (src, src / "transformer"):
-        name = _class_name(folder / "config.json")
+        config = folder / "config.json"
+        name = config_class_name(config)
+        if name is None and config.is_file() and not _is_json_object(config):
+            raise InputError(f"cannot read {config}: it is not a JSON object.")
         if name is not None:
             found[folder] = name
             if name == class_name:
@@ -109,14 +112,11 @@ def find_model_folder(src: Path, class_name: str) -> Path:
     )
 
 
-def _class_name(config_path: Path) -> str | None:
-    if not config_path.is_file():
-        return None
+def _is_json_object(path: Path) -> bool:
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot read {config_path}: {error}") from error
-    return config.get("_class_name") if isinstance(config, dict) else None
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def check_destination(dst: Path, overwrite: bool, protected: tuple[Path, ...]) -> None:

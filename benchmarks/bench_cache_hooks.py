@@ -2,16 +2,18 @@
 
     python benchmarks/bench_cache_hooks.py [--limit N] [--threads 1] [--json OUT.json] [--markdown OUT.md]
 
-Each hook gets its own freshly loaded `pipelines/mmdit-shapes` pipeline at its stored sampler settings (40 steps of
-the stochastic flow-matching sampler, guidance 2) and draws the Shapes prompt set exactly as `mmdit-diffusers
-evaluate` does (`mmdit_diffusers.shapes.evaluation.sample_batches`: seed 0, batches of 16, one generator), so the
-"none" row is that command's score. Batches are interleaved across the hooks (round r runs batch r of every hook, the
-order reversed every other round), so that all hooks see the same machine load; a hook's images do not depend on
-the interleaving (each pipeline has its own generator, and the hooks reset their state after every call). Time is
-the process's CPU time (`--clock cpu`, the default: with one intra-op thread it leaves out the time spent waiting
-for a core on a shared machine) and wall time; the score is `mmdit_diffusers.shapes.scorer.evaluate`.
+Each hook gets its own freshly loaded `pipelines/mmdit-shapes` pipeline at its stored sampler settings (the
+stochastic flow-matching sampler, guidance 2; 40 steps until 2026-12-01, 60 since) and draws the Shapes prompt set
+exactly as `mmdit-diffusers evaluate` does (`mmdit_diffusers.shapes.evaluation.sample_batches`: seed 0, batches of
+16, one generator), so the "none" row is that command's score. Batches are interleaved across the hooks (round r
+runs batch r of every hook, the order reversed every other round), so that all hooks see the same machine load; a
+hook's images do not depend on the interleaving (each pipeline has its own generator, and the hooks reset their
+state after every call). Time is the process's CPU time (`--clock cpu`, the default: with one intra-op thread it
+leaves out the time spent waiting for a core on a shared machine) and wall time; the score is
+`mmdit_diffusers.shapes.scorer.evaluate`.
 
-Hook settings (`HOOKS`), for this 4-block model and 40-step sampler; timestep ranges are in diffusers' [0, 1000]:
+Hook settings (`HOOKS`), chosen for this 4-block model and the 40-step sampler; timestep ranges are in diffusers'
+[0, 1000]:
 - FirstBlockCache(threshold=0.05), diffusers' default, and 0.3: the blocks after the first rerun only when the first
   block's output residual changed by more than that (relative mean absolute difference) since they last ran. The
   shipped sampler is stochastic (fresh noise every step), so the residual changes a lot: 0.3 is the largest of

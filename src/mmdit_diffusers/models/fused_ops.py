@@ -327,27 +327,27 @@ def _bf16_attention_backward(grad_out, query, key, value, out, logsumexp):
     O and the rows' log-sum-exp L: dV = P^T dO, dS = P * (dO v^T - D) with D = rowsum(dO * O), dQ = s dS k,
     dK = s dS^T q; transposed (P^T, dS^T: [keys, queries]) so that dV and dK are untransposed products.
 
-    Five products of the flash backward, all on bfloat16 operands, which is what makes it fast (the tiles); a
-    bfloat16 product sums in float32 and rounds its output once, so each quantity is arranged to be rounded once,
-    relative to itself:
+    The flash backward's five products and one more, all on bfloat16 operands, which is what makes it fast (the
+    tiles); a bfloat16 product sums in float32 and rounds its output once, so each quantity is arranged to be
+    rounded once, relative to itself:
     - log2 P = (s / ln 2) (q.k - L / s) is one product: -L / s enters as two extra columns of q (its bfloat16 high
       and low parts) over two columns of ones in k. Its bfloat16 rounding would still move P by up to 1% where
       |log P| ~ 5, so a second product gives the remainder, lo = bf16(x - hi) (`baddbmm` with beta = -1 subtracts hi
       before rounding), and P = 2^hi (1 + ln2 lo), rounded to bfloat16 (the flash kernel rounds P so for dV).
     - dO v^T - D likewise, with -D as two extra columns of dO: one rounding relative to the difference, where
       rounding dO v^T alone would lose what the subtraction cancels.
-    Against a float64 reference the gradients' error is the flash backward's (dK, dV) or up to ~1.6x it (dQ, whose
-    dS is rounded three times where the flash kernel rounds once; tests/test_fast_paths.py)."""
+    Against a float64 reference the gradients' error is the flash backward's for dV, 1.2-1.6x it for dK and
+    1.3-1.8x for dQ (dS is rounded three times where the flash kernel rounds it once; tests/test_fast_paths.py)."""
     batch, heads, n_q, dim = query.shape
     rows = batch * heads
     scale = 1 / math.sqrt(dim)
     query, key, value, out, grad_out = (t.reshape(rows, -1, dim) for t in (query, key, value, out, grad_out))
     n_k = key.shape[1]
-    lse_hi, lse_lo = _split_bf16(logsumexp.reshape(rows, n_q, 1) / -scale)
-    d_hi, d_lo = _split_bf16((grad_out.float() * out.float()).sum(-1, keepdim=True).neg_())
+    minus_lse = _split_bf16(logsumexp.reshape(rows, n_q, 1) / -scale)  # -L / s
+    minus_d = _split_bf16((grad_out.float() * out.float()).sum(-1, keepdim=True).neg_())  # -D
     ones = query.new_ones(rows, n_k, 2)
-    query_aug, key_aug = torch.cat([query, lse_hi, lse_lo], -1), torch.cat([key, ones], -1)
-    grad_aug, value_aug = torch.cat([grad_out, d_hi, d_lo], -1), torch.cat([value, ones], -1)
+    query_aug, key_aug = torch.cat([query, *minus_lse], -1), torch.cat([key, ones], -1)
+    grad_aug, value_aug = torch.cat([grad_out, *minus_d], -1), torch.cat([value, ones], -1)
     grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (query, key, value))
     zero, log2_scale = query.new_zeros(()), scale / math.log(2)
     chunk = max(1, BACKWARD_CHUNK_BYTES // (2 * n_q * n_k))

@@ -29,7 +29,7 @@ Where they apply, each does the plain computation in fewer passes over memory or
 - `cpu_bf16_training_attention`: the same attention with gradients, for bfloat16 training on CPUs with AMX
   (`CPU_BF16_TRAINING_ATTENTION`), whose flash backward leaves the tiles idle: the flash kernel's forward (the same
   output) and a backward of bfloat16 batched products, each quantity rounded once relative to itself
-  (`_bf16_attention_backward`); 0.52-0.59 of the flash backward's time at `medium`'s 333 tokens, 0.28-0.36 at
+  (`_bf16_attention_backward`); 0.52-0.75 of the flash backward's time at `medium`'s 333 tokens, 0.28-0.36 at
   96-180, its gradients' error against float64 the flash kernel's for dK and dV and up to ~1.8x it for dQ.
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
@@ -275,7 +275,7 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 # `cpu_bf16_training_attention` where PyTorch's CPU flash backward leaves the bfloat16 tiles idle: CPUs with AMX
-# (`medium`: its backward 30 ms a call, ~80 GFLOP/s on a ~1,100 GFLOP/s machine; this one 0.52-0.59 of that time).
+# (`medium`: its backward 30 ms a call, ~80 GFLOP/s on a ~1,100 GFLOP/s machine; this one 0.52-0.75 of that time).
 CPU_BF16_TRAINING_ATTENTION = x86_amx()
 # One chunk of heads' bfloat16 scores in the backward, [heads, keys, queries]: about the size of one core's L2 cache
 # (`medium`, 333 tokens: 8 heads a chunk, 0.52 of the flash backward's time against 0.59 at 4 and 0.65 at 2).

@@ -28,9 +28,8 @@ from mmdit_diffusers.training.data import (
     TrainDataset,
     image_to_tensor,
     load_image_folder,
-    load_source,
-    make_sampler,
 )
+from mmdit_diffusers.training.sources import load_source, make_sampler
 from mmdit_diffusers.training.streaming import StreamingBatches
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

@@ -6,6 +6,8 @@ One concept per module:
 - `flow_matching`: the objective (sigma sampling, x_t, target, loss weighting) as small pure functions.
 - `data`: image-caption datasets (`load_image_folder`: a folder with `metadata.jsonl`; or a `datasets` dataset),
   transforms, the deterministic resumable batch sampler and the latent cache.
+- `streaming`: streamed sources (`--streaming`, `--train_shards`) and their order of micro-batches.
+- `sources`: which of the two the arguments ask for (`load_source`, `make_sampler`).
 - `text`: captions -> text conditioning (the pipeline's own `pipelines.text_encoding`), per-encoder caption
   dropout and the text-embedding cache.
 - `cache`: the disk caches behind them: fingerprinted folders of safetensors shards, built by all processes

@@ -9,7 +9,7 @@ Sources
     - A dataset by name (`--dataset_name`) through `datasets`, imported only then: a Hub id or a builder such as
       "imagefolder" with `--data_dir` / `--data_files`, or a folder written by `save_to_disk` (read with
       `load_from_disk`; of a DatasetDict, the `--dataset_split`).
-    - Streams (`--streaming`, `--train_shards`): see `streaming.py`.
+    - Streams (`--streaming`, `--train_shards`): see `streaming.py`; `sources.py` picks one or the other.
 
 Captions
     A caption cell may hold a list of captions (a JSON list in metadata.jsonl, a list column in `datasets`). Each time
@@ -428,22 +428,6 @@ def load_hub_dataset(name: str, config_name: str | None, split: str, image_colum
     return source
 
 
-def load_source(args):
-    """The training data of `args`: an `ImageCaptionSource` (map-style), or with --streaming / --train_shards a
-    stream source (`streaming.py`)."""
-    if getattr(args, "train_shards", None) or getattr(args, "streaming", False):
-        from .streaming import load_stream_source
-
-        return load_stream_source(args)
-    if args.train_data_dir:
-        if not os.path.isdir(args.train_data_dir):
-            raise InputError(f"--train_data_dir {args.train_data_dir!r}: no such folder.")
-        return load_image_folder(args.train_data_dir, args.caption_column, args.max_train_samples)
-    return load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_split, args.image_column,
-                            args.caption_column, args.cache_dir, args.max_train_samples, args.data_dir,
-                            data_files_value(args.data_files))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Transform
 # ----------------------------------------------------------------------------------------------------------
@@ -616,17 +600,6 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
                 plan, cached_epoch = self.epoch_plan(epoch), epoch
             yield self._keys(plan, j)
             m += 1
-
-
-def make_sampler(args, source, seed: int, num_processes: int, process_index: int, buckets=None):
-    """The run's order of micro-batches: a `ResumableBatchSampler` over a map-style source, or a
-    `streaming.StreamingBatches` over a stream."""
-    if not isinstance(source, ImageCaptionSource):
-        from .streaming import StreamingBatches
-
-        return StreamingBatches(source, args.train_batch_size, seed, num_processes, process_index, args.random_flip)
-    return ResumableBatchSampler(len(source), args.train_batch_size, seed, num_processes, process_index,
-                                 args.random_flip, buckets=buckets)
 
 
 def num_examples(source) -> int | None:

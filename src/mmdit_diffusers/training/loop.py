@@ -43,7 +43,7 @@ import torch
 from ..errors import InputError
 from ..files import is_missing_local_path, write_text_atomically
 from ..pipelines.latents import vae_scale_factor
-from . import buckets, checkpointing, data, distributed, optimizers, run_folder
+from . import buckets, checkpointing, data, distributed, optimizers, run_folder, sources
 from .flow_matching import (
     flow_matching_loss,
     loss_weighting,
@@ -363,7 +363,7 @@ def train(args: Namespace) -> TrainResult:
         if resume_state.get("optimizer", "adamw") != args.optimizer:
             raise InputError(f"checkpoint {resume_path} does not match this run: it was saved with --optimizer "
                              f"{resume_state.get('optimizer', 'adamw')}, and this run has --optimizer {args.optimizer}.")
-    source = data.load_source(args)
+    source = sources.load_source(args)
 
     ddp_kwargs = DistributedDataParallelKwargs()
     try:
@@ -421,7 +421,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
     optimizers.check(args.optimizer, device)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {output_dir}; starting a new run.")
-    sampler = data.make_sampler(args, source, seed, world, rank)  # bucketed in section 3 (needs the model)
+    sampler = sources.make_sampler(args, source, seed, world, rank)  # bucketed in section 3 (needs the model)
     if args.push_to_hub:
         _on_main_or_raise(accelerator, lambda: _create_hub_repo(args))
 
@@ -491,7 +491,7 @@ def _train(args, accelerator, ddp_kwargs, output_dir, resume_path, resume_state,
         prompt_encoder.free()
     dataset = data.TrainDataset(source, args.resolution, latent_cache, text_cache, args.random_crop)
     if args.aspect_ratio_buckets:
-        sampler = data.make_sampler(args, source, seed, world, rank,
+        sampler = sources.make_sampler(args, source, seed, world, rank,
                                     buckets.prepare_buckets(args, source, vae_scale_factor(vae), transformer))
     micro_per_epoch = sampler.batches_per_epoch  # None: a stream
     max_train_steps = args.max_train_steps or math.ceil(

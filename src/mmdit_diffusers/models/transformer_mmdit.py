@@ -4,7 +4,8 @@ Its sibling modules, bottom up: `attention` (the diffusers attention module with
 joint attention over both streams through diffusers' attention dispatch), `embeddings` (patches, positions, the
 conditioning vector), `rope` (FLUX's rotary positions over token ids), `blocks` (named AdaLN modulation, the `Stream`
 (modulation and MLP) used for image and text, the double-stream `MMDiTBlock`), `single_stream` (FLUX's single-stream
-block), `presets` (named sizes); under them all `fused_ops` (fused inference paths on CPUs with bfloat16 units).
+block), `presets` (named sizes); under them all `fused_ops` (fused inference paths on CPUs with bfloat16 units,
+the bfloat16 attention backward on CPUs with AMX).
 """
 
 from __future__ import annotations

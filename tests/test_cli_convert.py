@@ -176,7 +176,7 @@ def test_folder_that_holds_no_model(tmp_path, capsys):
 def test_folder_whose_config_is_not_json(tmp_path, capsys):
     (tmp_path / "broken" / "transformer").mkdir(parents=True)
     (tmp_path / "broken" / "transformer" / "config.json").write_text("{not json")
-    assert_usage_error([str(tmp_path / "broken"), str(tmp_path / "out")], capsys, "cannot read",
+    assert_usage_error([str(tmp_path / "broken"), str(tmp_path / "out")], capsys, "holds no SD3Transformer2DModel",
                        str(tmp_path / "broken" / "transformer" / "config.json"))
     assert not (tmp_path / "out").exists()
 

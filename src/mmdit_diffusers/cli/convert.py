@@ -11,7 +11,6 @@ written atomically: the model is saved into a temporary folder next to DST, whic
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -92,10 +91,7 @@ def find_model_folder(src: Path, class_name: str) -> Path:
         raise InputError(f"SRC {src} is not a folder.")
     found = {}
     for folder in (src, src / "transformer"):
-        config = folder / "config.json"
-        name = config_class_name(config)
-        if name is None and config.is_file() and not _is_json_object(config):
-            raise InputError(f"cannot read {config}: it is not a JSON object.")
+        name = config_class_name(folder / "config.json")  # None: missing, unreadable or naming no class
         if name is not None:
             found[folder] = name
             if name == class_name:
@@ -110,13 +106,6 @@ def find_model_folder(src: Path, class_name: str) -> Path:
         f"{src} holds no {class_name}: neither {src / 'config.json'} nor {src / 'transformer' / 'config.json'} "
         "describes a diffusers model."
     )
-
-
-def _is_json_object(path: Path) -> bool:
-    try:
-        return isinstance(json.loads(path.read_text()), dict)
-    except (OSError, ValueError):
-        return False
 
 
 def check_destination(dst: Path, overwrite: bool, protected: tuple[Path, ...]) -> None:

@@ -30,7 +30,7 @@ Where they apply, each does the plain computation in fewer passes over memory or
   (`CPU_BF16_TRAINING_ATTENTION`), whose flash backward leaves the tiles idle: the flash kernel's forward (the same
   output) and a backward of bfloat16 batched products, each quantity rounded once relative to itself
   (`_bf16_attention_backward`); 0.52-0.75 of the flash backward's time at `medium`'s 333 tokens, 0.28-0.36 at
-  96-180, its gradients' error against float64 the flash kernel's for dK and dV and up to ~1.8x it for dQ.
+  96-180; its gradients' error against float64 is the flash kernel's for dV, 1.2-1.6x it for dK, 1.3-1.8x for dQ.
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
 `CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), forward-mode AD and

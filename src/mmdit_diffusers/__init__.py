@@ -21,6 +21,8 @@ _EXPORTS = {
     "MMDiTTransformer2DModel": ".models",
     "PRESETS": ".models",
     "paper_preset": ".models",
+    "CleanImageCacheConfig": ".models",
+    "apply_clean_image_cache": ".models",
     "MMDiTPipeline": ".pipelines",
     "MMDiTFluxPipeline": ".pipelines",
     "MMDiTPipelineOutput": ".pipelines",
@@ -40,7 +42,13 @@ if TYPE_CHECKING:
     from diffusers import ModelMixin  # noqa: F401
 
     from .errors import InputError  # noqa: F401
-    from .models import PRESETS, MMDiTTransformer2DModel, paper_preset  # noqa: F401
+    from .models import (  # noqa: F401
+        PRESETS,
+        CleanImageCacheConfig,
+        MMDiTTransformer2DModel,
+        apply_clean_image_cache,
+        paper_preset,
+    )
     from .pipelines import (  # noqa: F401
         MMDiTFluxPipeline,
         MMDiTControlNetPipeline,

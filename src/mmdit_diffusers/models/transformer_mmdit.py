@@ -18,7 +18,6 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
-from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -35,6 +34,7 @@ from ..conversion.sd3 import mmdit_config_to_sd3, mmdit_state_dict_to_sd3, sd3_c
 from ..errors import InputError
 from .attention import MMDiTAttnProcessor
 from .blocks import AdaLNModulation, MMDiTBlock, layer_norm
+from .clean_image_cache import CleanImageCacheMixin
 from .embeddings import (
     TIMESTEP_CHANNELS,
     MLPEmbedder,
@@ -58,7 +58,7 @@ from .validation import check_config, check_flux_inputs, check_inputs
 class MMDiTTransformer2DModel(
     ModelMixin,
     AttentionMixin,
-    CacheMixin,
+    CleanImageCacheMixin,
     ConfigMixin,
     PeftAdapterMixin,
     MMDiTIPAdapterLoadersMixin,
@@ -80,10 +80,11 @@ class MMDiTTransformer2DModel(
     (`RotaryPositionEmbedding`) instead of adding positions to the image tokens. Plain `nn.Linear` layers; attention
     through processors (`attn_processors`, `set_attn_processor`) and diffusers' attention dispatch
     (`set_attention_backend`); `mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` changes the kernels from outside
-    for bfloat16 on CPUs without bfloat16 instructions. diffusers' cache hooks (`enable_cache`),
-    `compile_repeated_blocks()` and `enable_layerwise_casting()` work as for SD3 and FLUX. `from_sd3` / `to_sd3` and
-    `from_flux` / `to_flux` convert diffusers' SD3 and FLUX transformers through `mmdit_diffusers.conversion.sd3` and
-    `.flux`; checkpoints of the first layout load through `mmdit_diffusers.conversion.legacy`.
+    for bfloat16 on CPUs without bfloat16 instructions. diffusers' cache hooks (`enable_cache`, which also takes
+    our `CleanImageCacheConfig`), `compile_repeated_blocks()` and `enable_layerwise_casting()` work as for SD3 and
+    FLUX. `from_sd3` / `to_sd3` and `from_flux` / `to_flux` convert diffusers' SD3 and FLUX transformers through
+    `mmdit_diffusers.conversion.sd3` and `.flux`; checkpoints of the first layout load through
+    `mmdit_diffusers.conversion.legacy`.
 
     Parameters:
         img_dim (`int`): Feature size of one image token, a patch of the latent: `in_channels * patch_size**2`.

@@ -54,6 +54,28 @@ def test_generate_is_seeded(pipeline_dir, tmp_path, capsys):
     assert a == b and a != c
 
 
+def test_generate_cache_interval_runs_the_transformer_on_fewer_steps(pipeline_dir, tmp_path, capsys, monkeypatch):
+    calls, load = [0], shipped.load_pipeline
+
+    def counting_load(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        pipe.transformer.proj_out.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        return pipe
+
+    monkeypatch.setattr(shipped, "load_pipeline", counting_load)
+    images, counts = [], []
+    for extra in ([], ["--cache_interval", "1"], ["--cache_interval", "2"]):
+        calls[0] = 0
+        path = tmp_path / f"{len(images)}.png"
+        code, _, _ = run_generate(capsys, "a red circle", "--model", pipeline_dir, "--steps", "10", "--output",
+                                  str(path), *extra)
+        assert code == 0
+        images.append(Image.open(path).tobytes())
+        counts.append(calls[0])
+    assert counts == [10, 10, 8]  # every 2nd step after 6 full ones: 7 and 9 predicted
+    assert images[1] == images[0]
+
+
 def test_generate_default_output_name_comes_from_the_prompt():
     assert generate.default_output("A red circle, left of!") == "outputs/a-red-circle-left-of.png"
 
@@ -76,6 +98,9 @@ def test_generate_bad_input_is_a_clear_error(pipeline_dir, tmp_path, capsys, arg
 def test_generate_rejects_non_positive_steps(capsys):
     assert generate.main(["a cat", "--steps", "0"]) == 2
     assert "positive integer" in capsys.readouterr().err
+    assert generate.main(["a cat", "--cache_interval", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--cache_interval" in err and "positive integer" in err
 
 
 def test_missing_shipped_pipeline_names_the_way_out(monkeypatch, tmp_path):
@@ -93,6 +118,17 @@ def test_evaluate_prints_the_table_and_writes_json_and_grid(pipeline_dir, tmp_pa
     data = json.loads(scores.read_text())
     assert data["prompts"] == 6 and 0.0 <= data["scores"]["overall"] <= 1.0
     assert Image.open(grid).size[0] > 0
+
+
+def test_evaluate_cache_interval_reaches_the_transformer(pipeline_dir, tmp_path, capsys, monkeypatch):
+    from mmdit_diffusers.shapes import evaluation
+
+    loaded = []
+    monkeypatch.setattr(evaluation, "load_pipeline", lambda *a, **k: loaded.append(shipped.load_pipeline(*a, **k))
+                        or loaded[-1])
+    code = dispatch(["evaluate", "--model", pipeline_dir, "--limit", "2", "--steps", "2", "--cache_interval", "3",
+                     "--grid", str(tmp_path / "grid.png")])
+    assert code == 0 and loaded[0].transformer._cache_config.cache_interval == 3
 
 
 def test_evaluate_refuses_a_grid_that_is_not_a_png(tmp_path, capsys):

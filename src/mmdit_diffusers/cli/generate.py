@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..shapes.shipped import call_arguments, load_pipeline, resolve_model
 
-    pipe = load_pipeline(resolve_model(args.model), revision=args.revision)
+    pipe = load_pipeline(resolve_model(args.model), revision=args.revision, cache_interval=args.cache_interval)
     loaded = time.perf_counter()
     call = dict(num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
                 negative_prompt=args.negative_prompt, height=args.height, width=args.width,

@@ -91,7 +91,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     evaluate_pipeline(args.model, args.revision, seed=args.seed, limit=args.limit, steps=args.steps,
                       guidance_scale=args.guidance_scale, batch_size=args.batch_size, grid=grid,
-                      json_path=args.json, overwrite=args.overwrite or args.grid is None)
+                      json_path=args.json, overwrite=args.overwrite or args.grid is None,
+                      cache_interval=args.cache_interval)
     return 0
 
 

@@ -61,12 +61,12 @@ def sample_batches(pipe, prompts: list[EvalPrompt], seed: int = 0, batch_size: i
 def evaluate_pipeline(model: str | None = None, revision: str | None = None, seed: int = 0, limit: int | None = None,
                       steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 16,
                       grid: str | Path | None = "outputs/evaluate-grid.png", json_path: str | Path | None = None,
-                      overwrite: bool = True) -> dict:
+                      overwrite: bool = True, cache_interval: int | None = None) -> dict:
     """Generate for the seeded prompt set (the first `limit` prompts), print the table per category and return
-    the scores; `model` None is the shipped pipeline. Sampler settings not given come from the folder. The scores
-    go to `json_path` first, then the picture to `grid`; `overwrite=False` leaves existing files alone
-    (FileExistsError)."""
-    pipe = load_pipeline(resolve_model(model), revision=revision)
+    the scores; `model` None is the shipped pipeline. Sampler settings not given come from the folder;
+    `cache_interval`: the transformer's `CleanImageCacheConfig` (see `load_pipeline`). The scores go to `json_path`
+    first, then the picture to `grid`; `overwrite=False` leaves existing files alone (FileExistsError)."""
+    pipe = load_pipeline(resolve_model(model), revision=revision, cache_interval=cache_interval)
     prompts = evaluation_prompts(seed=seed)[:limit]
     pipe.set_progress_bar_config(disable=True)
     images, start = [], time.perf_counter()

@@ -30,7 +30,7 @@ def resolve_model(model: str | None) -> str:
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --revision, --steps and --guidance_scale, as `generate` and `evaluate` take them."""
+    """--model, --revision, --steps, --guidance_scale and --cache_interval, as `generate` and `evaluate` take them."""
     parser.add_argument("--model", default=None,
                         help="pipeline folder or Hub repo id (default: the shipped Shapes pipeline)")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
@@ -38,6 +38,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampler steps (default: the folder's sampler_defaults, else 28)")
     parser.add_argument("--guidance_scale", type=non_negative_float, default=None,
                         help="classifier-free guidance, > 1 to guide (default: the folder's sampler_defaults, else 7.0)")
+    parser.add_argument("--cache_interval", type=positive_int, default=None,
+                        help="run the transformer on every N-th step only (after 6 full ones) and predict the clean "
+                             "image in between (CleanImageCacheConfig; 2: ~1.75x faster on the Shapes pipeline for "
+                             "~0.6 points of its score). Default: every step")
 
 
 def call_arguments(steps: int | None, guidance_scale: float | None) -> dict:
@@ -46,12 +50,13 @@ def call_arguments(steps: int | None, guidance_scale: float | None) -> dict:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def load_pipeline(model: str, revision: str | None = None):
-    """The `MMDiTPipeline` in float32 on the CPU, or in bfloat16 on a GPU (where it is moved); a folder or repo that
-    holds no pipeline is an `InputError`."""
+def load_pipeline(model: str, revision: str | None = None, cache_interval: int | None = None):
+    """The `MMDiTPipeline` in float32 on the CPU, or in bfloat16 on a GPU (where it is moved), with its transformer's
+    `CleanImageCacheConfig(cache_interval=...)` when `cache_interval` is given; a folder or repo that holds no
+    pipeline is an `InputError`."""
     import torch
 
-    from mmdit_diffusers import MMDiTPipeline
+    from mmdit_diffusers import CleanImageCacheConfig, MMDiTPipeline
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     local = Path(model)
@@ -61,4 +66,6 @@ def load_pipeline(model: str, revision: str | None = None):
         pipe = MMDiTPipeline.from_pretrained(model, revision=revision, dtype=dtype)
     except (OSError, ValueError) as err:
         raise InputError(f"--model {model}: cannot load a pipeline: {err}") from err
+    if cache_interval is not None:
+        pipe.transformer.enable_cache(CleanImageCacheConfig(cache_interval=cache_interval))
     return pipe.to("cuda") if torch.cuda.is_available() else pipe

@@ -40,6 +40,7 @@ def fused(monkeypatch):
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", True)
     monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
     monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_ATTENTION", True)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_GELU", True)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", math.inf)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
@@ -169,8 +170,8 @@ class MarkedTensor(torch.Tensor):
 @pytest.mark.usefixtures("fused")
 def test_the_products_keep_the_plain_path_for_bfloat16_gradients_float16_autocast_subclasses_and_hooks(spy):
     layer, x = linear_layer(torch.bfloat16), torch.randn(3, 20, 64).bfloat16()
-    out = fused_ops.linear_gelu_tanh(layer, x)  # the weight requires grad: bfloat16 training is PyTorch's
-    assert out.requires_grad and torch.equal(out, F.gelu(layer(x), approximate="tanh"))
+    out = fused_ops.linear_gelu_tanh(layer, x)  # the weight requires grad: bfloat16 training is PyTorch's product
+    assert out.requires_grad and torch.equal(out, fused_ops.gelu_tanh(layer(x)))
     layer = linear_layer(torch.float32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         assert torch.equal(fused_ops.linear(layer, x.float()), layer(x.float()))
@@ -384,6 +385,63 @@ def test_cpu_bf16_training_attention_applies_to_bfloat16_training_without_a_mask
     assert not fused_ops.cpu_bf16_training_attention_applies(q, k, v, None)
 
 
+def gelu_gradients(gelu, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    out = gelu(x)
+    out.backward(grad_out.to(out.dtype))
+    return out, x.grad
+
+
+@pytest.mark.usefixtures("fused")
+@pytest.mark.parametrize("shape, chunk", [((4, 77, 96), 4096), ((3, 50, 70), 1000), ((2, 5, 7), 65536)],
+                         ids=["chunks", "remainder", "one-part"])
+def test_gelu_tanh_for_bfloat16_training_is_the_plain_gelu_with_a_gradient_as_accurate(shape, chunk, monkeypatch):
+    monkeypatch.setattr(fused_ops, "GELU_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).mul(2.0).bfloat16()
+    grad_out = torch.randn(*shape, generator=g).bfloat16()
+    out, grad = gelu_gradients(fused_ops.gelu_tanh, x, grad_out)
+    plain_out, plain_grad = gelu_gradients(lambda t: F.gelu(t, approximate="tanh"), x, grad_out)
+    _, exact = gelu_gradients(lambda t: F.gelu(t, approximate="tanh"), x.double(), grad_out)
+    assert out.dtype == grad.dtype == torch.bfloat16 and grad.shape == x.shape
+    # the same bfloat16 output but where the two float32 tanh values round apart (one bfloat16 step), and near
+    # x = -5, where PyTorch's tanh is -1 and MKL's 1 ulp above it: GELU ~ -1.5e-7 against -0.0 (~-1.2e-7 exactly)
+    differs = out != plain_out
+    assert differs.float().mean() <= 2e-3
+    assert ((out.float() - plain_out.float()).abs() <= plain_out.float().abs() * 2**-7 + 2e-7).all()
+    # the derivative is rounded to bfloat16 before the product: ~1.55x the plain backward's error measured
+    ratio = rms_error(grad, exact) / rms_error(plain_grad, exact)
+    assert ratio <= 1.75, ratio
+    # a non-contiguous input and autocast change nothing
+    x_t = x.transpose(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_t, grad_t = gelu_gradients(fused_ops.gelu_tanh, x_t, grad_out.transpose(0, 1))
+    assert torch.equal(out_t, out.transpose(0, 1)) and torch.equal(grad_t, grad.transpose(0, 1))
+
+
+@pytest.mark.usefixtures("fused")
+def test_gelu_tanh_applies_to_bfloat16_training_on_one_thread_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused_ops._TanhGELU, "apply", lambda x, run=fused_ops._TanhGELU.apply: calls.append(1) or run(x))
+    x = torch.randn(4, 64).bfloat16()
+
+    def plain_everywhere(t):
+        assert torch.equal(fused_ops.gelu_tanh(t), F.gelu(t, approximate="tanh"))
+
+    plain_everywhere(x)  # no gradient to record
+    plain_everywhere(x.float().requires_grad_())  # float32
+    plain_everywhere(x.half().requires_grad_())
+    torch.set_num_threads(2)
+    plain_everywhere(x.clone().requires_grad_())  # two threads: PyTorch's kernel splits the work
+    torch.set_num_threads(1)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_GELU", False)  # a CPU without AMX
+    plain_everywhere(x.clone().requires_grad_())
+    assert not calls
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_GELU", True)
+    fused_ops.gelu_tanh(x.clone().requires_grad_())
+    assert calls == [1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Inside the model
 # ----------------------------------------------------------------------------------------------------------
@@ -457,6 +515,7 @@ def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", fused_on)
     monkeypatch.setattr(fused_ops, "CPU_BF16_ATTENTION", True)
     monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_ATTENTION", True)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_GELU", True)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MAX_NARROW_SIDE", math.inf)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
@@ -499,13 +558,14 @@ def test_autocast_inference_with_the_fused_ops_is_as_close_to_float32_as_without
 
 
 @pytest.mark.usefixtures("fused")
-def test_bfloat16_training_keeps_the_plain_products_and_takes_the_training_attention(monkeypatch, spy):
+def test_bfloat16_training_keeps_the_plain_products_and_takes_the_training_attention_and_gelu(monkeypatch, spy):
     sd3, ours = sd3_and_ours()
     kwargs = model_inputs(torch.float32)
     bf16_kwargs = {k: (v.bfloat16() if v.is_floating_point() and k != "timestep" else v) for k, v in kwargs.items()}
-    trainings = []
+    trainings, gelus = [], []
     monkeypatch.setattr(attention, "cpu_bf16_training_attention",
                         lambda *args, run=fused_ops.cpu_bf16_training_attention: trainings.append(1) or run(*args))
+    monkeypatch.setattr(fused_ops._TanhGELU, "apply", lambda x, run=fused_ops._TanhGELU.apply: gelus.append(1) or run(x))
 
     def gradients(model, inputs):
         model.train().zero_grad()
@@ -519,9 +579,11 @@ def test_bfloat16_training_keeps_the_plain_products_and_takes_the_training_atten
     ours = ours.to(torch.bfloat16)
     actual = gradients(ours, bf16_kwargs)
     assert spy == {"linear": 0, "linear_gelu": 0, "attention": 0} and len(trainings) == 2  # one per block
+    assert len(gelus) == 3  # one per MLP
     monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_ATTENTION", False)
+    monkeypatch.setattr(fused_ops, "CPU_BF16_TRAINING_GELU", False)
     plain = gradients(ours, bf16_kwargs)
-    assert len(trainings) == 2
+    assert len(trainings) == 2 and len(gelus) == 3
     actual_error, plain_error = rms_error(actual, exact), rms_error(plain, exact)
     assert actual_error <= 1.1 * plain_error and actual_error <= 1.1 * sd3_error, (actual_error, plain_error, sd3_error)
 

@@ -26,6 +26,9 @@ Where they apply, each does the plain computation in fewer passes over memory or
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op), and not
   on CPUs with AMX (`CPU_BF16_ATTENTION`), where the flash kernel's bfloat16 tile products beat its float32 logits.
+- `gelu_tanh`: the tanh GELU for bfloat16 training on CPUs with AMX, one intra-op thread: MKL's float32 `tanh` over
+  L2-sized chunks instead of PyTorch's Sleef tanh, the derivative written in the forward so the backward is one
+  product (0.64-0.71 of PyTorch's forward + backward time; the input gradient's error ~1.55x).
 - `cpu_bf16_training_attention`: the same attention with gradients, for bfloat16 training on CPUs with AMX
   (`CPU_BF16_TRAINING_ATTENTION`), whose flash backward leaves the tiles idle: the flash kernel's forward (the same
   output) and a backward of bfloat16 batched products, each quantity rounded once relative to itself
@@ -208,10 +211,10 @@ def linear_gelu_tanh(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
                 and "forward" not in layer.__dict__ and _cuda_epilogue_applies(x, layer.weight, layer.bias):
             out = torch._addmm_activation(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t(), use_gelu=True)
             return out.view(*x.shape[:-1], out.shape[-1])
-        return F.gelu(layer(x), approximate="tanh")
+        return gelu_tanh(layer(x))
     x, weight, bias, records_grad = operands
     if records_grad:  # GELU's backward reads the product
-        return F.gelu(_OneDNNLinear.apply(x, weight, bias), approximate="tanh")
+        return gelu_tanh(_OneDNNLinear.apply(x, weight, bias))
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
 
 
@@ -224,6 +227,64 @@ def _cuda_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")
             and forward_ad._current_level < 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)))
+
+
+# `gelu_tanh`'s own kernel for bfloat16 training on one intra-op thread, on CPUs with AMX (where it was measured):
+# PyTorch's tanh GELU and its backward evaluate tanh with Sleef (~0.4 G elements/s: 5.6-6.0 ms forward and 6 ms
+# backward at `medium`'s [4, 256, 2048]); MKL's float32 `tanh` takes 1.0 ms there. Forward and backward: 0.71 of
+# PyTorch's time at [4, 256, 2048], 0.64 at [4, 77, 2048]; on two threads, where PyTorch's kernels split the work,
+# 0.95-1.03 (benchmarks/README.md, "on a CPU with AMX", change 4).
+CPU_BF16_TRAINING_GELU = x86_amx()
+# Elements per float32 pass: four 256 KiB buffers, in L2 (the forward alone at [4, 256, 2048]: 0.62 of F.gelu's
+# time; 0.73 at 32,768 elements, 0.67 at 131,072, 0.98 at 262,144)
+GELU_CHUNK = 65536
+_SQRT_2_OVER_PI, _GELU_CUBIC = math.sqrt(2 / math.pi), 0.044715
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x, approximate="tanh")`; for bfloat16 with a gradient to record on one intra-op thread (CPUs with
+    AMX), `_TanhGELU`: the same output except in ~1e-4 of its elements (one bfloat16 step apart: another float32
+    tanh before the rounding), a faster forward and a one-pass backward."""
+    if CPU_BF16_TRAINING_GELU and x.dtype == torch.bfloat16 and _on_cpu_eagerly(x) and _records_grad(x) \
+            and torch.get_num_threads() == 1:
+        return _TanhGELU.apply(x)
+    return F.gelu(x, approximate="tanh")
+
+
+class _TanhGELU(torch.autograd.Function):
+    """y = x (1 + tanh u) / 2, u = c (x + 0.044715 x^3), c = sqrt(2 / pi), in float32 over L2-sized chunks with MKL's
+    `tanh`, rounded once to bfloat16 as PyTorch's kernel rounds it. The forward also writes the derivative,
+    y' = (1 + t) / 2 + (x u' / 2) (1 - t^2), t = tanh u, u' = c (1 + 3 * 0.044715 x^2), rounded to bfloat16 and kept
+    instead of x (the same memory), so the backward is one product g * y'. That second rounding makes the input
+    gradient's error ~1.55x the plain backward's (relative RMS against float64; tests/test_fast_paths.py)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        flat = x.contiguous().view(-1)
+        out, derivative = torch.empty_like(flat), torch.empty_like(flat)
+        size = min(GELU_CHUNK, max(flat.numel(), 1))
+        buffers = [torch.empty(size) for _ in range(4)]
+        c1 = _SQRT_2_OVER_PI * _GELU_CUBIC
+        c0, half_c0 = torch.tensor(_SQRT_2_OVER_PI), torch.tensor(_SQRT_2_OVER_PI / 2)
+        with torch.autocast("cpu", enabled=False):
+            for start in range(0, flat.numel(), size):
+                part = slice(start, start + size)
+                xf, t, q, w = (b[: flat[part].numel()] for b in buffers)
+                xf.copy_(flat[part])
+                torch.addcmul(c0, xf, xf, value=c1, out=t).mul_(xf)  # u
+                torch.tanh(t, out=t)
+                out[part].copy_(torch.addcmul(xf, xf, t, out=w).mul_(0.5))
+                torch.addcmul(half_c0, xf, xf, value=1.5 * c1, out=q).mul_(xf)  # x u' / 2
+                torch.addcmul(q, torch.mul(q, t, out=w), t, value=-1, out=q)  # (x u' / 2) (1 - t^2)
+                derivative[part].copy_(q.add_(t, alpha=0.5).add_(0.5))
+        ctx.save_for_backward(derivative.view_as(x))
+        return out.view_as(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (derivative,) = ctx.saved_tensors
+        return grad_out * derivative
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

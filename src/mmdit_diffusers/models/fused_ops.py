@@ -26,9 +26,11 @@ Where they apply, each does the plain computation in fewer passes over memory or
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op), and not
   on CPUs with AMX (`CPU_BF16_ATTENTION`), where the flash kernel's bfloat16 tile products beat its float32 logits.
-- `gelu_tanh`: the tanh GELU for bfloat16 training on CPUs with AMX, one intra-op thread: MKL's float32 `tanh` over
-  L2-sized chunks instead of PyTorch's Sleef tanh, the derivative written in the forward so the backward is one
-  product (0.64-0.71 of PyTorch's forward + backward time; the input gradient's error ~1.55x).
+- `gelu_tanh`: the tanh GELU for bfloat16 training on CPUs with AMX, one intra-op thread: x * sigmoid(2u) in
+  float32 over L2-sized chunks (vectorised) instead of PyTorch's Sleef tanh, the derivative written in the forward
+  so the backward is one product (0.58-0.66 of PyTorch's forward + backward time; the input gradient's error
+  ~1.55x).
+- `modulate` / `add_gated` in training on those CPUs (`_Addcmul`): autograd's gradients bit for bit, one pass fewer.
 - `cpu_bf16_training_attention`: the same attention with gradients, for bfloat16 training on CPUs with AMX
   (`CPU_BF16_TRAINING_ATTENTION`), whose flash backward leaves the tiles idle: the flash kernel's forward (the same
   output) and a backward of bfloat16 batched products, each quantity rounded once relative to itself
@@ -231,9 +233,10 @@ def _cuda_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 # `gelu_tanh`'s own kernel for bfloat16 training on one intra-op thread, on CPUs with AMX (where it was measured):
 # PyTorch's tanh GELU and its backward evaluate tanh with Sleef (~0.4 G elements/s: 5.6-6.0 ms forward and 6 ms
-# backward at `medium`'s [4, 256, 2048]); MKL's float32 `tanh` takes 1.0 ms there. Forward and backward: 0.71 of
-# PyTorch's time at [4, 256, 2048], 0.64 at [4, 77, 2048]; on two threads, where PyTorch's kernels split the work,
-# 0.95-1.03 (benchmarks/README.md, "on a CPU with AMX", change 4).
+# backward at `medium`'s [4, 256, 2048]); float32 `tanh` (MKL's) and `sigmoid` take ~1.0 ms there. Forward and
+# backward: 0.66 of PyTorch's time at [4, 256, 2048] and [4, 77, 2048] (0.71 / 0.64 in the tanh form it replaced);
+# on two threads, where PyTorch's kernels split the work, 0.95-1.03 (benchmarks/README.md, "on a CPU with AMX",
+# changes 4 and 5).
 CPU_BF16_TRAINING_GELU = x86_amx()
 # Elements per float32 pass: four 256 KiB buffers, in L2 (the forward alone at [4, 256, 2048]: 0.62 of F.gelu's
 # time; 0.73 at 32,768 elements, 0.67 at 131,072, 0.98 at 262,144)
@@ -252,9 +255,10 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class _TanhGELU(torch.autograd.Function):
-    """y = x (1 + tanh u) / 2, u = c (x + 0.044715 x^3), c = sqrt(2 / pi), in float32 over L2-sized chunks with MKL's
-    `tanh`, rounded once to bfloat16 as PyTorch's kernel rounds it. The forward also writes the derivative,
-    y' = (1 + t) / 2 + (x u' / 2) (1 - t^2), t = tanh u, u' = c (1 + 3 * 0.044715 x^2), rounded to bfloat16 and kept
+    """y = x (1 + tanh u) / 2 = x p, p = sigmoid(2u), u = c (x + 0.044715 x^3), c = sqrt(2 / pi), in float32 over
+    L2-sized chunks (PyTorch's float32 `sigmoid` is vectorised, as MKL's `tanh` is, where its bfloat16 tanh GELU
+    calls Sleef's scalar-speed tanh), rounded once to bfloat16 as PyTorch's kernel rounds it. The forward also
+    writes the derivative, y' = p + 2 x u' p (1 - p), u' = c (1 + 3 * 0.044715 x^2), rounded to bfloat16 and kept
     instead of x (the same memory), so the backward is one product g * y'. That second rounding makes the input
     gradient's error ~1.55x the plain backward's (relative RMS against float64; tests/test_fast_paths.py)."""
 
@@ -265,18 +269,16 @@ class _TanhGELU(torch.autograd.Function):
         size = min(GELU_CHUNK, max(flat.numel(), 1))
         buffers = [torch.empty(size) for _ in range(4)]
         c1 = _SQRT_2_OVER_PI * _GELU_CUBIC
-        c0, half_c0 = torch.tensor(_SQRT_2_OVER_PI), torch.tensor(_SQRT_2_OVER_PI / 2)
+        two_c0 = torch.tensor(2 * _SQRT_2_OVER_PI)
         with torch.autocast("cpu", enabled=False):
             for start in range(0, flat.numel(), size):
                 part = slice(start, start + size)
-                xf, t, q, w = (b[: flat[part].numel()] for b in buffers)
+                xf, p, q, w = (b[: flat[part].numel()] for b in buffers)
                 xf.copy_(flat[part])
-                torch.addcmul(c0, xf, xf, value=c1, out=t).mul_(xf)  # u
-                torch.tanh(t, out=t)
-                out[part].copy_(torch.addcmul(xf, xf, t, out=w).mul_(0.5))
-                torch.addcmul(half_c0, xf, xf, value=1.5 * c1, out=q).mul_(xf)  # x u' / 2
-                torch.addcmul(q, torch.mul(q, t, out=w), t, value=-1, out=q)  # (x u' / 2) (1 - t^2)
-                derivative[part].copy_(q.add_(t, alpha=0.5).add_(0.5))
+                torch.sigmoid(torch.addcmul(two_c0, xf, xf, value=2 * c1, out=p).mul_(xf), out=p)  # sigmoid(2u)
+                out[part].copy_(torch.mul(xf, p, out=w))
+                torch.addcmul(two_c0, xf, xf, value=6 * c1, out=q).mul_(xf).mul_(p)  # 2 x u' p
+                derivative[part].copy_(torch.addcmul(q, q, p, value=-1, out=w).add_(p))
         ctx.save_for_backward(derivative.view_as(x))
         return out.view_as(x)
 
@@ -290,15 +292,43 @@ class _TanhGELU(torch.autograd.Function):
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """`x * (1 + scale) + shift` (AdaLN), one `addcmul` (one rounding) in bfloat16 / float16."""
     if x.dtype in _LOW_PRECISION and scale.dtype == x.dtype and shift.dtype == x.dtype:
-        return torch.addcmul(shift, x, 1 + scale)
+        return _addcmul(shift, x, 1 + scale)
     return x * (1 + scale) + shift
 
 
 def add_gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`x + gate * y` (a gated residual), one `addcmul` (one rounding) in bfloat16 / float16."""
     if x.dtype in _LOW_PRECISION and gate.dtype == x.dtype and y.dtype == x.dtype:
-        return torch.addcmul(x, gate, y)
+        return _addcmul(x, gate, y)
     return x + gate * y
+
+
+def _addcmul(x: torch.Tensor, tensor1: torch.Tensor, tensor2: torch.Tensor) -> torch.Tensor:
+    """`torch.addcmul(x, tensor1, tensor2)`; in training on a CPU with the fused paths, `_Addcmul`'s backward."""
+    if _on_cpu_eagerly(x, tensor1, tensor2) and _records_grad(x, tensor1, tensor2):
+        return _Addcmul.apply(x, tensor1, tensor2)
+    return torch.addcmul(x, tensor1, tensor2)
+
+
+class _Addcmul(torch.autograd.Function):
+    """`torch.addcmul(x, tensor1, tensor2)` with the same gradients, bit for bit, in one pass fewer: autograd's
+    backward multiplies the full-size operand by `value` (1) before the product with the gradient, a pass over
+    [B, S, D] for each AdaLN modulation and gated residual (~1% of a `medium` bfloat16 training step on AMX)."""
+
+    @staticmethod
+    def forward(ctx, x, tensor1, tensor2):
+        ctx.save_for_backward(tensor1, tensor2)
+        ctx.x_shape = x.shape
+        return torch.addcmul(x, tensor1, tensor2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        tensor1, tensor2 = ctx.saved_tensors
+        grad_x = grad.sum_to_size(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_1 = (grad * tensor2).sum_to_size(tensor1.shape) if ctx.needs_input_grad[1] else None
+        grad_2 = (grad * tensor1).sum_to_size(tensor2.shape) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_1, grad_2
 
 
 # One sample's float32 logits between these sizes: below, the flash kernel is faster (`tiny`: 37k logits, 1.9x
@@ -416,11 +446,12 @@ def _bf16_attention_backward(grad_out, query, key, value, out, logsumexp):
         part = slice(start, start + chunk)
         query_t = query_aug[part].transpose(1, 2)
         hi = torch.baddbmm(zero, key_aug[part], query_t, beta=0, alpha=log2_scale)  # log2 P^T, [chunk, keys, queries]
-        lo = torch.baddbmm(hi, key_aug[part], query_t, beta=-1, alpha=log2_scale)
         probs_t = torch.exp2(hi)
+        lo = hi.baddbmm_(key_aug[part], query_t, beta=-1, alpha=log2_scale)  # in place: hi is spent
         probs_t = torch.addcmul(probs_t, probs_t, lo, value=math.log(2), out=lo)
         torch.bmm(probs_t, grad_out[part], out=grad_v[part])
-        grad_scores_t = torch.bmm(value_aug[part], grad_aug[part].transpose(1, 2)).mul_(probs_t)
+        grad_scores_t = torch.bmm(value_aug[part], grad_aug[part].transpose(1, 2))  # s dS^T, for dK and dQ
+        torch.addcmul(zero, grad_scores_t, probs_t, value=scale, out=grad_scores_t)
         torch.bmm(grad_scores_t, query[part], out=grad_k[part])
         torch.bmm(grad_scores_t.transpose(1, 2), key[part], out=grad_q[part])
-    return tuple(g.view(batch, heads, -1, dim) for g in (grad_q.mul_(scale), grad_k.mul_(scale), grad_v))
+    return tuple(g.view(batch, heads, -1, dim) for g in (grad_q, grad_k, grad_v))

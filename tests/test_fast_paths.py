@@ -45,6 +45,7 @@ def fused(monkeypatch):
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
+    monkeypatch.setattr(fused_ops, "ADDCMUL_BACKWARD_MIN_ELEMENTS", 0)
 
 
 @pytest.fixture
@@ -308,8 +309,11 @@ def test_modulate_and_add_gated_train_with_autograds_gradients_bit_for_bit(dtype
     assert len(calls) == 2
     plain = outputs_and_gradients(lambda x, s, b: torch.addcmul(b, x, 1 + s), lambda x, gt, y: torch.addcmul(x, gt, y))
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
-    with torch.no_grad():  # inference, and a CPU without the fused paths, keep PyTorch's addcmul
-        fused_ops.modulate(x, scale, shift)
+    with torch.no_grad():  # inference, tensors below the size where it pays, and a CPU without the fused paths
+        fused_ops.modulate(x, scale, shift)  # keep PyTorch's addcmul
+    monkeypatch.setattr(fused_ops, "ADDCMUL_BACKWARD_MIN_ELEMENTS", x.numel() + 1)
+    outputs_and_gradients(fused_ops.modulate, fused_ops.add_gated)
+    monkeypatch.setattr(fused_ops, "ADDCMUL_BACKWARD_MIN_ELEMENTS", 0)
     monkeypatch.setattr(fused_ops, "CPU_FUSED_KERNELS", False)
     outputs_and_gradients(fused_ops.modulate, fused_ops.add_gated)
     assert len(calls) == 2
@@ -550,6 +554,7 @@ def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_INPUT_GRAD", True)
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
+    monkeypatch.setattr(fused_ops, "ADDCMUL_BACKWARD_MIN_ELEMENTS", 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return model(**kwargs).sample
 

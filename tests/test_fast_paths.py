@@ -293,7 +293,8 @@ def test_modulate_and_add_gated_train_with_autograds_gradients_bit_for_bit(dtype
     """In training `_Addcmul` skips autograd's pass that multiplies by `value`: the same output and the same
     gradients for every operand, broadcast ones (the [B, 1, D] AdaLN vectors) summed as autograd sums them."""
     calls = []
-    monkeypatch.setattr(fused_ops._Addcmul, "apply", lambda *a, run=fused_ops._Addcmul.apply: calls.append(1) or run(*a))
+    run = fused_ops._Addcmul.apply
+    monkeypatch.setattr(fused_ops._Addcmul, "apply", lambda *args: calls.append(1) or run(*args))
     g = torch.Generator().manual_seed(0)
     x, y, grad = (torch.randn(2, 40, 32, generator=g).to(dtype) for _ in range(3))
     scale, shift, gate = (torch.randn(2, 1, 32, generator=g).to(dtype) for _ in range(3))

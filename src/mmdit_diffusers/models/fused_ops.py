@@ -35,7 +35,7 @@ Where they apply, each does the plain computation in fewer passes over memory or
   (`CPU_BF16_TRAINING_ATTENTION`), whose flash backward leaves the tiles idle: the flash kernel's forward (the same
   output) and a backward of bfloat16 batched products, each quantity rounded once relative to itself
   (`_bf16_attention_backward`); 0.52-0.75 of the flash backward's time at `medium`'s 333 tokens, 0.28-0.36 at
-  96-180; its gradients' error against float64 is the flash kernel's for dV, 1.2-1.6x it for dK, 1.3-1.8x for dQ.
+  96-180; its gradients' error against float64 is the flash kernel's for dV, 1.2-1.4x it for dK, 1.2-1.7x for dQ.
 
 The fused paths run only where they were measured faster (x86 with AVX512-BF16 or AMX, oneDNN present:
 `CPU_FUSED_KERNELS`), on CPU tensors, outside torch.compile (inductor fuses on its own), forward-mode AD and
@@ -435,8 +435,8 @@ def _bf16_attention_backward(grad_out, query, key, value, out, logsumexp):
       before rounding), and P = 2^hi (1 + ln2 lo), rounded to bfloat16 (the flash kernel rounds P so for dV).
     - dO v^T - D likewise, with -D as two extra columns of dO: one rounding relative to the difference, where
       rounding dO v^T alone would lose what the subtraction cancels.
-    Against a float64 reference the gradients' error is the flash backward's for dV, 1.2-1.6x it for dK and
-    1.3-1.8x for dQ (dS is rounded three times where the flash kernel rounds it once; tests/test_fast_paths.py)."""
+    Against a float64 reference the gradients' error is the flash backward's for dV, 1.2-1.4x it for dK and
+    1.2-1.7x for dQ (dS is rounded twice where the flash kernel rounds it once; tests/test_fast_paths.py)."""
     batch, heads, n_q, dim = query.shape
     rows = batch * heads
     scale = 1 / math.sqrt(dim)
@@ -458,8 +458,8 @@ def _bf16_attention_backward(grad_out, query, key, value, out, logsumexp):
         lo = hi.baddbmm_(key_aug[part], query_t, beta=-1, alpha=log2_scale)  # in place: hi is spent
         probs_t = torch.addcmul(probs_t, probs_t, lo, value=math.log(2), out=lo)
         torch.bmm(probs_t, grad_out[part], out=grad_v[part])
-        grad_scores_t = torch.bmm(value_aug[part], grad_aug[part].transpose(1, 2))  # s dS^T, for dK and dQ
-        torch.addcmul(zero, grad_scores_t, probs_t, value=scale, out=grad_scores_t)
+        grad_scores_t = torch.bmm(value_aug[part], grad_aug[part].transpose(1, 2))  # (dO v^T - D)^T
+        torch.addcmul(zero, grad_scores_t, probs_t, value=scale, out=grad_scores_t)  # s dS^T: dK, dQ come out scaled
         torch.bmm(grad_scores_t, query[part], out=grad_k[part])
         torch.bmm(grad_scores_t.transpose(1, 2), key[part], out=grad_q[part])
     return tuple(g.view(batch, heads, -1, dim) for g in (grad_q, grad_k, grad_v))

@@ -26,10 +26,11 @@ Where they apply, each does the plain computation in fewer passes over memory or
   on one intra-op thread only (its many small ops per sample made a `medium` forward 1.24x SD3's time on two
   threads of a shared 2-core machine, against 0.83x without it; the flash kernel parallelises in one op), and not
   on CPUs with AMX (`CPU_BF16_ATTENTION`), where the flash kernel's bfloat16 tile products beat its float32 logits.
-- `gelu_tanh`: the tanh GELU for bfloat16 training on CPUs with AMX, one intra-op thread: x * sigmoid(2u) in
-  float32 over L2-sized chunks (vectorised) instead of PyTorch's Sleef tanh, the derivative written in the forward
-  so the backward is one product (0.58-0.66 of PyTorch's forward + backward time; the input gradient's error
-  ~1.55x).
+- `gelu_tanh`: the tanh GELU for bfloat16 and float32 training on CPUs with AMX, one intra-op thread:
+  x * sigmoid(2u) in float32 over L2-sized chunks (vectorised) instead of PyTorch's Sleef tanh, the derivative
+  written in the forward so the backward is one product (bfloat16: 0.58-0.66 of PyTorch's forward + backward time,
+  the input gradient's error ~1.55x; float32: 0.73-0.80 at [4, 256, 2048], 0.62-0.83 at [4, 77, 2048], the input
+  gradient within a few float32 steps).
 - `modulate` / `add_gated` in training on those CPUs (`_Addcmul`): autograd's gradients bit for bit, one pass fewer.
 - `cpu_bf16_training_attention`: the same attention with gradients, for bfloat16 training on CPUs with AMX
   (`CPU_BF16_TRAINING_ATTENTION`), whose flash backward leaves the tiles idle: the flash kernel's forward (the same
@@ -236,19 +237,22 @@ def _cuda_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 # backward at `medium`'s [4, 256, 2048]); float32 `tanh` (MKL's) and `sigmoid` take ~1.0 ms there. Forward and
 # backward: 0.66 of PyTorch's time at [4, 256, 2048] and [4, 77, 2048] (0.71 / 0.64 in the tanh form it replaced);
 # on two threads, where PyTorch's kernels split the work, 0.95-1.03 (benchmarks/README.md, "on a CPU with AMX",
-# changes 4 and 5).
-CPU_BF16_TRAINING_GELU = x86_amx()
+# changes 4 and 5). float32 (no widening; PyTorch's float32 GELU is as slow): 0.73-0.80 of its time at [4, 256, 2048],
+# 0.62-0.83 at [4, 77, 2048] (change 6).
+CPU_TRAINING_GELU = x86_amx()
 # Elements per float32 pass: four 256 KiB buffers, in L2 (the forward alone at [4, 256, 2048]: 0.62 of F.gelu's
 # time; 0.73 at 32,768 elements, 0.67 at 131,072, 0.98 at 262,144)
 GELU_CHUNK = 65536
+_TRAINING_GELU_DTYPES = (torch.bfloat16, torch.float32)
 _SQRT_2_OVER_PI, _GELU_CUBIC = math.sqrt(2 / math.pi), 0.044715
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """`F.gelu(x, approximate="tanh")`; for bfloat16 with a gradient to record on one intra-op thread (CPUs with
-    AMX), `_TanhGELU`: the same output except in ~1e-4 of its elements (one bfloat16 step apart: another float32
-    tanh before the rounding), a faster forward and a one-pass backward."""
-    if CPU_BF16_TRAINING_GELU and x.dtype == torch.bfloat16 and _on_cpu_eagerly(x) and _records_grad(x) \
+    """`F.gelu(x, approximate="tanh")`; for bfloat16 or float32 with a gradient to record on one intra-op thread
+    (CPUs with AMX), `_TanhGELU`: a faster forward and a one-pass backward. bfloat16: the same output except in
+    ~1e-4 of its elements (one bfloat16 step apart: another float32 tanh before the rounding); float32: the output
+    within float32 rounding of PyTorch's."""
+    if CPU_TRAINING_GELU and x.dtype in _TRAINING_GELU_DTYPES and _on_cpu_eagerly(x) and _records_grad(x) \
             and torch.get_num_threads() == 1:
         return _TanhGELU.apply(x)
     return F.gelu(x, approximate="tanh")
@@ -260,25 +264,36 @@ class _TanhGELU(torch.autograd.Function):
     calls Sleef's scalar-speed tanh), rounded once to bfloat16 as PyTorch's kernel rounds it. The forward also
     writes the derivative, y' = p + 2 x u' p (1 - p), u' = c (1 + 3 * 0.044715 x^2), rounded to bfloat16 and kept
     instead of x (the same memory), so the backward is one product g * y'. That second rounding makes the input
-    gradient's error ~1.55x the plain backward's (relative RMS against float64; tests/test_fast_paths.py)."""
+    gradient's error ~1.55x the plain backward's (relative RMS against float64; tests/test_fast_paths.py).
+    float32 input is read as it is (no widened copy), output and derivative unrounded; p + q (1 - p) keeps
+    ~1e-6 of q where p nears 1 (x > ~3): the input gradient's RMS error 1.2-2.3x PyTorch's, ~1e-7 relative (a
+    separate sigmoid(-2u) for 1 - p cost half the time saved)."""
 
     @staticmethod
     def forward(ctx, x):
         flat = x.contiguous().view(-1)
         out, derivative = torch.empty_like(flat), torch.empty_like(flat)
         size = min(GELU_CHUNK, max(flat.numel(), 1))
-        buffers = [torch.empty(size) for _ in range(4)]
+        widen = x.dtype != torch.float32  # bfloat16: each chunk widened to float32, the results rounded back
+        buffers = [torch.empty(size) for _ in range(4 if widen else 2)]
         c1 = _SQRT_2_OVER_PI * _GELU_CUBIC
         two_c0 = torch.tensor(2 * _SQRT_2_OVER_PI)
         with torch.autocast("cpu", enabled=False):
             for start in range(0, flat.numel(), size):
                 part = slice(start, start + size)
-                xf, p, q, w = (b[: flat[part].numel()] for b in buffers)
-                xf.copy_(flat[part])
+                n = flat[part].numel()
+                p, q = buffers[0][:n], buffers[1][:n]
+                xf = buffers[2][:n].copy_(flat[part]) if widen else flat[part]
                 torch.sigmoid(torch.addcmul(two_c0, xf, xf, value=2 * c1, out=p).mul_(xf), out=p)  # sigmoid(2u)
-                out[part].copy_(torch.mul(xf, p, out=w))
+                y = buffers[3][:n] if widen else out[part]
+                torch.mul(xf, p, out=y)
+                if widen:
+                    out[part].copy_(y)
                 torch.addcmul(two_c0, xf, xf, value=6 * c1, out=q).mul_(xf).mul_(p)  # 2 x u' p
-                derivative[part].copy_(torch.addcmul(q, q, p, value=-1, out=w).add_(p))
+                dy = buffers[3][:n] if widen else derivative[part]
+                torch.addcmul(q, q, p, value=-1, out=dy).add_(p)  # p + 2 x u' p (1 - p)
+                if widen:
+                    derivative[part].copy_(dy)
         ctx.save_for_backward(derivative.view_as(x))
         return out.view_as(x)
 
@@ -287,6 +302,7 @@ class _TanhGELU(torch.autograd.Function):
     def backward(ctx, grad_out):
         (derivative,) = ctx.saved_tensors
         return grad_out * derivative
+
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ def fused(monkeypatch):
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
     monkeypatch.setattr(fused_ops, "ADDCMUL_BACKWARD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused_ops, "TRAINING_GELU_MIN_ELEMENTS", 0)
 
 
 @pytest.fixture
@@ -498,6 +499,10 @@ def test_gelu_tanh_applies_to_bfloat16_and_float32_training_on_one_thread_only(m
     plain_everywhere(x.clone().requires_grad_())  # two threads: PyTorch's kernel splits the work
     plain_everywhere(x.float().requires_grad_())
     torch.set_num_threads(1)
+    monkeypatch.setattr(fused_ops, "TRAINING_GELU_MIN_ELEMENTS", x.numel() + 1)  # below the size where it pays
+    plain_everywhere(x.clone().requires_grad_())
+    plain_everywhere(x.float().requires_grad_())
+    monkeypatch.setattr(fused_ops, "TRAINING_GELU_MIN_ELEMENTS", x.numel())
     monkeypatch.setattr(fused_ops, "CPU_TRAINING_GELU", False)  # a CPU without AMX
     plain_everywhere(x.clone().requires_grad_())
     plain_everywhere(x.float().requires_grad_())
@@ -591,6 +596,7 @@ def run_model(model, kwargs, fused_on: bool, monkeypatch, autocast=False):
     monkeypatch.setattr(fused_ops, "MIN_LOGITS", 0)
     monkeypatch.setattr(fused_ops, "ONEDNN_FP32_MIN_MACS", 0)
     monkeypatch.setattr(fused_ops, "ADDCMUL_BACKWARD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused_ops, "TRAINING_GELU_MIN_ELEMENTS", 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return model(**kwargs).sample
 

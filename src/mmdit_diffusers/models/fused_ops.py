@@ -244,16 +244,20 @@ CPU_TRAINING_GELU = x86_amx()
 # time; 0.73 at 32,768 elements, 0.67 at 131,072, 0.98 at 262,144)
 GELU_CHUNK = 65536
 _TRAINING_GELU_DTYPES = (torch.bfloat16, torch.float32)
+# `_TanhGELU` from this many elements: below, its own cost (~0.1-0.2 ms: the Function, its buffers) outweighs what it
+# saves (forward + backward at 4k-65k elements 1.3-3.8x PyTorch's time in bfloat16, 0.96-2.9x in float32: the
+# `tiny` config's 16k-32k; at 131k 0.85 / 1.04, at 262k-524k 0.79-0.96)
+TRAINING_GELU_MIN_ELEMENTS = 2**17
 _SQRT_2_OVER_PI, _GELU_CUBIC = math.sqrt(2 / math.pi), 0.044715
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(x, approximate="tanh")`; for bfloat16 or float32 with a gradient to record on one intra-op thread
-    (CPUs with AMX), `_TanhGELU`: a faster forward and a one-pass backward. bfloat16: the same output except in
+    (CPUs with AMX), from `TRAINING_GELU_MIN_ELEMENTS`, `_TanhGELU`: a faster forward and a one-pass backward. bfloat16: the same output except in
     ~1e-4 of its elements (one bfloat16 step apart: another float32 tanh before the rounding); float32: the output
     within float32 rounding of PyTorch's."""
-    if CPU_TRAINING_GELU and x.dtype in _TRAINING_GELU_DTYPES and _on_cpu_eagerly(x) and _records_grad(x) \
-            and torch.get_num_threads() == 1:
+    if CPU_TRAINING_GELU and x.dtype in _TRAINING_GELU_DTYPES and x.numel() >= TRAINING_GELU_MIN_ELEMENTS \
+            and _on_cpu_eagerly(x) and _records_grad(x) and torch.get_num_threads() == 1:
         return _TanhGELU.apply(x)
     return F.gelu(x, approximate="tanh")
 

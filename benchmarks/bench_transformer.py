@@ -647,7 +647,8 @@ def run(args, device, log=print) -> dict:
     result["environment"]["fp32_kernel_for_cpu_bf16"] = FP32_KERNELS_FOR_BF16 and device.type == "cpu"
     result["environment"]["cudnn_attention"] = device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled()
     log(f"device {result['environment'].get('gpu', result['environment']['cpu'])}; torch {torch.__version__}; "
-        f"threads {torch.get_num_threads()}; clock {clock_name()}; load average {result['environment']['load_average']}")
+        f"threads {torch.get_num_threads()}; clock {clock_name()}; load average {result['environment']['load_average']}"
+        + "".join(f"; {k}={v}" for k, v in result["environment"]["isa_limits"].items()))
     peaks = measure_peaks(device)
     for name, p in peaks.items():
         layouts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in p["layouts"].items())

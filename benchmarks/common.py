@@ -195,6 +195,11 @@ def cpu_flags() -> list[str]:
     return [w for w in wanted if w in flags]
 
 
+# Environment variables that hold PyTorch's, oneDNN's and MKL's kernels below what the CPU has (the AVX2 rows on a
+# newer CPU: benchmarks/README.md)
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def environment(device: torch.device) -> dict:
     import diffusers
 
@@ -202,7 +207,8 @@ def environment(device: torch.device) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         cpu=cpu_model(), cpu_flags=cpu_flags(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
         torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
-        device=str(device), load_average=os.getloadavg(),
+        device=str(device), load_average=os.getloadavg(), torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        isa_limits={k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
     )
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

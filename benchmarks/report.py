@@ -94,7 +94,8 @@ def main() -> None:
         result = json.loads(Path(path).read_text())
         env = result["environment"]
         print(f"## {path}\n")
-        print(f"{env['date']}; {env.get('gpu', env['cpu'])}; flags {env['cpu_flags']}; torch {env['torch']}; "
+        limits = "".join(f" ({k}={v})" for k, v in env.get("isa_limits", {}).items())
+        print(f"{env['date']}; {env.get('gpu', env['cpu'])}; flags {env['cpu_flags']}{limits}; torch {env['torch']}; "
               f"diffusers {env['diffusers']}; threads {env['torch_threads']}; clock {result.get('clock', 'wall')}; "
               f"load average {[round(x, 2) for x in env['load_average']]} at the start, "
               f"{[round(x, 2) for x in env.get('load_average_at_end', [])]} at the end; "

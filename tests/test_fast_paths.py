@@ -257,6 +257,25 @@ def test_intel_cpus_keep_mkl_for_large_float32_products_and_input_gradients(monk
     assert torch.equal(x_fused.grad, x_plain.grad)
 
 
+@pytest.mark.parametrize("capability, bf16, amx, expected", [
+    ("AVX512", True, True, (True, True)), ("AVX512", True, False, (True, False)), ("AVX512", False, False, (False, False)),
+    ("AVX2", True, True, (False, False)), ("DEFAULT", True, True, (False, False))],
+    ids=["amx", "avx512-bf16", "avx512", "held-to-avx2", "held-to-default"])
+def test_bf16_instructions_count_where_pytorchs_kernels_may_use_them(capability, bf16, amx, expected, monkeypatch):
+    """A CPU's AVX512-BF16 / AMX count unless the process holds PyTorch to lower kernels (`ATEN_CPU_CAPABILITY`):
+    then it runs as on an AVX2-only CPU, the fused paths off and bfloat16 on `cpu_bf16`'s float32 kernels."""
+    from mmdit_diffusers.cpu_bf16 import cpu_has_bf16_instructions
+
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert (fused_ops.x86_bf16_instructions(), fused_ops.x86_amx()) == expected
+    assert cpu_has_bf16_instructions() == expected[0]
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: False)  # not x86 with AVX2: cannot tell
+    assert fused_ops.x86_bf16_instructions() is None and not fused_ops.x86_amx() and cpu_has_bf16_instructions()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_products_are_plain_where_the_fused_kernels_are_off(dtype, monkeypatch, spy):
     """An AVX2-only CPU (or any without bfloat16 units): PyTorch's ops, bit for bit, with and without gradients."""

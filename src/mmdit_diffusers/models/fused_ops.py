@@ -62,11 +62,15 @@ import torch.nn.functional as F
 
 def x86_bf16_instructions() -> bool | None:
     """Whether this x86 CPU has AVX512-BF16 or AMX (PyTorch's bfloat16 kernels use them); None where PyTorch cannot
-    tell (not x86 with AVX2, or a build without the probes)."""
+    tell (not x86 with AVX2, or a build without the probes). False too in a process held to PyTorch's AVX2 kernels
+    (`ATEN_CPU_CAPABILITY=avx2`): it runs as on an AVX2-only CPU (benchmarks/README.md, "AVX2 rows on another
+    CPU")."""
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     if not all(hasattr(cpu, name) for name in checks) or not cpu._is_avx2_supported():
         return None
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     return any(getattr(cpu, name)() for name in checks)
 
 
@@ -80,8 +84,9 @@ def _intel_cpu() -> bool:
 
 
 def x86_amx() -> bool:
-    """Whether this x86 CPU has AMX tiles (PyTorch's bfloat16 products and its CPU flash attention use them)."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    """Whether this x86 CPU has AMX tiles (PyTorch's bfloat16 products and its CPU flash attention use them), with
+    `x86_bf16_instructions`' caveat."""
+    return bool(x86_bf16_instructions()) and torch.cpu._is_amx_tile_supported()
 
 
 # Module-level so that tests can turn the fused paths on (or off) on any CPU.

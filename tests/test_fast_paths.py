@@ -258,8 +258,8 @@ def test_intel_cpus_keep_mkl_for_large_float32_products_and_input_gradients(monk
 
 
 @pytest.mark.parametrize("capability, bf16, amx, expected", [
-    ("AVX512", True, True, (True, True)), ("AVX512", True, False, (True, False)), ("AVX512", False, False, (False, False)),
-    ("AVX2", True, True, (False, False)), ("DEFAULT", True, True, (False, False))],
+    ("AVX512", True, True, (True, True)), ("AVX512", True, False, (True, False)),
+    ("AVX512", False, False, (False, False)), ("AVX2", True, True, (False, False)), ("DEFAULT", True, True, (False, False))],
     ids=["amx", "avx512-bf16", "avx512", "held-to-avx2", "held-to-default"])
 def test_bf16_instructions_count_where_pytorchs_kernels_may_use_them(capability, bf16, amx, expected, monkeypatch):
     """A CPU's AVX512-BF16 / AMX count unless the process holds PyTorch to lower kernels (`ATEN_CPU_CAPABILITY`):

@@ -245,8 +245,9 @@ def _cuda_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 # changes 4 and 5). float32 (no widening; PyTorch's float32 GELU is as slow): 0.73-0.80 of its time at [4, 256, 2048],
 # 0.62-0.83 at [4, 77, 2048] (change 6).
 CPU_TRAINING_GELU = x86_amx()
-# Elements per float32 pass: four 256 KiB buffers, in L2 (the forward alone at [4, 256, 2048]: 0.62 of F.gelu's
-# time; 0.73 at 32,768 elements, 0.67 at 131,072, 0.98 at 262,144)
+# Elements per float32 pass: four 256 KiB buffers (two for float32 input), in L2 (the bfloat16 forward alone at
+# [4, 256, 2048]: 0.62 of F.gelu's time; 0.73 at 32,768 elements, 0.67 at 131,072, 0.98 at 262,144; float32 forward +
+# backward 0.80 against 0.82 at 32,768 and 0.87 at 131,072)
 GELU_CHUNK = 65536
 _TRAINING_GELU_DTYPES = (torch.bfloat16, torch.float32)
 # `_TanhGELU` from this many elements: below, its own cost (~0.1-0.2 ms: the Function, its buffers) outweighs what it
@@ -258,9 +259,9 @@ _SQRT_2_OVER_PI, _GELU_CUBIC = math.sqrt(2 / math.pi), 0.044715
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(x, approximate="tanh")`; for bfloat16 or float32 with a gradient to record on one intra-op thread
-    (CPUs with AMX), from `TRAINING_GELU_MIN_ELEMENTS`, `_TanhGELU`: a faster forward and a one-pass backward. bfloat16: the same output except in
-    ~1e-4 of its elements (one bfloat16 step apart: another float32 tanh before the rounding); float32: the output
-    within float32 rounding of PyTorch's."""
+    (CPUs with AMX), from `TRAINING_GELU_MIN_ELEMENTS`, `_TanhGELU`: a faster forward and a one-pass backward.
+    bfloat16: the same output except in ~1e-4 of its elements (one bfloat16 step apart: another float32 tanh before
+    the rounding); float32: the output within float32 rounding of PyTorch's."""
     if CPU_TRAINING_GELU and x.dtype in _TRAINING_GELU_DTYPES and x.numel() >= TRAINING_GELU_MIN_ELEMENTS \
             and _on_cpu_eagerly(x) and _records_grad(x) and torch.get_num_threads() == 1:
         return _TanhGELU.apply(x)
@@ -311,7 +312,6 @@ class _TanhGELU(torch.autograd.Function):
     def backward(ctx, grad_out):
         (derivative,) = ctx.saved_tensors
         return grad_out * derivative
-
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from diffusers import SD3Transformer2DModel
 
 from mmdit_diffusers import MMDiTTransformer2DModel
 from mmdit_diffusers.models import attention, fused_ops
-from mmdit_diffusers.models.validation import _warn_if_not_finite
+from mmdit_diffusers.models.validation import warn_if_not_finite
 from tiny_pipeline import tiny_mmdit_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused GELU needs oneDNN")
@@ -746,20 +746,23 @@ def test_the_pipeline_drops_shared_text_padding_whenever_the_mask_is_on(masked):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The forward's finiteness check (a float32 sum first; the elementwise test only when the sum is not finite)
+# The forward's finiteness check (a float32 sum of the output; the inputs' elementwise tests only when it is not finite)
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_the_finite_check_warns_for_nan_and_infinity_and_not_for_large_finite_values(dtype):
+def test_the_finite_check_names_the_inputs_of_an_output_that_is_not_finite(dtype):
     large = torch.full((4, 8), 3e38).to(dtype)  # finite, but the float32 sum overflows
     assert not torch.isfinite(large.sum(dtype=torch.float32))
+    nan_input = torch.ones(5, dtype=dtype)
+    nan_input[2] = float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_if_not_finite({"a": large, "b": torch.ones(3, dtype=dtype)})
+        warn_if_not_finite(large, {"a": large, "b": torch.ones(3, dtype=dtype)})  # a large but finite output
+        warn_if_not_finite(torch.ones(3, dtype=dtype), {"a": nan_input})  # a NaN that did not reach the output
     for bad in (float("nan"), float("inf"), -float("inf")):
-        values = torch.ones(5, dtype=dtype)
-        values[2] = bad
+        values, output = torch.ones(5, dtype=dtype), torch.ones(4, dtype=dtype)
+        values[2] = output[1] = bad
         with pytest.warns(RuntimeWarning, match=r"^`b` holds NaN or infinite values"):
-            _warn_if_not_finite({"a": large, "b": values})
+            warn_if_not_finite(output, {"a": large, "b": values})
 
 
 def test_the_gpu_fc1_gelu_epilogue_is_for_half_precision_inference_only():

@@ -36,7 +36,8 @@ from .models.single_stream import SingleStreamAttention
 def cpu_has_bf16_instructions() -> bool:
     """Whether PyTorch's bfloat16 kernels can use this CPU's bfloat16 instructions (AVX512-BF16 or AMX).
 
-    True also on CPUs this cannot tell (not x86 with AVX2): there the native kernels are kept."""
+    True also on CPUs this cannot tell (not x86 with AVX2): there the native kernels are kept. False in a process
+    held to PyTorch's AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2`), as on an AVX2-only CPU."""
     return x86_bf16_instructions() is not False
 
 

@@ -52,7 +52,7 @@ from .presets import PRESETS, RECOMMENDED
 from .rope import RotaryPositionEmbedding, image_ids, text_ids
 from .single_file import MMDiTSingleFileMixin
 from .single_stream import SingleStreamBlock
-from .validation import check_config, check_flux_inputs, check_inputs
+from .validation import check_config, check_flux_inputs, check_inputs, warn_if_not_finite
 
 
 class MMDiTTransformer2DModel(
@@ -428,7 +428,8 @@ class MMDiTTransformer2DModel(
             out = self.proj_out(final.modulate(layer_norm(img)))
             if latent_input:
                 out = unpatchify(out, p, height, width)
-
+            warn_if_not_finite(out, {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                                     "pooled_projections": pooled_projections, "timestep": timestep})
         finally:
             if USE_PEFT_BACKEND and lora_scale != 1.0:
                 unscale_lora_layers(self, lora_scale)

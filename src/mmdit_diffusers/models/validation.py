@@ -237,7 +237,7 @@ def warn_if_not_finite(output: torch.Tensor, named: dict[str, torch.Tensor]) -> 
     # a finite float32 sum proves every element finite, so a finite forward pays one sum of its output (checking the
     # inputs first took ~0.25 ms of a `tiny` forward's ~4 ms, mostly summing the [B, L, 4096] text); only an output
     # whose sum is not finite (a NaN or infinity, or an overflow) pays the inputs' elementwise tests
-    if bool(torch.isfinite(output.detach().sum(dtype=torch.float32))):  # one device sync
+    if math.isfinite(output.sum(dtype=torch.float32).item()):  # one device sync (a third of `isfinite`'s time)
         return
     flags = torch.stack([~torch.isfinite(t).all() for t in named.values()]).tolist()
     bad = [name for name, flag in zip(named, flags) if flag]

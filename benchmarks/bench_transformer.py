@@ -20,7 +20,7 @@ The SD3 (FLUX) model gets random N(0, 0.02) weights (every tensor, so no gate is
 with `MMDiTTransformer2DModel.from_sd3` (`from_flux`). FLUX-style cases give both models the same packed latent
 tokens, `img_ids` / `txt_ids` and guidance scale (the timestep as each expects it: sigma for FLUX, sigma * 1000
 for ours). In rows and JSON, `sd3_*` fields hold the diffusers model's numbers, `reference` names it. On a CPU without bfloat16 instructions ours runs with
-`mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` applied, as training applies it (`--native-bf16`: without;
+`mmdit_diffusers.cpu_bf16.use_fp32_kernels_for_bf16` applied in the bf16 and autocast cases, as training applies it (`--native-bf16`: without;
 `--fp32-kernels-for-bf16`: with, on any CPU); SD3 always runs PyTorch's own kernels. Each case is timed as interleaved rounds (see `common.interleave`) and
 reported as the median over rounds of the ratio ours / SD3 within a round, with its quartiles as the noise.
 Throughput is the analytic FLOP count (`transformer_flops`) over the median time, as a share of the matmul peak
@@ -208,14 +208,15 @@ def cpu_pair(name: str):
     return ours, reference
 
 
-def build_pair(name: str, device, dtype):
-    """Fresh copies of (ours, SD3) on `device` in `dtype`."""
+def build_pair(name: str, device, dtype, autocast: bool = False):
+    """Fresh copies of (ours, SD3) on `device` in `dtype`; ours with `cpu_bf16`'s layers where `FP32_KERNELS_FOR_BF16`
+    and it will compute in bfloat16 (bfloat16 weights or `autocast`), as training applies them."""
     from mmdit_diffusers.cpu_bf16 import use_fp32_kernels_for_bf16
 
     ours, sd3 = cpu_pair(name)
     with quiet_diffusers():
         ours, sd3 = (copy.deepcopy(m).to(device=device, dtype=dtype) for m in (ours, sd3))
-    if FP32_KERNELS_FOR_BF16 and device.type == "cpu":
+    if FP32_KERNELS_FOR_BF16 and device.type == "cpu" and (dtype == torch.bfloat16 or autocast):
         use_fp32_kernels_for_bf16(ours)
     return ours, sd3
 
@@ -305,9 +306,10 @@ def run_cases(cases: list[Case], device, peaks: dict, fused: bool, min_repeats: 
               rows: list | None = None, save=lambda: None):
     """Time every case; rows are appended to `rows` (and `save()` called) as they come."""
     rows = [] if rows is None else rows
-    order = sorted(cases, key=lambda c: (list(CONFIGS).index(c.config), DTYPES[c.dtype][0] != torch.float32))
-    for (name, weight_dtype), group in itertools.groupby(order, key=lambda c: (c.config, DTYPES[c.dtype][0])):
-        ours, sd3 = build_pair(name, device, weight_dtype)
+    order = sorted(cases, key=lambda c: (list(CONFIGS).index(c.config), DTYPES[c.dtype][0] != torch.float32,
+                                         DTYPES[c.dtype][1]))
+    for (name, weight_dtype, autocast), group in itertools.groupby(order, key=lambda c: (c.config, *DTYPES[c.dtype])):
+        ours, sd3 = build_pair(name, device, weight_dtype, autocast)
         models = {"ours": ours, "sd3": sd3}
         if fused:
             models["ours_fused"] = copy.deepcopy(ours)
@@ -316,7 +318,6 @@ def run_cases(cases: list[Case], device, peaks: dict, fused: bool, min_repeats: 
         inputs = make_inputs(name, device, weight_dtype)
         inputs["ours_fused"] = inputs["ours"]
         for case in sorted(group, key=lambda c: MODES.index(c.mode)):
-            autocast = DTYPES[case.dtype][1]
             if case.mode == "compile" and not compiled:
                 compiled = {k: torch.compile(m) for k, m in models.items()}
             if case.mode == "regional":
@@ -559,7 +560,7 @@ def profile_case(case: Case, device, rows: int = 15) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     weight_dtype, autocast = DTYPES[case.dtype]
-    ours, sd3 = build_pair(case.config, device, weight_dtype)
+    ours, sd3 = build_pair(case.config, device, weight_dtype, autocast)
     inputs_for = make_inputs(case.config, device, weight_dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

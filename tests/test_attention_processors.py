@@ -260,6 +260,35 @@ def test_masks_take_the_form_each_varlen_or_xformers_kernel_reads(backend):
         assert (out.transpose(1, 2) - reference[b : b + 1]).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_native_backend_is_diffusers_dispatch_bit_for_bit_and_its_checks_still_run(monkeypatch, masked):
+    """Under the native backend the processor calls SDPA itself (the dispatch's per-call work is ~1% of a small
+    forward): the same output as `dispatch_attention_fn`, and with diffusers' checks on, the dispatch runs them."""
+    from diffusers.models import attention_dispatch
+
+    processor = MMDiTAttnProcessor()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 11, 2, 4, generator=g) for _ in range(3))
+    mask = None
+    if masked:
+        k, v, mask = processor.key_mask(k, v, torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 0]]).bool())
+    expected = attention_dispatch.dispatch_attention_fn(q, k, v, attn_mask=mask, backend=AttentionBackendName.NATIVE)
+    assert torch.equal(processor.attend(q, k, v, mask), expected)
+
+    calls = []
+    def counting_dispatch(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return attention_dispatch.dispatch_attention_fn(*args, **kwargs)
+    monkeypatch.setattr("mmdit_diffusers.models.attention.dispatch_attention_fn", counting_dispatch)
+    processor.attend(q, k, v, mask)
+    assert calls == []
+    monkeypatch.setattr(attention_dispatch._AttentionBackendRegistry, "_checks_enabled", True)
+    assert torch.equal(processor.attend(q, k, v, mask), expected)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="same dtype"):  # one of diffusers' checks
+        processor.attend(q, k.double(), v, mask)
+
+
 def test_a_backend_without_masks_is_refused_only_when_a_mask_is_needed():
     _, ours = make_pair()
     kwargs = make_inputs()

@@ -174,7 +174,7 @@ class MMDiTTransformer2DModel(
         rope = pos_embed_type == "rope"
         self.pos_grid_size = pos_embed_max_size or (None if rope else max(self.img_grid))  # None: no limit
         self.sample_size = sample_size or max(self.img_grid) * patch_size
-        cond_dim = cond_dim or hidden_size
+        self.cond_dim = cond_dim = cond_dim or hidden_size
 
         self.x_embedder = nn.Linear(img_dim, hidden_size)
         if rope:
@@ -229,7 +229,7 @@ class MMDiTTransformer2DModel(
         `out_channels`, `sample_size`, `pos_embed_max_size` (None: a rotary model has no grid limit) and `cond_dim`."""
         return {**self.config, "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "sample_size": self.sample_size, "pos_embed_max_size": self.pos_grid_size,
-                "cond_dim": self.config.cond_dim or self.config.hidden_size}
+                "cond_dim": self.cond_dim}
 
     def output_size(self) -> int:
         """Feature size of one output token: `out_channels * patch_size**2`."""

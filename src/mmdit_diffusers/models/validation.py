@@ -156,12 +156,24 @@ def _lossless(source: torch.dtype, target: torch.dtype) -> bool:
     return s.bits < t.bits and s.max <= t.max and s.eps >= t.eps and s.tiny >= t.tiny
 
 
-def _tensor(name: str, value, expected: str) -> torch.Tensor:
+def _expected(model, name: str) -> str:
+    """What the forward input `name` must be, for its error messages (built only when one is raised: the
+    f-strings cost a `tiny` forward ~1% of its time)."""
+    cfg = model.config
+    return {
+        "hidden_states": f"latents [B, {model.in_channels}, H, W] or tokens [B, {cfg.img_tokens}, {cfg.img_dim}]",
+        "encoder_hidden_states": f"text tokens [B, L, txt_dim={cfg.txt_dim}]",
+        "pooled_projections": f"the pooled text [B, cond_dim={model.cond_dim}]",
+        "encoder_attention_mask": "[B, L]: 1 keep, 0 drop",
+    }[name]
+
+
+def _tensor(model, name: str, value) -> torch.Tensor:
     if value is None:
-        raise InputError(f"`{name}` is required: {expected}.")
+        raise InputError(f"`{name}` is required: {_expected(model, name)}.")
     if not isinstance(value, torch.Tensor):
         hint = " (numpy: torch.from_numpy(x))" if type(value).__module__ == "numpy" else ""
-        raise InputError(f"`{name}` must be a torch.Tensor {expected}{hint}; got {type(value).__name__}.")
+        raise InputError(f"`{name}` must be a torch.Tensor {_expected(model, name)}{hint}; got {type(value).__name__}.")
     return value
 
 
@@ -251,12 +263,9 @@ def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections
     timestep [B], mask)`: the floats in the model's compute dtype (where lossless), the mask as bool or None.
     (`img_ids` given to a rotary model lets tokens come in any number; `check_flux_inputs` checks them.)"""
     cfg = model.config
-    cond_dim = model.resolved_config["cond_dim"]
-    hidden_states = _tensor("hidden_states", hidden_states,
-                            f"latents [B, {model.in_channels}, H, W] or tokens [B, {cfg.img_tokens}, {cfg.img_dim}]")
-    encoder_hidden_states = _tensor("encoder_hidden_states", encoder_hidden_states,
-                                    f"text tokens [B, L, txt_dim={cfg.txt_dim}]")
-    pooled_projections = _tensor("pooled_projections", pooled_projections, f"the pooled text [B, cond_dim={cond_dim}]")
+    hidden_states = _tensor(model, "hidden_states", hidden_states)
+    encoder_hidden_states = _tensor(model, "encoder_hidden_states", encoder_hidden_states)
+    pooled_projections = _tensor(model, "pooled_projections", pooled_projections)
     if timestep is None:
         raise InputError("`timestep` is required: [B] or a scalar in [0, 1000] (sigma * 1000).")
     if hidden_states.ndim == 4:
@@ -301,9 +310,9 @@ def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections
             f"`encoder_hidden_states` has {encoder_hidden_states.shape[1]} tokens; the model accepts at most "
             f"txt_tokens={cfg.txt_tokens}."
         )
-    if pooled_projections.ndim != 2 or pooled_projections.shape[-1] != cond_dim:
+    if pooled_projections.ndim != 2 or pooled_projections.shape[-1] != model.cond_dim:
         raise InputError(
-            f"`pooled_projections` has shape {tuple(pooled_projections.shape)}; expected [B, cond_dim={cond_dim}]."
+            f"`pooled_projections` has shape {tuple(pooled_projections.shape)}; expected [B, cond_dim={model.cond_dim}]."
         )
     timestep = _timestep(timestep, batch, hidden_states.device)
     sizes = {
@@ -315,7 +324,7 @@ def check_inputs(model, hidden_states, encoder_hidden_states, pooled_projections
     if len(set(sizes.values())) != 1:
         raise InputError(f"Batch sizes disagree: {sizes}.")
     if mask is not None:
-        mask = _tensor("encoder_attention_mask", mask, "[B, L]: 1 keep, 0 drop")
+        mask = _tensor(model, "encoder_attention_mask", mask)
         expected = tuple(encoder_hidden_states.shape[:2])
         if tuple(mask.shape) != expected:
             raise InputError(

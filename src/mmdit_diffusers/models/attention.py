@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
@@ -231,14 +230,16 @@ class MMDiTAttnProcessor:
         PyTorch's SDPA backend (the default), bfloat16 inference on a CPU with bfloat16 units takes
         `fused_ops.cpu_bf16_attention` where it applies (faster than the CPU flash kernel there; float32 logits
         as that kernel), and bfloat16 training on a CPU with AMX `fused_ops.cpu_bf16_training_attention` (the flash
-        kernel's forward, a backward on the bfloat16 tiles), and otherwise the SDPA call itself (`_sdpa`)."""
+        kernel's forward, a backward on the bfloat16 tiles), and otherwise diffusers' native backend function itself:
+        `dispatch_attention_fn`'s per-call work (~30 us: 1.3% of a `tiny` forward) is for choosing and checking,
+        done only where `DIFFUSERS_ATTN_CHECKS` asks for its checks."""
         if self._parallel_config is None and self._backend() == _Backend.NATIVE:
             if cpu_bf16_attention_applies(query, key, value):
                 return cpu_bf16_attention(query, key, value, attn_mask)
             if cpu_bf16_training_attention_applies(query, key, value, attn_mask):
                 return cpu_bf16_training_attention(query, key, value)
-            if not _AttentionBackendRegistry._checks_enabled:
-                return _sdpa(query, key, value, attn_mask)
+            if not _AttentionBackendRegistry._checks_enabled:  # diffusers' native kernel, without the dispatch
+                return _AttentionBackendRegistry._backends[_Backend.NATIVE](query, key, value, attn_mask=attn_mask)
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, backend=self._attention_backend,
                                      parallel_config=self._parallel_config)
 
@@ -267,15 +268,6 @@ class MMDiTAttnProcessor:
             f"different text padding (`encoder_attention_mask`). Use a backend that takes masks "
             f"({', '.join(sorted(MASKED_BACKENDS))}), one prompt per batch, or prompts of equal length."
         )
-
-
-def _sdpa(query, key, value, attn_mask):
-    """diffusers' native backend (`_native_attention`) on [B, S, heads, head_dim] tensors without the dispatch: the
-    same SDPA call, ~30 us less a call (1.3% of a `tiny` forward). Used where that backend is active, without a
-    parallel config or diffusers' argument checks (`DIFFUSERS_ATTN_CHECKS`)."""
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                         attn_mask=attn_mask)
-    return out.transpose(1, 2)
 
 
 def skip_attention_output(attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):

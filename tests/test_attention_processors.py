@@ -262,8 +262,9 @@ def test_masks_take_the_form_each_varlen_or_xformers_kernel_reads(backend):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_the_native_backend_is_diffusers_dispatch_bit_for_bit_and_its_checks_still_run(monkeypatch, masked):
-    """Under the native backend the processor calls SDPA itself (the dispatch's per-call work is ~1% of a small
-    forward): the same output as `dispatch_attention_fn`, and with diffusers' checks on, the dispatch runs them."""
+    """Under the native backend the processor calls that backend's function itself (the dispatch's per-call work is
+    ~1% of a small forward): the same output as `dispatch_attention_fn`, and with diffusers' checks on, the dispatch
+    runs them."""
     from diffusers.models import attention_dispatch
 
     processor = MMDiTAttnProcessor()

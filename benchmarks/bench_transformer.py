@@ -5,6 +5,7 @@ FluxTransformer2DModel): same weights, same inputs, same process.
     python benchmarks/bench_transformer.py --cases medium:bf16:train:eager medium:fp32:forward:compile
     python benchmarks/bench_transformer.py --full                # every case (hours on a 2-core CPU)
     python benchmarks/bench_transformer.py --profile medium:fp32:train:eager   # top ops, ours and SD3
+    python benchmarks/bench_transformer.py --processes 6 --cases tiny:fp32:forward:eager   # 6 fresh processes
 
 A case is CONFIG:DTYPE:PASS:MODE with
     CONFIG  tiny | medium | sd3-medium (GPU only)          SD3-style, against SD3Transformer2DModel
@@ -689,12 +690,80 @@ def run(args, device, log=print) -> dict:
     return result
 
 
-def main() -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# Across processes
+# ---------------------------------------------------------------------------------------------------------------
+def child_arguments(args, json_path: str) -> list[str]:
+    """The command-line arguments of one process of a `--processes` run: the same cases and timing, its own JSON."""
+    argv = ["--cases", *map(str, args.cases or []), "--repeats", str(args.repeats), "--target-s", str(args.target_s),
+            "--clock", args.clock, "--json", json_path, "--memory", "--padding"]
+    if not args.cases:
+        argv = argv[2:] + (["--full"] if args.full else [])
+    for flag in ("device", "threads"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    for flag in ("fused", "native_bf16", "fp32_kernels_for_bf16", "no_cudnn_attention"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    return argv
+
+
+def across_processes(runs: list[list[dict]]) -> list[dict]:
+    """Each case's rows from several processes -> one row: the median of the processes' ratios (each already the
+    median over its rounds) with their range, and the median times. On a `tiny` case one process's ratio can sit
+    several percent from another's (0.81-0.93 for the same code on the AMX Xeon held to AVX2: where its code and
+    tensors land in memory), more than one run's quartiles show; version against version, compare these."""
+    by_case: dict[str, list[dict]] = {}
+    for rows in runs:
+        for row in rows:
+            by_case.setdefault(row["case"], []).append(row)
+    return [dict(case=case, processes=len(rows), ratio=statistics.median(r["ratio"] for r in rows),
+                 ratio_min=min(r["ratio"] for r in rows), ratio_max=max(r["ratio"] for r in rows),
+                 ratios=[r["ratio"] for r in rows], ours_ms=statistics.median(r["ours_ms"] for r in rows),
+                 sd3_ms=statistics.median(r["sd3_ms"] for r in rows), reference=rows[0]["reference"])
+            for case, rows in by_case.items()]
+
+
+def run_processes(args, log=print) -> dict:
+    """`--processes N`: this script's cases in N fresh processes, one after another; their JSONs under "runs"."""
+    import subprocess
+    import tempfile
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            path = str(Path(tmp) / f"run{i}.json")
+            subprocess.run([sys.executable, __file__, *child_arguments(args, path)], check=True)
+            runs.append(json.loads(Path(path).read_text()))
+    result = dict(processes=args.processes, rows=across_processes([run["rows"] for run in runs]), runs=runs)
+    log(f"{'case':<32} {'processes':>9} {'ours ms':>10} {'diffusers':>10} {'ratio':>6}  (process range)")
+    for row in result["rows"]:
+        log(f"{row['case']:<32} {row['processes']:>9} {row['ours_ms']:>10.2f} {row['sd3_ms']:>10.2f} "
+            f"{row['ratio']:>6.3f}  ({row['ratio_min']:.3f}-{row['ratio_max']:.3f})")
+    save_json(args.json, result)
+    return result
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--profile", type=Case.parse, default=None, help="print top-op tables for one case")
     parser.add_argument("--json", default=None, help="write all numbers here")
-    args = parser.parse_args()
+    parser.add_argument("--processes", type=int, default=1,
+                        help="time the cases in this many fresh processes, one after another, and report the median "
+                             "of their ratios with its range (no memory or padding sections)")
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
+    if args.processes < 1:
+        raise SystemExit(f"--processes must be at least 1; got {args.processes}")
+    if args.processes > 1:
+        if args.profile:
+            raise SystemExit("--processes and --profile do not go together: a profile is one process's")
+        run_processes(args, log=functools.partial(print, flush=True))
+        return
     device = setup(args)
     if args.profile:
         print(profile_case(args.profile, device))

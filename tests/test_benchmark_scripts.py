@@ -23,3 +23,24 @@ def test_the_pipeline_split_times_every_part_of_a_call():
     assert parts["tokenise + join (encode_prompt - encoders)"] >= 0
     assert result["calls"]["transformer"] == 2  # one batched (conditional + unconditional) call per step
     assert result["calls"]["encode_prompt"] == 1
+
+
+def test_a_run_across_processes_gives_each_case_the_median_of_its_processes_and_their_range():
+    import bench_transformer
+
+    def row(case, ratio, ours_ms):
+        return dict(case=case, ratio=ratio, ours_ms=ours_ms, sd3_ms=10.0, reference="SD3Transformer2DModel")
+
+    runs = [[row("tiny:fp32:forward:eager", r, ms), row("tiny:bf16:forward:eager", r / 2, ms)]
+            for r, ms in ((0.90, 9.0), (0.81, 8.1), (0.86, 8.6))]
+    rows = {r["case"]: r for r in bench_transformer.across_processes(runs)}
+    fp32 = rows["tiny:fp32:forward:eager"]
+    assert (fp32["processes"], fp32["ratio"], fp32["ratio_min"], fp32["ratio_max"]) == (3, 0.86, 0.81, 0.90)
+    assert fp32["ours_ms"] == 8.6 and rows["tiny:bf16:forward:eager"]["ratio"] == 0.43
+
+    parser = bench_transformer.make_parser()
+    args = parser.parse_args(["--processes", "3", "--cases", "tiny:fp32:forward:eager", "--repeats", "7", "--fused"])
+    child = parser.parse_args(bench_transformer.child_arguments(args, "out.json"))
+    assert [str(c) for c in child.cases] == ["tiny:fp32:forward:eager"] and child.repeats == 7 and child.fused
+    assert child.processes == 1 and child.json == "out.json"
+    assert child.memory == [] and child.padding == []  # no memory or padding sections in the processes

@@ -609,7 +609,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup(args) -> torch.device:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise SystemExit(f"--device {args.device!r}: expected cpu or cuda ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False)")
     if args.repeats < 5:
         raise SystemExit("--repeats must be at least 5 (medians of fewer runs are noise)")
     args.malloc_keeps_freed_memory = keep_freed_memory()
@@ -733,7 +738,10 @@ def run_processes(args, log=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.processes):
             path = str(Path(tmp) / f"run{i}.json")
-            subprocess.run([sys.executable, __file__, *child_arguments(args, path)], check=True)
+            code = subprocess.run([sys.executable, __file__, *child_arguments(args, path)]).returncode
+            if code != 0:
+                raise SystemExit(f"--processes: process {i + 1} of {args.processes} exited with status {code} (its "
+                                 "output is above); nothing was summarised")
             runs.append(json.loads(Path(path).read_text()))
     result = dict(processes=args.processes, rows=across_processes([run["rows"] for run in runs]), runs=runs)
     log(f"{'case':<32} {'processes':>9} {'ours ms':>10} {'diffusers':>10} {'ratio':>6}  (process range)")
